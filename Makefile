@@ -1,0 +1,46 @@
+# The two commands a newcomer needs:  `make run`  and  `make test`.
+# Both do all set-up themselves: a virtualenv in .venv, Python deps, Kafka jars from
+# Maven Central, a local single-node KRaft broker on 127.0.0.1:9092.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KAFKA := deploy/kafka/kafka.sh
+
+.PHONY: setup run test lint kafka-start kafka-stop kafka-status clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "driftwarden needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+	@$(KAFKA) start
+
+# Broker + worker + simulated traffic with a drift; prints the retraining events.
+run: setup
+	$(PY) -m streams demo
+
+# Whole test suite against the local broker. Stops the broker afterwards if it started it.
+test: $(VENV)/.installed
+	@if $(KAFKA) status >/dev/null; then started=0; else started=1; fi; \
+	$(KAFKA) start || exit 1; \
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then $(KAFKA) stop; fi; \
+	exit $$rc
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check models streams tests
+	$(VENV)/bin/mypy
+
+kafka-start:
+	@$(KAFKA) start
+kafka-stop:
+	@$(KAFKA) stop
+kafka-status:
+	@$(KAFKA) status
+
+clean: kafka-stop
+	rm -rf $(VENV) .local
