@@ -1,0 +1,332 @@
+"""The prediction/label join for one input partition, over a key-value store.
+
+The worker keeps one :class:`JoinPartition` per assigned partition of the co-partitioned
+``predictions`` and ``labels`` topics. Its ``store`` is the worker's table (a plain dict
+in tests); values are compact orjson lists so a pending prediction costs few bytes:
+
+=========  ==============================================================
+kind       value
+=========  ==============================================================
+``P``      pending prediction ``["P", ts, partition, model, version, prediction, scores]``
+``L``      label seen before its prediction ``["L", ts, partition, label, model, offset, raw]``
+``D``      matched, ``["D", ts, partition]``: kept until the TTL runs out, to spot duplicates
+=========  ==============================================================
+
+Per partition a meta entry records the source offsets absorbed (replays at or below them
+are skipped: DESIGN.md section 5), the event-time watermark, and the counters. Entries
+expire by event time: an entry whose ``ts`` is more than ``ttl`` seconds behind the
+partition's newest event time is removed and counted.
+
+Examples
+--------
+>>> store = {}
+>>> part = JoinPartition(store, partition=0, ttl=60.0)
+>>> part.absorb("predictions", b'{"id": "a", "model": "m", "features": {"x": 1},'
+...             b' "prediction": 1, "ts": 100}', offset=0, kafka_ts=100.0)
+>>> part.absorb("labels", b'{"id": "a", "label": 1, "ts": 130}', offset=0, kafka_ts=130.0)
+>>> [(r.kind, r.model, r.version) for r in part.records]
+[('p', 'm', '0'), ('o', 'm', '0')]
+>>> part.records[1].item[-1]  # label delay in seconds
+30.0
+>>> part.absorb("labels", b'{"id": "a", "label": 1}', offset=0, kafka_ts=131.0)  # replay
+>>> part.skipped, part.counts["matched"]
+(1, {'m|0': 1})
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from models.errors import InvalidEvent, StateError
+from models.events import (
+    DEFAULT_LIMITS,
+    Label,
+    Limits,
+    Prediction,
+    class_key,
+    parse_label,
+    parse_prediction,
+)
+
+__all__ = ["DeadLetter", "JoinPartition", "ModelRecord", "meta_key"]
+
+PREDICTIONS = "predictions"
+LABELS = "labels"
+_SOURCE_CODE = {PREDICTIONS: "p", LABELS: "l"}
+
+
+def meta_key(partition: int) -> str:
+    """Store key of a partition's meta entry (cannot collide with an id: ids are JSON text)."""
+    return f"\x00meta:{partition}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Original bytes that could not be used, with where they came from and why."""
+
+    topic: str  # logical topic: "predictions" or "labels"
+    partition: int
+    offset: int
+    reason: str
+    raw: bytes
+    key: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """What the join hands to the per-model stage, tagged for idempotent absorption.
+
+    ``source`` and ``position`` identify the input event that produced the record
+    (``"p3"`` = predictions partition 3; position = ``(offset, sub)``); the model stage
+    skips any record at or below the position it already absorbed from that source.
+
+    ``item`` for kind ``"p"``: ``[ts, features, prediction, confidence]``;
+    for kind ``"o"``: ``[ts, prediction, label, p_label, confidence, delay]``.
+    """
+
+    kind: str
+    model: str
+    version: str
+    source: str
+    position: tuple[int, int]
+    item: list[Any]
+
+
+@dataclass(slots=True)
+class _Meta:
+    offsets: dict[str, int] = field(default_factory=dict)
+    watermark: float = float("-inf")
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        wm = None if self.watermark == float("-inf") else self.watermark
+        return orjson.dumps({"o": self.offsets, "w": wm, "c": self.counts})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> _Meta:
+        try:
+            doc = orjson.loads(raw)
+            wm = doc["w"]
+            return cls(doc["o"], float("-inf") if wm is None else wm, doc["c"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise StateError(f"join meta entry is unreadable: {exc}") from exc
+
+
+class JoinPartition:
+    """Join state of one partition.
+
+    Parameters
+    ----------
+    store
+        Mapping shared by all partitions (the worker's table); str keys, bytes values.
+    partition
+        The input partition this object owns.
+    ttl
+        Seconds of event time an unmatched entry is kept.
+    limits
+        Event size bounds.
+
+    Attributes
+    ----------
+    records
+        ModelRecords produced since the last :meth:`drain`.
+    dead_letters
+        DeadLetters produced since the last :meth:`drain`.
+    skipped
+        Replayed events skipped because their offset was already absorbed.
+    """
+
+    def __init__(
+        self,
+        store: MutableMapping[str, bytes],
+        partition: int,
+        ttl: float,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError("ttl must be positive")
+        self.store = store
+        self.partition = partition
+        self.ttl = ttl
+        self.limits = limits
+        self.records: list[ModelRecord] = []
+        self.dead_letters: list[DeadLetter] = []
+        self.dirty: set[str] = set()
+        self.skipped = 0
+        raw_meta = store.get(meta_key(partition))
+        self._meta = _Meta.decode(raw_meta) if raw_meta is not None else _Meta()
+        self._heap: list[tuple[float, str]] = self._rebuild_heap()
+
+    # -- public surface ---------------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Durable counters: ``{counter: {label: n}}`` (labels like ``"model|version"``)."""
+        return self._meta.counts
+
+    @property
+    def watermark(self) -> float:
+        """Newest event time seen on this partition."""
+        return self._meta.watermark
+
+    def absorb(
+        self, topic: str, raw: bytes | None, offset: int, kafka_ts: float, key: bytes | None = None
+    ) -> None:
+        """Take one input event (``topic`` is ``"predictions"`` or ``"labels"``)."""
+        source = _SOURCE_CODE[topic]
+        if offset <= self._meta.offsets.get(source, -1):
+            self.skipped += 1
+            return
+        try:
+            if topic == PREDICTIONS:
+                self._prediction(parse_prediction(raw or b"", kafka_ts, self.limits), offset)
+            else:
+                self._label(parse_label(raw or b"", kafka_ts, self.limits), offset, raw or b"")
+        except InvalidEvent as exc:
+            self._dead(topic, offset, exc.reason, raw or b"", key)
+        self._meta.offsets[source] = offset
+        self._touch_meta()
+
+    def expire(self) -> None:
+        """Remove entries older than ``watermark - ttl``; count or dead-letter them."""
+        cutoff = self._meta.watermark - self.ttl
+        heap = self._heap
+        while heap and heap[0][0] < cutoff:
+            ts, event_id = heapq.heappop(heap)
+            raw = self.store.get(event_id)
+            if raw is None:
+                continue
+            entry = orjson.loads(raw)
+            if entry[1] != ts:  # superseded heap item
+                continue
+            self._delete(event_id)
+            if entry[0] == "P":
+                self._count("expired", f"{entry[3]}|{entry[4]}")
+            elif entry[0] == "L":
+                self._dead(LABELS, entry[5], "unmatched_label", entry[6].encode(), event_id.encode())
+            self._touch_meta()
+
+    def pending(self) -> int:
+        """Predictions waiting for their label."""
+        c = self._meta.counts
+        return sum(c.get("predictions", {}).values()) - sum(
+            c.get("matched", {}).values()
+        ) - sum(c.get("expired", {}).values())
+
+    def drain(self) -> tuple[list[ModelRecord], list[DeadLetter], dict[str, bytes | None]]:
+        """Hand over records, dead letters and changed store entries (None = deleted)."""
+        if self.dirty:
+            self.store[meta_key(self.partition)] = self._meta.encode()
+        records, dead = self.records, self.dead_letters
+        writes = {k: self.store.get(k) for k in self.dirty}
+        self.records, self.dead_letters, self.dirty = [], [], set()
+        return records, dead, writes
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _prediction(self, p: Prediction, offset: int) -> None:
+        self._see(p.ts)
+        existing = self.store.get(p.id)
+        label_first = None
+        if existing is not None:
+            entry = orjson.loads(existing)
+            if entry[0] != "L":
+                raise InvalidEvent("duplicate_prediction", f"prediction id {p.id!r} seen before")
+            label_first = entry
+        mv = f"{p.model}|{p.version}"
+        self._count("predictions", mv)
+        confidence = p.confidence
+        self.records.append(
+            ModelRecord("p", p.model, p.version, "p" + str(self.partition), (offset, 0),
+                        [p.ts, p.features, p.prediction, confidence])
+        )
+        if label_first is not None:
+            _, l_ts, _, label, l_model, l_offset, l_raw = label_first
+            if l_model is not None and l_model != p.model:
+                # The stored label is the bad one: it names another model.
+                self._count("dead", "labels|model_mismatch")
+                self.dead_letters.append(
+                    DeadLetter(LABELS, self.partition, l_offset, "model_mismatch",
+                               l_raw.encode(), p.id.encode())
+                )
+            else:
+                self._match(p.id, p.model, p.version, p.prediction, p.scores, p.ts,
+                            label, l_ts, "p", offset, min(p.ts, l_ts))
+                return
+        self._put(p.id, ["P", p.ts, self.partition, p.model, p.version, p.prediction, p.scores])
+
+    def _label(self, lab: Label, offset: int, raw: bytes) -> None:
+        self._see(lab.ts)
+        existing = self.store.get(lab.id)
+        if existing is None:
+            entry = ["L", lab.ts, self.partition, lab.label, lab.model, offset, raw.decode()]
+            self._put(lab.id, entry)
+            return
+        entry = orjson.loads(existing)
+        if entry[0] != "P":
+            raise InvalidEvent("duplicate_label", f"label for id {lab.id!r} seen before")
+        _, p_ts, _, model, version, prediction, scores = entry
+        if lab.model is not None and lab.model != model:
+            raise InvalidEvent("model_mismatch", f"label names model {lab.model!r}, not {model!r}")
+        self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts,
+                    "l", offset, p_ts)
+
+    def _match(self, event_id: str, model: str, version: str, prediction: Any,
+               scores: dict[str, float] | None, p_ts: float, label: Any, l_ts: float,
+               source: str, offset: int, entry_ts: float) -> None:
+        mv = f"{model}|{version}"
+        self._count("matched", mv)
+        p_label = None
+        confidence = None
+        if scores:
+            confidence = max(scores.values())
+            p_label = scores.get(class_key(label), 0.0)
+        delay = max(0.0, l_ts - p_ts)
+        self.records.append(
+            ModelRecord("o", model, version, source + str(self.partition), (offset, 1),
+                        [max(p_ts, l_ts), prediction, label, p_label, confidence, delay])
+        )
+        self._put(event_id, ["D", entry_ts, self.partition])
+
+    def _dead(self, topic: str, offset: int, reason: str, raw: bytes, key: bytes | None) -> None:
+        self._count("dead", f"{topic}|{reason}")
+        self.dead_letters.append(DeadLetter(topic, self.partition, offset, reason, raw, key))
+
+    def _see(self, ts: float) -> None:
+        if ts > self._meta.watermark:
+            self._meta.watermark = ts
+
+    def _count(self, counter: str, label: str) -> None:
+        bucket = self._meta.counts.setdefault(counter, {})
+        bucket[label] = bucket.get(label, 0) + 1
+
+    def _put(self, event_id: str, entry: list[Any]) -> None:
+        raw = self.store.get(event_id)
+        if raw is None or orjson.loads(raw)[1] != entry[1]:
+            heapq.heappush(self._heap, (entry[1], event_id))
+        self.store[event_id] = orjson.dumps(entry)
+        self.dirty.add(event_id)
+
+    def _delete(self, event_id: str) -> None:
+        del self.store[event_id]
+        self.dirty.add(event_id)
+
+    def _touch_meta(self) -> None:
+        # The meta entry is encoded once per drain, not per event.
+        self.dirty.add(meta_key(self.partition))
+
+    def _rebuild_heap(self) -> list[tuple[float, str]]:
+        heap = []
+        for key, raw in self.store.items():
+            if key.startswith("\x00") or raw is None:
+                continue
+            entry = orjson.loads(raw)
+            if entry[2] == self.partition:
+                heap.append((entry[1], key))
+        heapq.heapify(heap)
+        return heap

@@ -1,0 +1,154 @@
+"""Everything driftwarden knows about one model: per-version monitors and absorbed offsets.
+
+:class:`ModelState` is the value the worker keeps per model. It absorbs the records the
+join produces (:class:`models.join.ModelRecord`) idempotently: it remembers, per source
+partition, the position of the last record it absorbed and skips anything at or below it,
+so a record replayed after a crash is never counted twice.
+
+Examples
+--------
+>>> from models.join import ModelRecord
+>>> state = ModelState("m", PolicyBook())
+>>> rec = ModelRecord("o", "m", "1", "l0", (5, 1), [10.0, "1", "1", 0.9, 0.9, 2.5])
+>>> state.absorb(rec), state.absorb(rec)   # the second is a replay
+(None, None)
+>>> v = state.versions["1"]
+>>> v.outcomes_seen, state.replays_skipped, v.delay_counts[1]
+(1, 1, 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.estimate import ConfidenceEstimate
+from models.events import class_key
+from models.join import ModelRecord
+from models.performance import PerformanceMonitor
+from models.policy import PolicyBook, PolicyConfig, RetrainingPolicy
+
+__all__ = ["DELAY_BUCKETS", "ModelState", "VersionMonitor"]
+
+#: Upper bounds (seconds) of the label-delay histogram; +Inf is implied.
+DELAY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 604800.0)
+
+
+class VersionMonitor:
+    """Predictions, outcomes, metrics, detector and policy of one model version.
+
+    Parameters
+    ----------
+    model, version
+        What is monitored.
+    config
+        The model's PolicyConfig.
+    """
+
+    def __init__(self, model: str, version: str, config: PolicyConfig) -> None:
+        self.model = model
+        self.version = version
+        self.predictions_seen = 0
+        self.outcomes_seen = 0
+        self.correct = 0
+        self.detections: dict[str, int] = {}
+        self.events_emitted = 0
+        self.last_ts: float | None = None
+        self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
+        self.delay_sum = 0.0
+        self.performance = PerformanceMonitor(
+            config.task, config.window, config.detector, config.detector_params
+        )
+        self.estimate = ConfidenceEstimate(config.window)
+        self.policy = RetrainingPolicy(config, model, version)
+
+    def add_prediction(self, ts: float, features: dict[str, Any], prediction: Any,
+                       confidence: float | None) -> None:
+        """Absorb a prediction (labels may never come)."""
+        self.predictions_seen += 1
+        self._seen(ts)
+        if confidence is not None:
+            self.estimate.update(confidence)
+
+    def add_outcome(self, ts: float, prediction: Any, label: Any, p_label: float | None,
+                    delay: float) -> dict[str, Any] | None:
+        """Absorb an outcome; return a RetrainingEvent dict when the policy fires."""
+        self.outcomes_seen += 1
+        self._seen(ts)
+        self.correct += prediction == label
+        self.delay_sum += delay
+        self.delay_counts[_bucket(delay)] += 1
+        perf = self.performance.update(prediction, label, p_label)
+        if perf.drift is not None:
+            name = perf.drift.detector
+            self.detections[name] = self.detections.get(name, 0) + 1
+        full = perf.n >= perf.window
+        metrics = perf.report()
+        if self.estimate.n:
+            metrics["estimated_accuracy"] = self.estimate.rolling()
+        event = self.policy.update(
+            ts=ts,
+            outcomes_seen=self.outcomes_seen,
+            predictions_seen=self.predictions_seen,
+            drift=perf.drift,
+            accuracy=perf.rolling_accuracy if full else None,
+            metrics=metrics,
+        )
+        if event is not None:
+            self.events_emitted += 1
+        return event
+
+    def _seen(self, ts: float) -> None:
+        if self.last_ts is None or ts > self.last_ts:
+            self.last_ts = ts
+
+
+def _bucket(delay: float) -> int:
+    for i, bound in enumerate(DELAY_BUCKETS):
+        if delay <= bound:
+            return i
+    return len(DELAY_BUCKETS)
+
+
+class ModelState:
+    """All versions of one model, plus the source positions already absorbed.
+
+    Parameters
+    ----------
+    model
+        The model name (the table key).
+    policies
+        Where each model's PolicyConfig comes from.
+    """
+
+    def __init__(self, model: str, policies: PolicyBook) -> None:
+        self.model = model
+        self.config = policies.for_model(model)
+        self.versions: dict[str, VersionMonitor] = {}
+        self.positions: dict[str, tuple[int, int]] = {}
+        self.replays_skipped = 0
+
+    def version(self, version: str) -> VersionMonitor:
+        monitor = self.versions.get(version)
+        if monitor is None:
+            monitor = self.versions[version] = VersionMonitor(self.model, version, self.config)
+        return monitor
+
+    def absorb(self, record: ModelRecord) -> dict[str, Any] | None:
+        """Absorb one record unless already absorbed; return a RetrainingEvent or None."""
+        last = self.positions.get(record.source)
+        if last is not None and tuple(record.position) <= last:
+            self.replays_skipped += 1
+            return None
+        self.positions[record.source] = tuple(record.position)  # type: ignore[assignment]
+        monitor = self.version(record.version)
+        item = record.item
+        if record.kind == "p":
+            ts, features, prediction, confidence = item
+            monitor.add_prediction(ts, features, prediction, confidence)
+            return None
+        ts, prediction, label, p_label, _confidence, delay = item
+        if self.config.task == "regression":
+            prediction, label = float(prediction), float(label)
+        else:
+            prediction, label = class_key(prediction), class_key(label)
+        return monitor.add_outcome(ts, prediction, label, p_label, delay)

@@ -1,0 +1,185 @@
+"""Online performance of one model version, from its outcomes (prediction joined with label).
+
+Cumulative and rolling-window metrics come from river, and so does the concept-drift
+detector that watches the error stream (1 for a wrong class, the absolute error for
+regression). Only increases of the error are reported as drift: a model that gets better
+needs no retraining.
+
+Examples
+--------
+>>> import random
+>>> rng = random.Random(7)
+>>> monitor = PerformanceMonitor(window=500)
+>>> fired_at = []
+>>> for i in range(20_000):
+...     error_rate = 0.1 if i < 10_000 else 0.3
+...     label = rng.choice("ab")
+...     wrong = rng.random() < error_rate
+...     prediction = ("b" if label == "a" else "a") if wrong else label
+...     _ = monitor.update(prediction, label)
+...     if monitor.drift is not None:
+...         fired_at.append(monitor.n)
+>>> fired_at
+[10080]
+>>> round(monitor.accuracy, 4), round(monitor.rolling_accuracy, 4)
+(0.797, 0.668)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from river import drift, metrics, stats, utils
+
+__all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor"]
+
+#: Detector name -> (factory, works on binary errors only)
+DETECTORS: dict[str, tuple[Any, bool]] = {
+    "ADWIN": (drift.ADWIN, False),
+    "DDM": (drift.binary.DDM, True),
+    "HDDM_A": (drift.binary.HDDMA, True),
+    "HDDM_W": (drift.binary.HDDMW, True),
+    "PageHinkley": (lambda **kw: drift.PageHinkley(**{"mode": "up", **kw}), False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DriftSignal:
+    """A detected increase of the error: which detector, error rate before and after."""
+
+    detector: str
+    before: float
+    after: float
+
+
+class PerformanceMonitor:
+    """Metrics and a concept-drift detector for one model version.
+
+    Parameters
+    ----------
+    task
+        ``"classification"`` (accuracy, macro precision/recall/F1, log loss from scores)
+        or ``"regression"`` (MAE, RMSE).
+    window
+        Outcomes in the rolling window.
+    detector
+        One of :data:`DETECTORS`, run on the error stream.
+    detector_params
+        Keyword arguments for the detector's constructor.
+
+    Attributes
+    ----------
+    n
+        Outcomes absorbed.
+    drift
+        The :class:`DriftSignal` raised by the last update, or None.
+    """
+
+    def __init__(
+        self,
+        task: str = "classification",
+        window: int = 1000,
+        detector: str = "ADWIN",
+        detector_params: dict[str, Any] | None = None,
+    ) -> None:
+        if task not in ("classification", "regression"):
+            raise ValueError("task must be 'classification' or 'regression'")
+        if window < 1:
+            raise ValueError("window must be a positive integer")
+        if detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {sorted(DETECTORS)}")
+        factory, binary_only = DETECTORS[detector]
+        if binary_only and task == "regression":
+            raise ValueError(f"detector {detector} needs binary errors; use ADWIN or PageHinkley")
+        self.task = task
+        self.window = window
+        self.detector_name = detector
+        self.detector = factory(**(detector_params or {}))
+        self.n = 0
+        self.drift: DriftSignal | None = None
+        self._scored = 0
+        self._errors = utils.Rolling(stats.Mean, window_size=window)
+        self._since_drift = stats.Mean()
+        if task == "classification":
+            self._metrics: dict[str, Any] = {
+                "accuracy": metrics.Accuracy(),
+                "precision": metrics.MacroPrecision(),
+                "recall": metrics.MacroRecall(),
+                "f1": metrics.MacroF1(),
+            }
+            self._rolling = utils.Rolling(metrics.Accuracy, window_size=window)
+            self._log_loss = metrics.CrossEntropy()
+        else:
+            self._metrics = {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
+            self._rolling = utils.Rolling(metrics.MAE, window_size=window)
+
+    def update(self, prediction: Any, label: Any, p_label: float | None = None) -> PerformanceMonitor:
+        """Absorb one outcome.
+
+        Parameters
+        ----------
+        prediction, label
+            Class keys (classification) or numbers (regression).
+        p_label
+            Probability the model gave to the true class, when it published scores.
+        """
+        self.n += 1
+        for metric in self._metrics.values():
+            metric.update(label, prediction)
+        self._rolling.update(label, prediction)
+        if self.task == "classification":
+            error: float = float(prediction != label)
+            if p_label is not None:
+                self._log_loss.update(label, {label: p_label})
+                self._scored += 1
+        else:
+            error = abs(float(prediction) - float(label))
+        before = self._before()
+        self._errors.update(error)
+        self.detector.update(error)
+        self.drift = None
+        if self.detector.drift_detected:
+            after = self._after()
+            if after > before:
+                self.drift = DriftSignal(self.detector_name, before, after)
+            self._since_drift = stats.Mean()
+        self._since_drift.update(error)
+        return self
+
+    def _before(self) -> float:
+        if isinstance(self.detector, drift.ADWIN):
+            return float(self.detector.estimation)
+        return float(self._since_drift.get())
+
+    def _after(self) -> float:
+        if isinstance(self.detector, drift.ADWIN):
+            return float(self.detector.estimation)
+        return float(self._errors.get())
+
+    @property
+    def accuracy(self) -> float | None:
+        """Cumulative accuracy (classification)."""
+        return self._metrics["accuracy"].get() if self.task == "classification" and self.n else None
+
+    @property
+    def rolling_accuracy(self) -> float | None:
+        """Accuracy over the last ``window`` outcomes (classification)."""
+        return self._rolling.get() if self.task == "classification" and self.n else None
+
+    @property
+    def error_rate(self) -> float:
+        """Mean error over the last ``window`` outcomes."""
+        return float(self._errors.get())
+
+    def report(self) -> dict[str, float]:
+        """Every metric by name: cumulative, ``rolling_*`` and ``log_loss`` when known."""
+        if not self.n:
+            return {}
+        out = {name: float(metric.get()) for name, metric in self._metrics.items()}
+        key = "rolling_accuracy" if self.task == "classification" else "rolling_mae"
+        out[key] = float(self._rolling.get())
+        out["rolling_error_rate"] = self.error_rate
+        if self.task == "classification" and self._scored:
+            out["log_loss"] = float(self._log_loss.get())
+        return out

@@ -1,0 +1,237 @@
+"""Retraining policy: turns monitoring signals into RetrainingEvents (DESIGN.md section 3).
+
+A signal becomes an event only with enough evidence (``min_outcomes``), outside the
+cooldown of the model version's previous event, and once per episode: a threshold reason
+latches when it fires and re-arms only after the metric recovers by ``hysteresis``.
+Signals that arrive during the cooldown are suppressed (and latched), so one degradation
+gives one event. Event ids are ``model:version:seq`` with a per-version sequence, so a
+replay after a crash republishes the same id.
+
+Examples
+--------
+>>> policy = RetrainingPolicy(PolicyConfig(min_outcomes=10, cooldown_seconds=60), "m", "1")
+>>> kw = dict(outcomes_seen=100, predictions_seen=120, drift=None, metrics={})
+>>> policy.update(ts=10.0, accuracy=0.90, **kw) is None   # first full window: reference
+True
+>>> event = policy.update(ts=20.0, accuracy=0.70, **kw)
+>>> event["id"], event["severity"], event["reasons"][0]["kind"], event["reasons"][0]["after"]
+('m:1:000001', 'critical', 'performance', 0.7)
+>>> policy.update(ts=200.0, accuracy=0.70, **kw) is None  # latched: same episode
+True
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from models.errors import ConfigError
+from models.performance import DETECTORS, DriftSignal
+
+__all__ = ["PolicyBook", "PolicyConfig", "RetrainingPolicy"]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Monitoring and retraining settings of one model (all versions).
+
+    Parameters
+    ----------
+    task
+        ``"classification"`` or ``"regression"``.
+    window
+        Outcomes in the rolling window; its first full value is the reference accuracy
+        unless a reference profile gives a baseline.
+    detector, detector_params
+        Concept-drift detector on the error stream (see ``models.performance.DETECTORS``).
+    min_outcomes
+        Outcomes a version must have before any event.
+    cooldown_seconds
+        Event time between two events of the same version.
+    accuracy_min
+        Absolute floor for the rolling accuracy (None: no floor).
+    accuracy_drop
+        Relative drop from the reference accuracy that counts as degraded.
+    critical_drop
+        Relative drop (or two reasons at once) that makes an event ``critical``.
+    hysteresis
+        How far above the threshold accuracy must recover before it can fire again.
+    """
+
+    task: str = "classification"
+    window: int = 1000
+    detector: str = "ADWIN"
+    detector_params: dict[str, Any] = field(default_factory=dict)
+    min_outcomes: int = 1000
+    cooldown_seconds: float = 3600.0
+    accuracy_min: float | None = None
+    accuracy_drop: float = 0.10
+    critical_drop: float = 0.20
+    hysteresis: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classification", "regression"):
+            raise ConfigError("policy 'task' must be 'classification' or 'regression'")
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}")
+        for name in ("window", "min_outcomes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"policy '{name}' must be a positive integer")
+        if self.cooldown_seconds < 0:
+            raise ConfigError("policy 'cooldown_seconds' must be >= 0")
+        for name in ("accuracy_drop", "critical_drop", "hysteresis"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"policy '{name}' must be in [0, 1)")
+        if self.accuracy_min is not None and not 0.0 <= self.accuracy_min <= 1.0:
+            raise ConfigError("policy 'accuracy_min' must be in [0, 1]")
+
+
+class PolicyBook:
+    """Per-model PolicyConfigs from a TOML document, with a default.
+
+    >>> book = PolicyBook.from_toml('[default]\\ndetector = "DDM"\\n[models.fraud]\\nwindow = 500')
+    >>> book.for_model("fraud").window, book.for_model("fraud").detector, book.for_model("x").window
+    (500, 'DDM', 1000)
+    """
+
+    def __init__(self, default: PolicyConfig | None = None,
+                 models: dict[str, PolicyConfig] | None = None) -> None:
+        self.default = default or PolicyConfig()
+        self.models = models or {}
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "policy file") -> PolicyBook:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+        known = {f.name for f in fields(PolicyConfig)}
+
+        def build(section: dict[str, Any], where: str, base: dict[str, Any]) -> PolicyConfig:
+            unknown = set(section) - known
+            if unknown:
+                raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in [{where}]")
+            try:
+                return PolicyConfig(**{**base, **section})
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError(f"{source} [{where}]: {exc}") from None
+
+        default_section = doc.get("default", {})
+        default = build(default_section, "default", {})
+        models = {name: build(section, f"models.{name}", default_section)
+                  for name, section in doc.get("models", {}).items()}
+        return cls(default, models)
+
+    def for_model(self, model: str) -> PolicyConfig:
+        return self.models.get(model, self.default)
+
+
+class RetrainingPolicy:
+    """Decides when one model version needs retraining.
+
+    Parameters
+    ----------
+    config
+        The model's PolicyConfig.
+    model, version
+        Identify the version in event ids.
+
+    Attributes
+    ----------
+    seq
+        Events emitted so far (the last id's sequence number).
+    suppressed
+        Signals dropped by the cooldown.
+    reference
+        Reference accuracy (baseline from a profile, else the first full window).
+    """
+
+    def __init__(self, config: PolicyConfig, model: str, version: str) -> None:
+        self.config = config
+        self.model = model
+        self.version = version
+        self.seq = 0
+        self.suppressed = 0
+        self.reference: float | None = None
+        self.last_fired: float | None = None
+        self.window_start: float | None = None
+        self._latched: set[str] = set()
+
+    def threshold(self) -> float | None:
+        """Accuracy below which the version counts as degraded."""
+        candidates = []
+        if self.config.accuracy_min is not None:
+            candidates.append(self.config.accuracy_min)
+        if self.reference is not None:
+            candidates.append(self.reference * (1.0 - self.config.accuracy_drop))
+        return max(candidates) if candidates else None
+
+    def update(
+        self,
+        *,
+        ts: float,
+        outcomes_seen: int,
+        predictions_seen: int,
+        drift: DriftSignal | None,
+        accuracy: float | None,
+        metrics: dict[str, float],
+        extra_reasons: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
+        """Take the signals after one outcome; return a RetrainingEvent dict or None.
+
+        ``accuracy`` is the rolling accuracy, ``None`` until the window is full.
+        """
+        if self.window_start is None:
+            self.window_start = ts
+        cfg = self.config
+        if accuracy is not None and self.reference is None:
+            self.reference = accuracy
+        if outcomes_seen < cfg.min_outcomes:
+            return None
+        reasons: list[dict[str, Any]] = []
+        if drift is not None:
+            reasons.append({"kind": "concept_drift", "detector": drift.detector,
+                            "metric": "error_rate", "before": drift.before, "after": drift.after})
+        threshold = self.threshold()
+        if accuracy is not None and threshold is not None:
+            if accuracy < threshold and "performance" not in self._latched:
+                self._latched.add("performance")
+                reasons.append({"kind": "performance", "metric": "accuracy",
+                                "before": self.reference, "after": accuracy,
+                                "threshold": threshold})
+            elif accuracy >= threshold + cfg.hysteresis:
+                self._latched.discard("performance")
+        reasons.extend(extra_reasons or [])
+        if not reasons:
+            return None
+        if self.last_fired is not None and ts - self.last_fired < cfg.cooldown_seconds:
+            self.suppressed += 1
+            return None
+        return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
+
+    def _fire(self, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
+              predictions_seen: int, accuracy: float | None,
+              metrics: dict[str, float]) -> dict[str, Any]:
+        self.seq += 1
+        drop = 0.0
+        if accuracy is not None and self.reference:
+            drop = (self.reference - accuracy) / self.reference
+        critical = len(reasons) > 1 or drop >= self.config.critical_drop
+        event = {
+            "id": f"{self.model}:{self.version}:{self.seq:06d}",
+            "model": self.model,
+            "version": self.version,
+            "ts": ts,
+            "severity": "critical" if critical else "warning",
+            "reasons": reasons,
+            "evidence": {
+                "predictions_seen": predictions_seen,
+                "outcomes_seen": outcomes_seen,
+                "window": {"start": self.window_start, "end": ts},
+            },
+            "metrics": {**metrics, "accuracy": accuracy, "accuracy_reference": self.reference},
+        }
+        self.last_fired = ts
+        self.window_start = ts
+        return event
