@@ -11,7 +11,8 @@
 # .local/kafka at the repository root, git-ignored): libs/, data/, kafka.log, kafka.pid.
 #
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_HOME_DIR,
-# KAFKA_HEAP (512m), KAFKA_START_TIMEOUT (90 seconds).
+# KAFKA_LIBS_DIR (jars, default $KAFKA_HOME_DIR/libs), KAFKA_HEAP (512m),
+# KAFKA_START_TIMEOUT (90 seconds).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,7 +22,7 @@ controller_port=${KAFKA_CONTROLLER_PORT:-9093}
 home=${KAFKA_HOME_DIR:-$root/.local/kafka}
 heap=${KAFKA_HEAP:-512m}
 timeout=${KAFKA_START_TIMEOUT:-90}
-libs=$home/libs
+libs=${KAFKA_LIBS_DIR:-$home/libs}
 data=$home/data
 pidfile=$home/kafka.pid
 log=$home/kafka.log

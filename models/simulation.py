@@ -1,0 +1,130 @@
+"""A seeded stream of prediction and label events with a known change, for demos and tests.
+
+Features and the true class come from river's SEA generator. The "model" publishes
+calibrated scores: it is right with probability equal to its confidence until outcome
+``change_at``, after which it keeps its confidence but is wrong ``error_after - error_before``
+more often (concept drift a label-free estimate cannot see). Labels arrive after a uniform
+delay; a fraction never arrives. Events come out in event-time order, so a label may reach
+Kafka before its prediction has been consumed.
+
+Examples
+--------
+>>> events = list(simulate(Scenario(n=5, seed=1, unlabelled=0.0)))
+>>> [(e.topic, e.key) for e in events[:3]]
+[('predictions', 'sim-1-0'), ('predictions', 'sim-1-1'), ('predictions', 'sim-1-2')]
+>>> sorted(events[0].value)
+['features', 'id', 'model', 'prediction', 'scores', 'ts', 'version']
+>>> sum(e.topic == "labels" for e in events)
+5
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from river.datasets import synth
+
+__all__ = ["Scenario", "SimEvent", "simulate"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What to simulate.
+
+    Parameters
+    ----------
+    n
+        Predictions.
+    model, version
+        Who publishes them.
+    seed
+        Seed of every random draw.
+    error_before, error_after
+        Error rates before and after the change (each at most 0.5).
+    change_at
+        Outcome (labelled prediction, in generation order) at which the error changes;
+        None for a stationary stream.
+    rate
+        Predictions per second of event time.
+    label_delay
+        (low, high) seconds of the uniform label delay.
+    unlabelled
+        Fraction of predictions whose label never comes.
+    start_ts
+        Event time of the first prediction.
+    """
+
+    n: int = 100_000
+    model: str = "demo"
+    version: str = "1"
+    seed: int = 42
+    error_before: float = 0.1
+    error_after: float = 0.3
+    change_at: int | None = None
+    rate: float = 10.0
+    label_delay: tuple[float, float] = (0.0, 30.0)
+    unlabelled: float = 0.1
+    start_ts: float = 1_763_800_000.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.error_before <= 0.5 or not 0 <= self.error_after <= 1:
+            raise ValueError("error_before must be in [0, 0.5] and error_after in [0, 1]")
+        if not 0 <= self.unlabelled < 1:
+            raise ValueError("unlabelled must be in [0, 1)")
+        if self.rate <= 0:
+            raise ValueError("rate must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SimEvent:
+    """One event to produce: logical topic, key, JSON value, event time."""
+
+    topic: str
+    key: str
+    value: dict[str, Any]
+    ts: float
+    correct: bool | None = None  # for labels: whether the prediction was right
+
+
+def simulate(s: Scenario) -> Iterator[SimEvent]:
+    """Yield the scenario's events in event-time order."""
+    rng = random.Random(s.seed)
+    sea = synth.SEA(variant=0, seed=s.seed)
+    channels = ("web", "app", "store")
+    pending: list[tuple[float, int, SimEvent]] = []
+    outcomes = 0
+    for i, (x, y) in enumerate(sea.take(s.n)):
+        ts = s.start_ts + i / s.rate
+        while pending and pending[0][0] <= ts:
+            yield heapq.heappop(pending)[2]
+        truth = int(y)
+        # Calibrated confidence: uniform on [1 - 2e, 1], mean 1 - e.
+        confidence = rng.uniform(1.0 - 2.0 * s.error_before, 1.0)
+        labelled = rng.random() >= s.unlabelled
+        drifted = s.change_at is not None and labelled and outcomes >= s.change_at
+        p_right = confidence - (s.error_after - s.error_before if drifted else 0.0)
+        correct = rng.random() < p_right
+        prediction = truth if correct else 1 - truth
+        event_id = f"sim-{s.seed}-{i}"
+        yield SimEvent("predictions", event_id, {
+            "id": event_id,
+            "model": s.model,
+            "version": s.version,
+            "ts": round(ts, 3),
+            "features": {"x1": x[0], "x2": x[1], "x3": x[2], "channel": rng.choice(channels)},
+            "prediction": prediction,
+            "scores": {str(prediction): confidence, str(1 - prediction): 1.0 - confidence},
+        }, ts)
+        if labelled:
+            outcomes += 1
+            label_ts = ts + rng.uniform(*s.label_delay)
+            label = SimEvent("labels", event_id,
+                             {"id": event_id, "label": truth, "ts": round(label_ts, 3)},
+                             label_ts, correct)
+            heapq.heappush(pending, (label_ts, i, label))
+    while pending:
+        yield heapq.heappop(pending)[2]

@@ -1,0 +1,172 @@
+"""The two stateful agents: ``join`` (keyed by prediction id) and ``monitor`` (by model).
+
+Each takes a batch of events, calls ``models/``, then writes in this order:
+
+1. records for the next stage, retraining events and dead letters, awaiting the acks;
+2. the changed table entries to the changelog (once per key per batch);
+3. the metrics snapshot.
+
+Faust commits a consumer offset only after flushing the producer, so a committed offset
+implies written state; state written without a committed offset is re-read after a crash
+and skipped by the offsets recorded in the state (DESIGN.md section 5). Both agents run
+with ``concurrency=1`` (faust-streaming issue 606).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+import faust
+import orjson
+
+from models import codec
+from models.join import DeadLetter, JoinPartition, ModelRecord
+from models.monitor import ModelState
+from models.policy import PolicyBook
+from streams.metrics import EVENTS_CONSUMED, REPLAYS_SKIPPED, Snapshot
+from streams.settings import Settings
+from streams.tables import Tables, write
+from streams.topics import TopicNames
+
+__all__ = ["Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Agents, their in-memory caches and the metrics snapshot of one worker."""
+
+    def __init__(self, app: faust.App, settings: Settings, tables: Tables,
+                 snapshot: Snapshot) -> None:
+        self.app = app
+        self.settings = settings
+        self.names = TopicNames.from_settings(settings)
+        self.tables = tables
+        self.snapshot = snapshot
+        self.policies: PolicyBook = settings.policies()
+        self.logical = {self.names.predictions: "predictions", self.names.labels: "labels"}
+        # Caches over the tables; dropped on every rebalance and rebuilt from the tables.
+        self.joins: dict[int, JoinPartition] = {}
+        self.states: dict[str, tuple[int, ModelState]] = {}
+
+    # -- wiring -------------------------------------------------------------------------
+
+    def register(self) -> None:
+        app, names, s = self.app, self.names, self.settings
+        inputs = app.topic(names.predictions, names.labels)
+        records = app.topic(names.model_records)
+
+        @app.agent(inputs, concurrency=1, name="join")
+        async def join(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+                await self.join_batch(events)
+
+        @app.agent(records, concurrency=1, name="monitor")
+        async def monitor(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+                await self.monitor_batch(events)
+
+        app.on_partitions_revoked.connect(self._on_revoked)
+        app.on_partitions_assigned.connect(self._on_assigned)
+
+    async def _on_revoked(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        # Tables are recovered from their changelogs after a rebalance; the caches over
+        # them are rebuilt lazily, and series of what moved away stop being exported.
+        self.joins.clear()
+        self.states.clear()
+        self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
+
+    async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self.joins.clear()
+        self.states.clear()
+
+    # -- join ---------------------------------------------------------------------------
+
+    async def join_batch(self, events: list[faust.EventT]) -> None:
+        touched: dict[int, JoinPartition] = {}
+        for event in events:
+            msg = event.message
+            part = self.joins.get(msg.partition)
+            if part is None:
+                part = self.joins[msg.partition] = JoinPartition(
+                    self.tables.join.data, msg.partition, self.settings.label_ttl_seconds)
+            topic = self.logical[msg.topic]
+            skipped = part.skipped
+            part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
+            if part.skipped != skipped:
+                REPLAYS_SKIPPED.labels(topic).inc()
+            EVENTS_CONSUMED.labels(topic).inc()
+            touched[msg.partition] = part
+        sends = []
+        drained = []
+        by_model: dict[str, list[list[Any]]] = defaultdict(list)
+        for part in touched.values():
+            part.expire()
+            records, dead, writes = part.drain()
+            drained.append((part, writes))
+            for r in records:
+                by_model[r.model].append([r.kind, r.version, r.source, *r.position, r.item])
+            sends.extend([await self._dead_letter(d) for d in dead])
+        for model, items in by_model.items():
+            sends.append(await self.app.producer.send(
+                self.names.model_records, model.encode(), orjson.dumps(items), None, None, None))
+        await asyncio.gather(*sends)
+        acks = []
+        for part, writes in drained:
+            acks.extend(await write(self.tables.join, part.partition, writes))
+        await asyncio.gather(*acks)
+        for part, _ in drained:
+            self.snapshot.set_join(part.partition, part.counts, part.pending())
+
+    async def _dead_letter(self, d: DeadLetter) -> Any:
+        origin = self.names.predictions if d.topic == "predictions" else self.names.labels
+        headers = [
+            ("dw.origin.topic", origin.encode()),
+            ("dw.origin.partition", str(d.partition).encode()),
+            ("dw.origin.offset", str(d.offset).encode()),
+            ("dw.reason", d.reason.encode()),
+        ]
+        return await self.app.producer.send(
+            self.names.dead_letters, d.key, d.raw, None, None, headers)
+
+    # -- monitor ------------------------------------------------------------------------
+
+    async def monitor_batch(self, events: list[faust.EventT]) -> None:
+        touched: dict[str, tuple[int, ModelState]] = {}
+        retraining: list[dict[str, Any]] = []
+        for event in events:
+            msg = event.message
+            model = msg.key.decode()
+            entry = self.states.get(model)
+            if entry is None:
+                raw = self.tables.models.data.get(model)
+                state = codec.loads(raw) if raw is not None else ModelState(model, self.policies)
+                entry = self.states[model] = (msg.partition, state)
+            state = entry[1]
+            skipped = state.replays_skipped
+            for kind, version, source, offset, sub, item in orjson.loads(event.value):
+                fired = state.absorb(ModelRecord(kind, model, version, source, (offset, sub), item))
+                if fired is not None:
+                    retraining.append(fired)
+            if state.replays_skipped != skipped:
+                REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
+            touched[model] = entry
+        if retraining:
+            sends = []
+            for ev in retraining:
+                log.info("retraining event %s (%s)", ev["id"], ev["severity"])
+                sends.append(await self.app.producer.send(
+                    self.names.retraining, ev["model"].encode(), orjson.dumps(ev),
+                    None, None, None))
+            await asyncio.gather(*sends)
+        acks = []
+        for model, (partition, state) in touched.items():
+            blob = codec.dumps(state)
+            self.tables.models.data[model] = blob
+            acks.extend(await write(self.tables.models, partition, {model: blob}))
+        await asyncio.gather(*acks)
+        for _, state in touched.values():
+            self.snapshot.set_model(state)

@@ -1,0 +1,212 @@
+"""``python -m streams COMMAND``.
+
+worker     Faust's worker for the driftwarden app (its options, e.g. ``--web-port``, work)
+simulate   publish a seeded prediction/label stream with an optional change
+tail       print retraining events as they arrive
+demo       local end to end: worker + simulated drifting traffic + the retraining events
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from models.errors import ConfigError
+from models.simulation import Scenario, simulate
+from streams.settings import Settings
+from streams.topics import TopicNames, ensure_topics
+
+__all__ = ["main"]
+
+_OWN_COMMANDS = ("simulate", "tail", "demo")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in _OWN_COMMANDS:
+            parser = _parser()
+            args = parser.parse_args(argv)
+            sys.exit(args.func(args) or 0)
+        _worker(argv)
+    except ConfigError as exc:
+        print(f"driftwarden: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _worker(argv: list[str]) -> None:
+    from streams.agents import Pipeline
+    from streams.app import create_app
+    from streams.metrics import Snapshot, serve
+    from streams.tables import declare_tables
+
+    settings = Settings.from_env()
+    if argv[:1] == ["worker"]:
+        # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned.
+        partitions = asyncio.run(ensure_topics(settings))
+    else:
+        partitions = settings.partitions
+    app = create_app(settings, partitions)
+    snapshot = Snapshot()
+    Pipeline(app, settings, declare_tables(app, partitions), snapshot).register()
+    if argv[:1] == ["worker"]:
+        serve(snapshot, settings.metrics_host, settings.metrics_port)
+    sys.argv = ["driftwarden", *argv]
+    app.main()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m streams")
+    sub = parser.add_subparsers(required=True)
+
+    sim = sub.add_parser("simulate", help="publish a seeded prediction/label stream")
+    _scenario_args(sim)
+    sim.add_argument("--throttle", type=float, default=0.0,
+                     help="events per second to publish at (0: as fast as possible)")
+    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    sim.set_defaults(func=lambda a: asyncio.run(_simulate(a)))
+
+    tail = sub.add_parser("tail", help="print retraining events")
+    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--max-events", type=int, default=0, help="stop after this many")
+    tail.add_argument("--timeout", type=float, default=0.0, help="stop after this many seconds")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.set_defaults(func=lambda a: asyncio.run(_tail(a)))
+
+    demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
+    _scenario_args(demo, n=80_000, change_at=50_000)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def _scenario_args(p: argparse.ArgumentParser, n: int = 100_000,
+                   change_at: int | None = None) -> None:
+    p.add_argument("--n", type=int, default=n, help="predictions to publish")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--version", default="1")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--error-before", type=float, default=0.1)
+    p.add_argument("--error-after", type=float, default=0.3)
+    p.add_argument("--change-at", type=int, default=change_at,
+                   help="outcome at which the error rate changes (default: never)")
+    p.add_argument("--unlabelled", type=float, default=0.1)
+    p.add_argument("--max-delay", type=float, default=30.0, help="label delay upper bound, s")
+    p.add_argument("--start-ts", type=float, default=None, help="event time of the first one")
+
+
+def _scenario(a: argparse.Namespace) -> Scenario:
+    return Scenario(
+        n=a.n, model=a.model, version=a.version, seed=a.seed, error_before=a.error_before,
+        error_after=a.error_after, change_at=a.change_at, unlabelled=a.unlabelled,
+        label_delay=(0.0, a.max_delay),
+        start_ts=a.start_ts if a.start_ts is not None else time.time() - a.n / 10.0,
+    )
+
+
+async def _simulate(a: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    settings = Settings.from_env()
+    await ensure_topics(settings)
+    names = TopicNames.from_settings(settings)
+    topic = {"predictions": names.predictions, "labels": names.labels}
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, linger_ms=20, acks="all",
+        max_batch_size=256 * 1024, **settings.aiokafka_security())
+    await producer.start()
+    try:
+        started = time.monotonic()
+        with tqdm(desc="events", unit="ev", disable=a.quiet, file=sys.stderr) as bar:
+            for i, ev in enumerate(simulate(_scenario(a))):
+                await producer.send(topic[ev.topic], orjson.dumps(ev.value), key=ev.key.encode())
+                if i % 1000 == 999:
+                    bar.update(1000)
+                    if a.throttle:
+                        ahead = (i + 1) / a.throttle - (time.monotonic() - started)
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+            await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    """One retraining event as a readable block."""
+    lines = [f"[{ev['severity'].upper()}] {ev['id']}  model={ev['model']} version={ev['version']}"]
+    for r in ev["reasons"]:
+        detail = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k != "kind")
+        lines.append(f"    reason: {r['kind']} ({detail})")
+    e = ev["evidence"]
+    lines.append(f"    evidence: predictions_seen={e['predictions_seen']} "
+                 f"outcomes_seen={e['outcomes_seen']}")
+    m = ev["metrics"]
+    lines.append(f"    accuracy={_fmt(m.get('accuracy'))} reference={_fmt(m.get('accuracy_reference'))}"
+                 f" estimated={_fmt(m.get('estimated_accuracy'))}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+async def _tail(a: argparse.Namespace) -> None:
+    settings = Settings.from_env()
+    names = TopicNames.from_settings(settings)
+    consumer = AIOKafkaConsumer(
+        names.retraining, bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest" if a.from_beginning else "latest",
+        enable_auto_commit=False, **settings.aiokafka_security())
+    await consumer.start()
+    seen = 0
+    deadline = time.monotonic() + a.timeout if a.timeout else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for rec in records:
+                    ev = orjson.loads(rec.value)
+                    print(orjson.dumps(ev).decode() if a.json else format_event(ev), flush=True)
+                    seen += 1
+                    if a.max_events and seen >= a.max_events:
+                        return
+    finally:
+        await consumer.stop()
+
+
+def _demo(a: argparse.Namespace) -> int:
+    """Run a worker, publish drifting traffic, print the retraining events it emits."""
+    env = {**os.environ, "DRIFTWARDEN_BROKER": os.environ.get(
+        "DRIFTWARDEN_BROKER", "kafka://127.0.0.1:9092")}
+    env.setdefault("DRIFTWARDEN_TOPIC_PREFIX", f"demo-{int(time.time())}.")
+    os.environ.update(env)
+    print(f"demo: topics prefixed {env['DRIFTWARDEN_TOPIC_PREFIX']!r}; metrics on "
+          f"http://127.0.0.1:{Settings.from_env().metrics_port}/metrics", flush=True)
+    worker = subprocess.Popen([sys.executable, "-m", "streams", "worker", "-l", "warning"],
+                              env=env)
+    tail = subprocess.Popen([sys.executable, "-m", "streams", "tail", "--from-beginning",
+                             "--max-events", "1", "--timeout", "600"], env=env)
+    try:
+        asyncio.run(ensure_topics(Settings.from_env()))
+        print(f"demo: publishing {a.n} predictions; error {a.error_before:.0%} -> "
+              f"{a.error_after:.0%} at outcome {a.change_at}", flush=True)
+        asyncio.run(_simulate(argparse.Namespace(**{**vars(a), "throttle": 0.0,
+                                                      "quiet": False})))
+        print("demo: published; waiting for the retraining event", flush=True)
+        return tail.wait(timeout=600)
+    finally:
+        for proc in (tail, worker):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

@@ -1,0 +1,189 @@
+"""Prometheus metrics (DESIGN.md section 6), declared in one place.
+
+Counts come from durable state, not from process-local counters: after each batch the
+agents publish a snapshot of the join partitions and models this worker owns, and the
+collector renders it at scrape time. So a restarted worker reports the same totals, and a
+partition moved to another worker stops being exported here (no stale series).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from models.errors import ConfigError
+from models.monitor import DELAY_BUCKETS, ModelState
+
+__all__ = ["EVENTS_CONSUMED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
+
+EVENTS_CONSUMED = Counter(
+    "driftwarden_events_consumed", "Input events consumed by this worker process.", ["topic"]
+)
+REPLAYS_SKIPPED = Counter(
+    "driftwarden_replays_skipped",
+    "Events skipped because their offset was already absorbed (redelivery after a crash).",
+    ["topic"],
+)
+
+
+@dataclass
+class Snapshot:
+    """What this worker owns, as of its last batch. Replaced wholesale per key."""
+
+    join: dict[int, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def set_join(self, partition: int, counts: dict[str, dict[str, int]], pending: int) -> None:
+        self.join[partition] = {"counts": {k: dict(v) for k, v in counts.items()},
+                                "pending": pending}
+
+    def set_model(self, state: ModelState) -> None:
+        rows = []
+        for version, v in state.versions.items():
+            report = v.performance.report()
+            rows.append({
+                "version": version,
+                "outcomes": v.outcomes_seen,
+                "predictions": v.predictions_seen,
+                "report": report,
+                "estimated": v.estimate.rolling() if v.estimate.n else None,
+                "detections": dict(v.detections),
+                "events": v.events_emitted,
+                "delay_counts": list(v.delay_counts),
+                "delay_sum": v.delay_sum,
+            })
+        self.models[state.model] = rows
+
+    def forget(self, partitions: set[int], models: set[str]) -> None:
+        for p in partitions:
+            self.join.pop(p, None)
+        for m in models:
+            self.models.pop(m, None)
+
+
+class _Collector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        join = list(self.snapshot.join.values())
+        models = list(self.snapshot.models.items())
+        yield from self._join(join)
+        yield from self._models(models)
+
+    def _join(self, parts: list[dict[str, Any]]) -> Iterator[Metric]:
+        def summed(counter: str) -> dict[tuple[str, ...], int]:
+            out: dict[tuple[str, ...], int] = {}
+            for part in parts:
+                for label, n in part["counts"].get(counter, {}).items():
+                    key = tuple(label.split("|", 1))
+                    out[key] = out.get(key, 0) + n
+            return out
+
+        for name, counter, labels, help_ in (
+            ("driftwarden_predictions", "predictions", ["model", "version"],
+             "Valid predictions absorbed by the join."),
+            ("driftwarden_expired_predictions", "expired", ["model", "version"],
+             "Predictions whose label did not arrive within DRIFTWARDEN_LABEL_TTL_SECONDS."),
+            ("driftwarden_dead_letters", "dead", ["topic", "reason"],
+             "Input events sent to the dead-letters topic, by origin topic and reason."),
+        ):
+            family = CounterMetricFamily(name, help_, labels=labels)
+            for key, n in sorted(summed(counter).items()):
+                family.add_metric(list(key), n)
+            yield family
+        pending = GaugeMetricFamily(
+            "driftwarden_pending_labels", "Predictions waiting for their label on this worker."
+        )
+        pending.add_metric([], sum(p["pending"] for p in parts))
+        yield pending
+
+    def _models(self, models: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[Metric]:
+        mv = ["model", "version"]
+        outcomes = CounterMetricFamily(
+            "driftwarden_outcomes", "Predictions joined with their label.", labels=mv)
+        accuracy = GaugeMetricFamily(
+            "driftwarden_accuracy", "Realised accuracy (0-1), cumulative and rolling window.",
+            labels=[*mv, "window"])
+        estimated = GaugeMetricFamily(
+            "driftwarden_estimated_accuracy",
+            "Label-free accuracy estimate: mean top-class probability over the rolling window.",
+            labels=mv)
+        gauges = {
+            name: GaugeMetricFamily(f"driftwarden_{name}", help_, labels=mv)
+            for name, help_ in (
+                ("precision", "Macro-averaged precision (0-1), cumulative."),
+                ("recall", "Macro-averaged recall (0-1), cumulative."),
+                ("f1", "Macro-averaged F1 score (0-1), cumulative."),
+                ("log_loss", "Log loss of the published scores, cumulative."),
+                ("mae", "Mean absolute error (regression), cumulative."),
+                ("rmse", "Root mean squared error (regression), cumulative."),
+            )
+        }
+        error_rate = GaugeMetricFamily(
+            "driftwarden_error_rate", "Mean error over the rolling window.", labels=[*mv, "window"])
+        drift = CounterMetricFamily(
+            "driftwarden_drift_detected", "Error increases flagged by the concept-drift detector.",
+            labels=[*mv, "detector"])
+        events = CounterMetricFamily(
+            "driftwarden_retraining_events", "Retraining events published.", labels=mv)
+        delay = HistogramMetricFamily(
+            "driftwarden_label_delay_seconds", "Time from prediction to its label.",
+            labels=["model"])
+        for model, rows in sorted(models):
+            counts = [0] * (len(DELAY_BUCKETS) + 1)
+            delay_sum = 0.0
+            for row in rows:
+                labels = [model, row["version"]]
+                report = row["report"]
+                outcomes.add_metric(labels, row["outcomes"])
+                if "accuracy" in report:
+                    accuracy.add_metric([*labels, "cumulative"], report["accuracy"])
+                    accuracy.add_metric([*labels, "rolling"], report["rolling_accuracy"])
+                if "rolling_error_rate" in report:
+                    error_rate.add_metric([*labels, "rolling"], report["rolling_error_rate"])
+                if row["estimated"] is not None:
+                    estimated.add_metric(labels, row["estimated"])
+                for name, family in gauges.items():
+                    if name in report:
+                        family.add_metric(labels, report[name])
+                for detector, n in row["detections"].items():
+                    drift.add_metric([*labels, detector], n)
+                events.add_metric(labels, row["events"])
+                counts = [a + b for a, b in zip(counts, row["delay_counts"], strict=True)]
+                delay_sum += row["delay_sum"]
+            cumulative, buckets = 0, []
+            for bound, n in zip([*DELAY_BUCKETS, float("inf")], counts, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            delay.add_metric([model], buckets, delay_sum)
+        yield outcomes
+        yield accuracy
+        yield estimated
+        yield from gauges.values()
+        yield error_rate
+        yield drift
+        yield events
+        yield delay
+
+
+def serve(snapshot: Snapshot, host: str, port: int) -> None:
+    """Register the collector and start the HTTP endpoint (a daemon thread)."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve metrics on DRIFTWARDEN_METRICS_HOST:DRIFTWARDEN_METRICS_PORT="
+            f"{host}:{port}: {exc.strerror}"
+        ) from None
+    REGISTRY.register(_Collector(snapshot))

@@ -1,0 +1,176 @@
+"""Settings, read once from the environment (DESIGN.md section 7).
+
+Every error names the variable that is wrong::
+
+    >>> Settings.from_env({"DRIFTWARDEN_METRICS_PORT": "x"})
+    Traceback (most recent call last):
+    ...
+    models.errors.ConfigError: DRIFTWARDEN_METRICS_PORT must be an integer, got 'x'
+    >>> Settings.from_env({"DRIFTWARDEN_TOPIC_PREFIX": "t1."}).topic("labels")
+    't1.labels'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.errors import ConfigError
+from models.policy import PolicyBook
+
+__all__ = ["Settings"]
+
+_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of a driftwarden process."""
+
+    broker: str = "kafka://localhost:9092"
+    topic_prefix: str = ""
+    metrics_port: int = 9102
+    metrics_host: str = "127.0.0.1"
+    data_dir: Path = Path(".local/data")
+    label_ttl_seconds: float = 7 * 86400.0
+    policy_file: Path | None = None
+    partitions: int = 8
+    app_id: str = "driftwarden"
+    store: str = "memory://"
+    batch_size: int = 1000
+    batch_seconds: float = 0.05
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build Settings from ``DRIFTWARDEN_*`` variables (``os.environ`` by default)."""
+        env = os.environ if env is None else env
+        get = _Reader(env)
+        settings = cls(
+            broker=get.str("BROKER", cls.broker),
+            topic_prefix=get.str("TOPIC_PREFIX", cls.topic_prefix),
+            metrics_port=get.int("METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_host=get.str("METRICS_HOST", cls.metrics_host),
+            data_dir=Path(get.str("DATA_DIR", str(cls.data_dir))),
+            label_ttl_seconds=get.float("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
+            policy_file=get.path("POLICY_FILE"),
+            partitions=get.int("PARTITIONS", cls.partitions, 1, 10_000),
+            app_id=get.str("APP_ID", cls.app_id),
+            store=get.str("STORE", cls.store),
+            batch_size=get.int("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
+            batch_seconds=get.float("BATCH_SECONDS", cls.batch_seconds),
+            security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
+            sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
+            sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),
+            sasl_password=env.get("DRIFTWARDEN_SASL_PASSWORD"),
+            ssl_cafile=get.path("SSL_CAFILE"),
+            ssl_certfile=get.path("SSL_CERTFILE"),
+            ssl_keyfile=get.path("SSL_KEYFILE"),
+        )
+        if not settings.broker.startswith("kafka://"):
+            raise ConfigError(f"DRIFTWARDEN_BROKER must start with kafka://, got {settings.broker!r}")
+        if settings.store.split("://")[0] not in ("memory", "rocksdb"):
+            raise ConfigError("DRIFTWARDEN_STORE must be memory:// or rocksdb://")
+        if settings.security_protocol.startswith("SASL") and not (
+            settings.sasl_username and settings.sasl_password
+        ):
+            raise ConfigError(
+                "DRIFTWARDEN_SASL_USERNAME and DRIFTWARDEN_SASL_PASSWORD are required "
+                f"with DRIFTWARDEN_SECURITY_PROTOCOL={settings.security_protocol}"
+            )
+        return settings
+
+    def topic(self, name: str) -> str:
+        """Full name of a topic of DESIGN.md section 2 (prefix applied)."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port[,host:port]`` for aiokafka clients."""
+        return ",".join(url.split("://", 1)[-1] for url in self.broker.split(";"))
+
+    def policies(self) -> PolicyBook:
+        """Per-model policy from DRIFTWARDEN_POLICY_FILE, or the defaults."""
+        if self.policy_file is None:
+            return PolicyBook()
+        try:
+            text = self.policy_file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"DRIFTWARDEN_POLICY_FILE cannot be read: {exc}") from None
+        return PolicyBook.from_toml(text, source=f"DRIFTWARDEN_POLICY_FILE ({self.policy_file})")
+
+    def aiokafka_security(self) -> dict[str, Any]:
+        """Security keyword arguments for aiokafka clients."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        import ssl
+
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if "SSL" in self.security_protocol:
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+            if self.ssl_certfile:
+                context.load_cert_chain(
+                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
+                )
+            kwargs["ssl_context"] = context
+        if self.security_protocol.startswith("SASL"):
+            kwargs.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return kwargs
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def str(self, name: str, default: str) -> str:
+        return self.env.get(f"DRIFTWARDEN_{name}", default)
+
+    def int(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.env.get(f"DRIFTWARDEN_{name}")
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"DRIFTWARDEN_{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"DRIFTWARDEN_{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def float(self, name: str, default: float) -> float:
+        raw = self.env.get(f"DRIFTWARDEN_{name}")
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"DRIFTWARDEN_{name} must be a number, got {raw!r}") from None
+        if not value > 0:
+            raise ConfigError(f"DRIFTWARDEN_{name} must be positive, got {raw!r}")
+        return value
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        value = self.env.get(f"DRIFTWARDEN_{name}", default)
+        if value not in options:
+            raise ConfigError(f"DRIFTWARDEN_{name} must be one of {', '.join(options)}")
+        return value
+
+    def path(self, name: str) -> Path | None:
+        raw = self.env.get(f"DRIFTWARDEN_{name}")
+        return Path(raw) if raw else None

@@ -1,0 +1,106 @@
+"""Every topic driftwarden reads or writes, declared in one place (DESIGN.md section 2).
+
+``ensure_topics`` runs before the worker starts: it creates missing topics and refuses to
+go on when ``predictions`` and ``labels`` differ in partition count, because the join is
+co-partitioned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from models.errors import ConfigError
+from streams.settings import Settings
+
+__all__ = ["TopicNames", "ensure_topics"]
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Full names (prefix applied) of every topic."""
+
+    predictions: str
+    labels: str
+    retraining: str
+    references: str
+    dead_letters: str
+    model_records: str  # internal: join output keyed by model
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TopicNames:
+        t = settings.topic
+        return cls(
+            predictions=t("predictions"),
+            labels=t("labels"),
+            retraining=t("retraining"),
+            references=t("references"),
+            dead_letters=t("dead-letters"),
+            model_records=t(f"{settings.app_id}-model-records"),
+        )
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
+    """Create missing topics; return the partition count of the joined input topics.
+
+    Raises
+    ------
+    ConfigError
+        When the broker cannot be reached, or ``predictions`` and ``labels`` differ in
+        partition count.
+    """
+    names = TopicNames.from_settings(settings)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=int(timeout * 1000),
+        **settings.aiokafka_security(),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+    except (KafkaConnectionError, asyncio.TimeoutError, OSError) as exc:
+        raise ConfigError(
+            f"cannot reach Kafka at DRIFTWARDEN_BROKER={settings.broker!r}: {exc or 'timeout'}"
+        ) from None
+    try:
+        existing = await _partition_counts(admin, [names.predictions, names.labels])
+        joined = existing.get(names.predictions) or existing.get(names.labels)
+        partitions = joined or settings.partitions
+        wanted = {
+            names.predictions: {},
+            names.labels: {},
+            names.retraining: {},
+            names.dead_letters: {},
+            names.model_records: {},
+            names.references: {"cleanup.policy": "compact"},
+        }
+        present = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, partitions, 1, topic_configs=config)
+            for name, config in wanted.items()
+            if name not in present
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another worker won the race
+        counts = await _partition_counts(admin, [names.predictions, names.labels])
+        if counts[names.predictions] != counts[names.labels]:
+            raise ConfigError(
+                f"topic {names.predictions!r} has {counts[names.predictions]} partitions but "
+                f"{names.labels!r} has {counts[names.labels]}; the join needs them equal"
+            )
+        return counts[names.predictions]
+    finally:
+        await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for desc in await admin.describe_topics(topics):
+        if desc.get("error_code", 0) == 0 and desc.get("partitions"):
+            out[desc["topic"]] = len(desc["partitions"])
+    return out

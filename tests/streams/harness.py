@@ -1,0 +1,191 @@
+"""Test harness for the real broker: worker processes, producing, reading, scraping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.simulation import Scenario, simulate
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}."
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll ``check`` until it returns a truthy value; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+        last = check()
+    return last
+
+
+@dataclass
+class Worker:
+    """One ``python -m streams worker`` process with its own ports and log."""
+
+    broker: str
+    prefix: str
+    log_dir: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = field(default_factory=free_port)
+    web_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "DRIFTWARDEN_BROKER": f"kafka://{self.broker}",
+            "DRIFTWARDEN_TOPIC_PREFIX": self.prefix,
+            "DRIFTWARDEN_METRICS_PORT": str(self.metrics_port),
+            "DRIFTWARDEN_DATA_DIR": str(self.log_dir / f"data-{self.web_port}"),
+            **self.env_extra,
+        }
+
+    def start(self, wait: bool = True) -> Worker:
+        self.log_path = self.log_dir / f"worker-{self.web_port}.log"
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streams", "worker", "-l", "info",
+                 "--web-port", str(self.web_port)],
+                cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def log_text(self) -> str:
+        assert self.log_path is not None
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n"
+                                     f"{self.log_text()[-3000:]}")
+            return "[^Worker]: Ready" in self.log_text()
+        wait_until(ready, timeout, "the worker to be ready")
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Samples by (name, sorted labels)."""
+        out = {}
+        for family in text_string_to_metric_families(self.scrape()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def total(self, name: str) -> float:
+        return sum(v for (n, _), v in self.metrics().items() if n == name)
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (n, labels), v in self.metrics().items():
+            if n == name:
+                key = dict(labels)[label]
+                out[key] = out.get(key, 0.0) + v
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def produce(broker: str, records: Iterable[tuple[str, bytes | None, bytes]],
+                  throttle: float = 0.0) -> int:
+    """Produce (topic, key, value) records in order; ``throttle`` = records per second."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=10, acks="all",
+                                max_request_size=4 * 1024 * 1024, enable_idempotence=True)
+    await producer.start()
+    n = 0
+    started = time.monotonic()
+    try:
+        for topic, key, value in records:
+            await producer.send(topic, value, key=key)
+            n += 1
+            if throttle and n % 500 == 0:
+                ahead = n / throttle - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return n
+
+
+def scenario_records(prefix: str, scenario: Scenario) -> Iterable[tuple[str, bytes, bytes]]:
+    for ev in simulate(scenario):
+        yield prefix + ev.topic, ev.key.encode(), orjson.dumps(ev.value)
+
+
+async def read_topic(broker: str, topic: str, idle: float = 3.0) -> list[Any]:
+    """Every record of ``topic`` from the beginning, until nothing arrives for ``idle`` s."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    out = []
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(idle * 1000))
+            if not batch:
+                return out
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+
+
+async def create_topics(broker: str, partitions: dict[str, int]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, n, 1) for t, n in partitions.items()])
+    finally:
+        await admin.close()

@@ -1,0 +1,41 @@
+"""The worker on the real broker: start-up checks and consuming events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+
+from tests.streams.harness import ROOT, create_topics, produce, run, wait_until
+
+
+def test_worker_consumes_a_prediction(start_worker, kafka_broker, prefix):
+    worker = start_worker()
+    event = {"id": "p-1", "model": "fraud", "version": "3", "features": {"amount": 12.5},
+             "prediction": 1, "scores": {"0": 0.25, "1": 0.75}}
+    run(produce(kafka_broker, [(prefix + "predictions", b"p-1", orjson.dumps(event))]))
+
+    wait_until(lambda: worker.value("driftwarden_predictions_total", model="fraud", version="3"),
+               60, "driftwarden_predictions_total to count the prediction")
+    assert worker.value("driftwarden_predictions_total", model="fraud", version="3") == 1.0
+    assert worker.value("driftwarden_pending_labels") == 1.0
+
+
+def test_worker_refuses_to_start_when_join_topics_differ(kafka_broker, prefix):
+    run(create_topics(kafka_broker, {prefix + "predictions": 4, prefix + "labels": 8}))
+    env = {"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}", "DRIFTWARDEN_TOPIC_PREFIX": prefix,
+           "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert (f"topic '{prefix}predictions' has 4 partitions but '{prefix}labels' has 8"
+            in done.stderr)
+
+
+def test_worker_names_the_bad_variable(kafka_broker):
+    env = {"DRIFTWARDEN_METRICS_PORT": "nine", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "DRIFTWARDEN_METRICS_PORT must be an integer, got 'nine'" in done.stderr
