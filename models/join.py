@@ -13,9 +13,12 @@ kind       value
 =========  ==============================================================
 
 Per partition a meta entry records the source offsets absorbed (replays at or below them
-are skipped: DESIGN.md section 5), the event-time watermark, and the counters. Entries
-expire by event time: an entry whose ``ts`` is more than ``ttl`` seconds behind the
-partition's newest event time is removed and counted.
+are skipped: DESIGN.md section 5), the event-time watermark of each side, and the
+counters. Entries expire by event time, judged by the side they wait for: a pending
+prediction expires once the labels seen on its partition are more than ``ttl`` seconds
+newer than it; a pending label once the predictions are; a ``D`` marker once both are.
+So a topic consumed ahead of the other (a backlog, a lagging partition) never expires
+entries whose partner simply has not been read yet.
 
 Examples
 --------
@@ -100,19 +103,17 @@ class ModelRecord:
 @dataclass(slots=True)
 class _Meta:
     offsets: dict[str, int] = field(default_factory=dict)
-    watermark: float = float("-inf")
+    watermarks: dict[str, float] = field(default_factory=dict)  # source -> newest ts
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        wm = None if self.watermark == float("-inf") else self.watermark
-        return orjson.dumps({"o": self.offsets, "w": wm, "c": self.counts})
+        return orjson.dumps({"o": self.offsets, "w": self.watermarks, "c": self.counts})
 
     @classmethod
     def decode(cls, raw: bytes) -> _Meta:
         try:
             doc = orjson.loads(raw)
-            wm = doc["w"]
-            return cls(doc["o"], float("-inf") if wm is None else wm, doc["c"])
+            return cls(doc["o"], doc["w"], doc["c"])
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise StateError(f"join meta entry is unreadable: {exc}") from exc
 
@@ -160,7 +161,8 @@ class JoinPartition:
         self.skipped = 0
         raw_meta = store.get(meta_key(partition))
         self._meta = _Meta.decode(raw_meta) if raw_meta is not None else _Meta()
-        self._heap: list[tuple[float, str]] = self._rebuild_heap()
+        # One heap per entry kind, (ts, id); items whose entry changed are skipped on pop.
+        self._heaps: dict[str, list[tuple[float, str]]] = self._rebuild_heaps()
 
     # -- public surface ---------------------------------------------------------------
 
@@ -169,10 +171,9 @@ class JoinPartition:
         """Durable counters: ``{counter: {label: n}}`` (labels like ``"model|version"``)."""
         return self._meta.counts
 
-    @property
-    def watermark(self) -> float:
-        """Newest event time seen on this partition."""
-        return self._meta.watermark
+    def watermark(self, source: str) -> float:
+        """Newest event time seen on this partition of ``source`` (``"p"`` or ``"l"``)."""
+        return self._meta.watermarks.get(source, float("-inf"))
 
     def absorb(
         self, topic: str, raw: bytes | None, offset: int, kafka_ts: float, key: bytes | None = None
@@ -193,23 +194,26 @@ class JoinPartition:
         self._touch_meta()
 
     def expire(self) -> None:
-        """Remove entries older than ``watermark - ttl``; count or dead-letter them."""
-        cutoff = self._meta.watermark - self.ttl
-        heap = self._heap
-        while heap and heap[0][0] < cutoff:
-            ts, event_id = heapq.heappop(heap)
-            raw = self.store.get(event_id)
-            if raw is None:
-                continue
-            entry = orjson.loads(raw)
-            if entry[1] != ts:  # superseded heap item
-                continue
-            self._delete(event_id)
-            if entry[0] == "P":
-                self._count("expired", f"{entry[3]}|{entry[4]}")
-            elif entry[0] == "L":
-                self._dead(LABELS, entry[5], "unmatched_label", entry[6].encode(), event_id.encode())
-            self._touch_meta()
+        """Remove entries their partner can no longer join; count or dead-letter them."""
+        wm_p, wm_l = self.watermark("p"), self.watermark("l")
+        cutoffs = {"P": wm_l, "L": wm_p, "D": min(wm_p, wm_l)}
+        for kind, heap in self._heaps.items():
+            cutoff = cutoffs[kind] - self.ttl
+            while heap and heap[0][0] < cutoff:
+                ts, event_id = heapq.heappop(heap)
+                raw = self.store.get(event_id)
+                if raw is None:
+                    continue
+                entry = orjson.loads(raw)
+                if entry[0] != kind or entry[1] != ts:  # superseded heap item
+                    continue
+                self._delete(event_id)
+                if kind == "P":
+                    self._count("expired", f"{entry[3]}|{entry[4]}")
+                elif kind == "L":
+                    self._dead(LABELS, entry[5], "unmatched_label", entry[6].encode(),
+                               event_id.encode())
+                self._touch_meta()
 
     def pending(self) -> int:
         """Predictions waiting for their label."""
@@ -230,7 +234,7 @@ class JoinPartition:
     # -- internals ----------------------------------------------------------------------
 
     def _prediction(self, p: Prediction, offset: int) -> None:
-        self._see(p.ts)
+        self._see("p", p.ts)
         existing = self.store.get(p.id)
         label_first = None
         if existing is not None:
@@ -261,7 +265,7 @@ class JoinPartition:
         self._put(p.id, ["P", p.ts, self.partition, p.model, p.version, p.prediction, p.scores])
 
     def _label(self, lab: Label, offset: int, raw: bytes) -> None:
-        self._see(lab.ts)
+        self._see("l", lab.ts)
         existing = self.store.get(lab.id)
         if existing is None:
             entry = ["L", lab.ts, self.partition, lab.label, lab.model, offset, raw.decode()]
@@ -297,18 +301,16 @@ class JoinPartition:
         self._count("dead", f"{topic}|{reason}")
         self.dead_letters.append(DeadLetter(topic, self.partition, offset, reason, raw, key))
 
-    def _see(self, ts: float) -> None:
-        if ts > self._meta.watermark:
-            self._meta.watermark = ts
+    def _see(self, source: str, ts: float) -> None:
+        if ts > self._meta.watermarks.get(source, float("-inf")):
+            self._meta.watermarks[source] = ts
 
     def _count(self, counter: str, label: str) -> None:
         bucket = self._meta.counts.setdefault(counter, {})
         bucket[label] = bucket.get(label, 0) + 1
 
     def _put(self, event_id: str, entry: list[Any]) -> None:
-        raw = self.store.get(event_id)
-        if raw is None or orjson.loads(raw)[1] != entry[1]:
-            heapq.heappush(self._heap, (entry[1], event_id))
+        heapq.heappush(self._heaps[entry[0]], (entry[1], event_id))
         self.store[event_id] = orjson.dumps(entry)
         self.dirty.add(event_id)
 
@@ -320,13 +322,14 @@ class JoinPartition:
         # The meta entry is encoded once per drain, not per event.
         self.dirty.add(meta_key(self.partition))
 
-    def _rebuild_heap(self) -> list[tuple[float, str]]:
-        heap = []
+    def _rebuild_heaps(self) -> dict[str, list[tuple[float, str]]]:
+        heaps: dict[str, list[tuple[float, str]]] = {"P": [], "L": [], "D": []}
         for key, raw in self.store.items():
             if key.startswith("\x00") or raw is None:
                 continue
             entry = orjson.loads(raw)
             if entry[2] == self.partition:
-                heap.append((entry[1], key))
-        heapq.heapify(heap)
-        return heap
+                heaps[entry[0]].append((entry[1], key))
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        return heaps
