@@ -158,7 +158,8 @@ def _decode(raw: bytes, limits: Limits) -> dict[str, Any]:
             raise InvalidEvent("too_deep", "JSON nesting too deep") from None
         raise InvalidEvent("invalid_json", f"not valid JSON ({text})") from None
     if not isinstance(doc, dict):
-        raise InvalidEvent("not_an_object", f"event must be a JSON object, got {type(doc).__name__}")
+        raise InvalidEvent(
+            "not_an_object", f"event must be a JSON object, got {type(doc).__name__}")
     return doc
 
 

@@ -114,7 +114,9 @@ class PerformanceMonitor:
             self._metrics = {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
             self._rolling = utils.Rolling(metrics.MAE, window_size=window)
 
-    def update(self, prediction: Any, label: Any, p_label: float | None = None) -> PerformanceMonitor:
+    def update(
+        self, prediction: Any, label: Any, p_label: float | None = None
+    ) -> PerformanceMonitor:
         """Absorb one outcome.
 
         Parameters

@@ -149,7 +149,8 @@ def format_event(ev: dict[str, Any]) -> str:
     lines.append(f"    evidence: predictions_seen={e['predictions_seen']} "
                  f"outcomes_seen={e['outcomes_seen']}")
     m = ev["metrics"]
-    lines.append(f"    accuracy={_fmt(m.get('accuracy'))} reference={_fmt(m.get('accuracy_reference'))}"
+    lines.append(f"    accuracy={_fmt(m.get('accuracy'))}"
+                 f" reference={_fmt(m.get('accuracy_reference'))}"
                  f" estimated={_fmt(m.get('estimated_accuracy'))}")
     return "\n".join(lines)
 

@@ -78,7 +78,8 @@ class Settings:
             ssl_keyfile=get.path("SSL_KEYFILE"),
         )
         if not settings.broker.startswith("kafka://"):
-            raise ConfigError(f"DRIFTWARDEN_BROKER must start with kafka://, got {settings.broker!r}")
+            raise ConfigError(
+                f"DRIFTWARDEN_BROKER must start with kafka://, got {settings.broker!r}")
         if settings.store.split("://")[0] not in ("memory", "rocksdb"):
             raise ConfigError("DRIFTWARDEN_STORE must be memory:// or rocksdb://")
         if settings.security_protocol.startswith("SASL") and not (

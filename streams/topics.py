@@ -8,6 +8,7 @@ co-partitioned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -60,7 +61,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
     )
     try:
         await asyncio.wait_for(admin.start(), timeout)
-    except (KafkaConnectionError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, KafkaConnectionError, OSError) as exc:
         raise ConfigError(
             f"cannot reach Kafka at DRIFTWARDEN_BROKER={settings.broker!r}: {exc or 'timeout'}"
         ) from None
@@ -83,10 +84,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
             if name not in present
         ]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another worker won the race
         counts = await _partition_counts(admin, [names.predictions, names.labels])
         if counts[names.predictions] != counts[names.labels]:
             raise ConfigError(

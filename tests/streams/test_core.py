@@ -1,0 +1,67 @@
+"""Join, performance monitoring and retraining on the real broker (issue: core)."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from models.simulation import Scenario, simulate
+from tests.streams.harness import produce, read_topic, run, scenario_records, wait_until
+
+# Event time passes at 10 predictions per second in these scenarios; it starts now, since
+# the worker rejects event times more than a year from the Kafka timestamp.
+START = float(int(time.time()))
+
+
+def _labelled(scenario: Scenario) -> int:
+    return sum(ev.topic == "labels" for ev in simulate(scenario))
+
+
+def test_stationary_stream_emits_no_retraining_event(start_worker, kafka_broker, prefix):
+    scenario = Scenario(n=200_000, seed=11, unlabelled=0.0, change_at=None, start_ts=START)
+    worker = start_worker()
+    run(produce(kafka_broker, scenario_records(prefix, scenario)))
+
+    wait_until(
+        lambda: worker.value("driftwarden_outcomes_total", model="demo", version="1") == 200_000,
+        300, "all 200,000 outcomes to be absorbed")
+    assert worker.value("driftwarden_predictions_total", model="demo", version="1") == 200_000
+    assert worker.value("driftwarden_retraining_events_total", model="demo", version="1") == 0
+    assert run(read_topic(kafka_broker, prefix + "retraining", idle=2.0)) == []
+    accuracy = worker.value("driftwarden_accuracy", model="demo", version="1", window="cumulative")
+    assert abs(accuracy - 0.9) < 0.005
+
+
+def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_broker, prefix):
+    scenario = Scenario(n=70_000, seed=5, change_at=50_000, error_before=0.1, error_after=0.3,
+                        label_delay=(0.0, 30.0), unlabelled=0.1, start_ts=START)
+    labelled = _labelled(scenario)
+    # TTL of 120 s of event time: every label (delay <= 30 s) is in time, and the
+    # never-labelled predictions expire while the stream runs.
+    worker = start_worker(DRIFTWARDEN_LABEL_TTL_SECONDS="120")
+    # A steady rate the worker keeps up with, as in production: outcomes are absorbed
+    # in arrival order, so a backlog read unevenly across partitions would blur "when".
+    run(produce(kafka_broker, scenario_records(prefix, scenario), throttle=3000))
+
+    mv = {"model": "demo", "version": "1"}
+    wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == labelled,
+               300, f"{labelled} outcomes")
+    events = [orjson.loads(r.value)
+              for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
+    assert len(events) == 1, events
+    event = events[0]
+    assert event["id"] == "demo:1:000001"
+    assert event["reasons"][0]["kind"] in {"concept_drift", "performance"}
+    assert 50_000 <= event["evidence"]["outcomes_seen"] <= 52_000
+    assert event["evidence"]["predictions_seen"] >= event["evidence"]["outcomes_seen"]
+    assert event["metrics"]["accuracy_reference"] > 0.88
+
+    # Counts are exact: every prediction is matched, expired or still pending.
+    matched = worker.value("driftwarden_outcomes_total", **mv)
+    expired = worker.value("driftwarden_expired_predictions_total", **mv)
+    pending = worker.value("driftwarden_pending_labels")
+    assert matched == labelled
+    assert expired > 0
+    assert matched + expired + pending == scenario.n
+    assert worker.value("driftwarden_retraining_events_total", **mv) == 1
