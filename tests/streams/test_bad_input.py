@@ -1,0 +1,167 @@
+"""Bad input on the real broker: dead-lettered with a reason, counted, nothing else lost.
+
+A corpus of malformed and inconsistent events is interleaved with a valid labelled stream.
+Each bad event must reach ``dead-letters`` byte for byte with the ``dw.*`` headers, be
+counted under its reason, leave every valid count exact, and never restart the worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import orjson
+
+from tests.streams.harness import produce, read_topic, run, wait_until
+
+TTL = 60.0
+NOW = float(int(time.time()))
+N_VALID = 400
+
+
+def _prediction(i: int) -> dict:
+    return {"id": f"v-{i}", "model": "fraud", "version": "1", "ts": NOW + 0.5 * i,
+            "features": {"amount": float(i), "country": "DE"}, "prediction": i % 2,
+            "scores": {"0": 0.2, "1": 0.8} if i % 2 else {"0": 0.8, "1": 0.2}}
+
+
+def _label(i: int, **extra: object) -> dict:
+    # Every tenth prediction is wrong: accuracy is known exactly.
+    label = (1 - i % 2) if i % 10 == 0 else i % 2
+    return {"id": f"v-{i}", "label": label, "ts": NOW + 0.5 * i + 1.0, **extra}
+
+
+def _bad(event_id: str, **fields: object) -> bytes:
+    doc = {"id": event_id, "model": "fraud", "version": "1", "ts": NOW,
+           "features": {"amount": 1.0}, "prediction": 1}
+    doc.update(fields)
+    return orjson.dumps({k: v for k, v in doc.items() if v is not _MISSING})
+
+
+_MISSING = object()
+
+# (topic, key, value, expected reason): at least one of every kind of bad input.
+BAD_PREDICTIONS: list[tuple[bytes, bytes, str]] = [
+    (b"b-trunc", b'{"id": "b-trunc", "model": "fraud", "feat', "invalid_json"),
+    (b"b-empty", b"", "invalid_json"),
+    (b"b-utf8", b'\xff\xfe{"id": "b-utf8"}', "invalid_utf8"),
+    (b"b-list", b"[1, 2, 3]", "not_an_object"),
+    (b"b-str", b'"just a string"', "not_an_object"),
+    (b"b-deep", b"[" * 1100 + b"]" * 1100, "too_deep"),
+    (b"b-noid", _bad("x", id=_MISSING), "missing_id"),
+    (b"b-emptyid", _bad(""), "invalid_id"),
+    (b"b-longid", _bad("x" * 300), "invalid_id"),
+    (b"b-nan", _bad("b-nan").replace(b'"amount":1.0', b'"amount":NaN'), "non_finite"),
+    (b"b-inf", _bad("b-inf").replace(b'"prediction":1', b'"prediction":Infinity'),
+     "non_finite"),
+    (b"b-hugestr", _bad("b-hugestr", features={"note": "a" * 5000}), "invalid_features"),
+    (b"b-oversized", _bad("b-oversized", blob="z" * 1_100_000), "oversized"),
+    (b"b-intmodel", _bad("b-intmodel", model=5), "invalid_model"),
+    (b"b-nomodel", _bad("b-nomodel", model=_MISSING), "missing_model"),
+    (b"b-featlist", _bad("b-featlist", features=[1, 2]), "invalid_features"),
+    (b"b-nofeat", _bad("b-nofeat", features=_MISSING), "missing_features"),
+    (b"b-predobj", _bad("b-predobj", prediction={"a": 1}), "invalid_prediction"),
+    (b"b-nopred", _bad("b-nopred", prediction=_MISSING), "missing_prediction"),
+    (b"b-scores", _bad("b-scores", scores={"0": 0.5, "1": "x"}), "invalid_scores"),
+    (b"b-ts", _bad("b-ts", ts="yesterday"), "invalid_ts"),
+    (b"b-ts0", _bad("b-ts0", ts=0), "ts_out_of_range"),
+    (b"b-wide", _bad("b-wide", features={f"f{i}": i for i in range(1001)}),
+     "too_many_features"),
+    (b"b-version", _bad("b-version", version=[]), "invalid_version"),
+]
+BAD_LABELS: list[tuple[bytes, bytes, str]] = [
+    (b"b-lnolabel", b'{"id": "b-lnolabel"}', "missing_label"),
+    (b"b-llist", b'{"id": "b-llist", "label": [1]}', "invalid_label"),
+    (b"b-ltrunc", b'{"id": "b-ltrunc", "lab', "invalid_json"),
+]
+
+
+def _stream() -> tuple[list[tuple[str, bytes, bytes]], Counter[tuple[str, str]]]:
+    """The produced records (logical topic, key, value) and the expected dead letters."""
+    out: list[tuple[str, bytes, bytes]] = []
+    expected: Counter[tuple[str, str]] = Counter()
+    # A label that arrives first and whose prediction never comes: once the predictions
+    # on its partition are TTL seconds newer, it is dead-lettered as unmatched.
+    ghost = orjson.dumps({"id": "ghost", "label": 1, "ts": NOW})
+    out.append(("labels", b"ghost", ghost))
+    expected["labels", "unmatched_label"] += 1
+    # A label that arrives first and is then joined: a valid outcome, not a dead letter.
+    out.append(("labels", b"early", orjson.dumps({"id": "early", "label": 1, "ts": NOW})))
+
+    bad_p, bad_l = iter(BAD_PREDICTIONS), iter(BAD_LABELS)
+    for i in range(N_VALID):
+        p = _prediction(i)
+        out.append(("predictions", p["id"].encode(), orjson.dumps(p)))
+        if i == 7:  # a label naming another model, before the right one
+            out.append(("labels", b"v-7", orjson.dumps(_label(7, model="other"))))
+            expected["labels", "model_mismatch"] += 1
+        out.append(("labels", p["id"].encode(), orjson.dumps(_label(i))))
+        if i == 5:
+            out.append(("predictions", b"v-5", orjson.dumps(_prediction(5))))
+            expected["predictions", "duplicate_prediction"] += 1
+        if i == 6:
+            out.append(("labels", b"v-6", orjson.dumps(_label(6))))
+            expected["labels", "duplicate_label"] += 1
+        if i == 3:
+            early = {**_prediction(3), "id": "early", "prediction": 1}
+            out.append(("predictions", b"early", orjson.dumps(early)))
+        if i % 10 == 9:
+            item = next(bad_p, None)
+            if item is not None:
+                out.append(("predictions", item[0], item[1]))
+                expected["predictions", item[2]] += 1
+            item = next(bad_l, None)
+            if item is not None:
+                out.append(("labels", item[0], item[1]))
+                expected["labels", item[2]] += 1
+    assert next(bad_p, None) is None and next(bad_l, None) is None  # all interleaved
+    return out, expected
+
+
+def test_bad_input_is_dead_lettered_counted_and_harmless(start_worker, kafka_broker, prefix):
+    records, expected = _stream()
+    assert len({reason for _, reason in expected}) >= 15
+    worker = start_worker(DRIFTWARDEN_LABEL_TTL_SECONDS=str(int(TTL)))
+    pid = worker.proc.pid
+    run(produce(kafka_broker, [(prefix + t, k, v) for t, k, v in records]))
+
+    n_dead = sum(expected.values())
+    wait_until(lambda: worker.total("driftwarden_dead_letters_total") >= n_dead
+               and worker.value("driftwarden_outcomes_total", model="fraud", version="1")
+               >= N_VALID + 1, 120, f"{n_dead} dead letters and {N_VALID + 1} outcomes")
+
+    # Counted per reason, exactly.
+    counted = {(dict(labels)["topic"], dict(labels)["reason"]): v
+               for (name, labels), v in worker.metrics().items()
+               if name == "driftwarden_dead_letters_total"}
+    assert counted == {key: float(n) for key, n in expected.items()}
+
+    # Valid neighbours are unaffected: every valid prediction joined, accuracy exact.
+    mv = {"model": "fraud", "version": "1"}
+    assert worker.value("driftwarden_predictions_total", **mv) == N_VALID + 1
+    assert worker.value("driftwarden_outcomes_total", **mv) == N_VALID + 1
+    assert worker.value("driftwarden_pending_labels") == 0
+    assert worker.value("driftwarden_accuracy", window="cumulative", **mv) == (
+        (N_VALID - N_VALID // 10 + 1) / (N_VALID + 1))
+
+    # Each dead letter carries the original key and bytes, and points at the original.
+    sources = {}
+    for topic in ("predictions", "labels"):
+        for r in run(read_topic(kafka_broker, prefix + topic, idle=2.0)):
+            sources[prefix + topic, r.partition, r.offset] = (r.key, r.value)
+    letters = run(read_topic(kafka_broker, prefix + "dead-letters", idle=3.0))
+    assert len(letters) == n_dead
+    seen: Counter[tuple[str, str]] = Counter()
+    for letter in letters:
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert set(headers) == {"dw.origin.topic", "dw.origin.partition", "dw.origin.offset",
+                                "dw.reason"}
+        origin = (headers["dw.origin.topic"], int(headers["dw.origin.partition"]),
+                  int(headers["dw.origin.offset"]))
+        assert sources[origin] == (letter.key, letter.value), headers
+        seen[origin[0].removeprefix(prefix), headers["dw.reason"]] += 1
+    assert seen == expected
+
+    # The worker never restarted.
+    assert worker.proc.poll() is None and worker.proc.pid == pid
+    assert "Traceback" not in worker.log_text()
