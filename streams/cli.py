@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
     _scenario_args(demo, n=80_000, change_at=50_000)
+    # A steady rate, as from live model services; 0 publishes everything at once.
+    demo.add_argument("--throttle", type=float, default=3000.0,
+                      help="events per second to publish at (0: as fast as possible)")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -191,7 +194,7 @@ def _demo(a: argparse.Namespace) -> int:
     os.environ.update(env)
     print(f"demo: topics prefixed {env['DRIFTWARDEN_TOPIC_PREFIX']!r}; metrics on "
           f"http://127.0.0.1:{Settings.from_env().metrics_port}/metrics", flush=True)
-    worker = subprocess.Popen([sys.executable, "-m", "streams", "worker", "-l", "warning"],
+    worker = subprocess.Popen([sys.executable, "-m", "streams", "worker", "-l", "warn"],
                               env=env)
     tail = subprocess.Popen([sys.executable, "-m", "streams", "tail", "--from-beginning",
                              "--max-events", "1", "--timeout", "600"], env=env)
@@ -199,8 +202,7 @@ def _demo(a: argparse.Namespace) -> int:
         asyncio.run(ensure_topics(Settings.from_env()))
         print(f"demo: publishing {a.n} predictions; error {a.error_before:.0%} -> "
               f"{a.error_after:.0%} at outcome {a.change_at}", flush=True)
-        asyncio.run(_simulate(argparse.Namespace(**{**vars(a), "throttle": 0.0,
-                                                      "quiet": False})))
+        asyncio.run(_simulate(argparse.Namespace(**{**vars(a), "quiet": False})))
         print("demo: published; waiting for the retraining event", flush=True)
         return tail.wait(timeout=600)
     finally:

@@ -86,6 +86,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 await admin.create_topics(missing)
+            # Producing before every partition has a leader only earns retries and warnings.
+            await _wait_for_leaders(admin, [t.name for t in missing], timeout)
         counts = await _partition_counts(admin, [names.predictions, names.labels])
         if counts[names.predictions] != counts[names.labels]:
             raise ConfigError(
@@ -103,3 +105,16 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
         if desc.get("error_code", 0) == 0 and desc.get("partitions"):
             out[desc["topic"]] = len(desc["partitions"])
     return out
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        descs = await admin.describe_topics(topics)
+        if all(desc.get("error_code", 0) == 0 and desc.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in desc["partitions"])
+               for desc in descs):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise ConfigError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
+        await asyncio.sleep(0.1)
