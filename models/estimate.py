@@ -20,6 +20,8 @@ Examples
 
 from __future__ import annotations
 
+from typing import Any
+
 from river import stats, utils
 
 __all__ = ["ConfidenceEstimate"]
@@ -38,7 +40,7 @@ class ConfidenceEstimate:
         if window < 1:
             raise ValueError("window must be a positive integer")
         self._all = stats.Mean()
-        self._rolling = utils.Rolling(stats.Mean, window_size=window)
+        self._rolling: Any = utils.Rolling(stats.Mean, window_size=window)
 
     def update(self, confidence: float) -> ConfidenceEstimate:
         """Absorb the top-class probability of one prediction."""

@@ -99,7 +99,7 @@ class PerformanceMonitor:
         self.n = 0
         self.drift: DriftSignal | None = None
         self._scored = 0
-        self._errors = utils.Rolling(stats.Mean, window_size=window)
+        self._errors: Any = utils.Rolling(stats.Mean, window_size=window)
         self._since_drift = stats.Mean()
         if task == "classification":
             self._metrics: dict[str, Any] = {
@@ -108,7 +108,7 @@ class PerformanceMonitor:
                 "recall": metrics.MacroRecall(),
                 "f1": metrics.MacroF1(),
             }
-            self._rolling = utils.Rolling(metrics.Accuracy, window_size=window)
+            self._rolling: Any = utils.Rolling(metrics.Accuracy, window_size=window)
             self._log_loss = metrics.CrossEntropy()
         else:
             self._metrics = {"mae": metrics.MAE(), "rmse": metrics.RMSE()}

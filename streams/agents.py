@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import faust
 import orjson
@@ -55,22 +56,27 @@ class Pipeline:
     # -- wiring -------------------------------------------------------------------------
 
     def register(self) -> None:
-        app, names, s = self.app, self.names, self.settings
+        app, names = self.app, self.names
         inputs = app.topic(names.predictions, names.labels)
         records = app.topic(names.model_records)
 
         @app.agent(inputs, concurrency=1, name="join")
         async def join(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+            async for events in self._batches(stream):
                 await self.join_batch(events)
 
         @app.agent(records, concurrency=1, name="monitor")
         async def monitor(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(s.batch_size, within=s.batch_seconds):
+            async for events in self._batches(stream):
                 await self.monitor_batch(events)
 
-        app.on_partitions_revoked.connect(self._on_revoked)
-        app.on_partitions_assigned.connect(self._on_assigned)
+        # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+
+    def _batches(self, stream: faust.StreamT) -> AsyncIterator[Sequence[faust.EventT]]:
+        s = self.settings
+        return cast(faust.Stream, stream).take_events(s.batch_size, within=s.batch_seconds)
 
     async def _on_revoked(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         # Tables are recovered from their changelogs after a rebalance; the caches over
@@ -85,7 +91,7 @@ class Pipeline:
 
     # -- join ---------------------------------------------------------------------------
 
-    async def join_batch(self, events: list[faust.EventT]) -> None:
+    async def join_batch(self, events: Sequence[faust.EventT]) -> None:
         touched: dict[int, JoinPartition] = {}
         for event in events:
             msg = event.message
@@ -134,12 +140,12 @@ class Pipeline:
 
     # -- monitor ------------------------------------------------------------------------
 
-    async def monitor_batch(self, events: list[faust.EventT]) -> None:
+    async def monitor_batch(self, events: Sequence[faust.EventT]) -> None:
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
         for event in events:
             msg = event.message
-            model = msg.key.decode()
+            model = (msg.key or b"").decode()  # the join always keys records by model
             entry = self.states.get(model)
             if entry is None:
                 raw = self.tables.models.data.get(model)

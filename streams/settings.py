@@ -57,18 +57,18 @@ class Settings:
         env = os.environ if env is None else env
         get = _Reader(env)
         settings = cls(
-            broker=get.str("BROKER", cls.broker),
-            topic_prefix=get.str("TOPIC_PREFIX", cls.topic_prefix),
-            metrics_port=get.int("METRICS_PORT", cls.metrics_port, 0, 65535),
-            metrics_host=get.str("METRICS_HOST", cls.metrics_host),
-            data_dir=Path(get.str("DATA_DIR", str(cls.data_dir))),
-            label_ttl_seconds=get.float("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
+            broker=get.text("BROKER", cls.broker),
+            topic_prefix=get.text("TOPIC_PREFIX", cls.topic_prefix),
+            metrics_port=get.integer("METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_host=get.text("METRICS_HOST", cls.metrics_host),
+            data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
+            label_ttl_seconds=get.number("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
             policy_file=get.path("POLICY_FILE"),
-            partitions=get.int("PARTITIONS", cls.partitions, 1, 10_000),
-            app_id=get.str("APP_ID", cls.app_id),
-            store=get.str("STORE", cls.store),
-            batch_size=get.int("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
-            batch_seconds=get.float("BATCH_SECONDS", cls.batch_seconds),
+            partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
+            app_id=get.text("APP_ID", cls.app_id),
+            store=get.text("STORE", cls.store),
+            batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
+            batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),
@@ -139,10 +139,10 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
 
-    def str(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str) -> str:
         return self.env.get(f"DRIFTWARDEN_{name}", default)
 
-    def int(self, name: str, default: int, low: int, high: int) -> int:
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
         raw = self.env.get(f"DRIFTWARDEN_{name}")
         if raw is None:
             return default
@@ -154,7 +154,7 @@ class _Reader:
             raise ConfigError(f"DRIFTWARDEN_{name} must be between {low} and {high}, got {value}")
         return value
 
-    def float(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float) -> float:
         raw = self.env.get(f"DRIFTWARDEN_{name}")
         if raw is None:
             return default

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
 
@@ -26,9 +26,9 @@ class Tables:
 
 def declare_tables(app: faust.App, partitions: int) -> Tables:
     def table(name: str, help_: str) -> faust.Table:
-        table = app.Table(
+        table = cast(faust.Table, app.Table(
             name, partitions=partitions, key_type=str, value_type=bytes, help=help_
-        )
+        ))
         # Faust would JSON-quote str keys; the changelog topic is created later, on start.
         table.key_serializer = "utf8"
         return table
