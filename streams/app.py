@@ -55,6 +55,7 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=partitions,
+        topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
         # Standbys would export another worker's models; recovery reads the changelog.
         table_standby_replicas=0,

@@ -39,6 +39,7 @@ class Settings:
     label_ttl_seconds: float = 7 * 86400.0
     policy_file: Path | None = None
     partitions: int = 8
+    replication_factor: int = 1
     app_id: str = "driftwarden"
     store: str = "memory://"
     batch_size: int = 1000
@@ -65,6 +66,8 @@ class Settings:
             label_ttl_seconds=get.number("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
             policy_file=get.path("POLICY_FILE"),
             partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
+            replication_factor=get.integer(
+                "REPLICATION_FACTOR", cls.replication_factor, 1, 32),
             app_id=get.text("APP_ID", cls.app_id),
             store=get.text("STORE", cls.store),
             batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),

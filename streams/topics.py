@@ -79,7 +79,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         }
         present = set(await admin.list_topics())
         missing = [
-            NewTopic(name, partitions, 1, topic_configs=config)
+            NewTopic(name, partitions, settings.replication_factor, topic_configs=config)
             for name, config in wanted.items()
             if name not in present
         ]
