@@ -46,7 +46,6 @@ resolve_jars() {
   local stamp=$libs/.resolved
   if [ -f "$stamp" ] && [ "$stamp" -nt "$here/pom.xml" ]; then return 0; fi
   command -v mvn >/dev/null || { say "Maven (mvn) is required to resolve Kafka's jars"; exit 1; }
-  command -v java >/dev/null || { say "Java 17 (java) is required to run Kafka"; exit 1; }
   say "resolving Kafka jars from Maven Central into $libs"
   rm -rf "$libs"
   mkdir -p "$libs"
@@ -72,25 +71,32 @@ start() {
     say "port $port is already taken by a process this script did not start; stop it or set KAFKA_PORT"
     exit 1
   fi
+  command -v java >/dev/null || { say "Java 17 (java) is required to run Kafka"; exit 1; }
   resolve_jars
   write_props
   if [ ! -f "$data/meta.properties" ]; then
     say "formatting storage in $data"
     mkdir -p "$data"
     local cluster_id
-    cluster_id=$(java -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)
+    cluster_id=$(java -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>>"$log" | tail -1)
     java -cp "$libs/*" -Dlog4j2.configurationFile="$here/log4j2.yaml" \
       kafka.tools.StorageTool format -t "$cluster_id" -c "$props" >>"$log" 2>&1
   fi
   say "starting broker on 127.0.0.1:$port (log: $log)"
+  # Readiness is judged on this run's log lines only, not an earlier run's.
+  local log_start
+  log_start=$(( $(stat -c %s "$log" 2>/dev/null || echo 0) + 1 ))
   # setsid: the broker must outlive the shell that started it, and not get its signals.
   setsid java "-Xmx$heap" "-Xms$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$here/log4j2.yaml" \
     -cp "$libs/*" kafka.Kafka "$props" >>"$log" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  local launched=$!
+  echo "$launched" >"$pidfile"
+  echo "$port" >"$home/kafka.port"
   local waited=0
-  until port_open "$port" && grep -q "Kafka Server started" "$log"; do
-    if ! running_pid >/dev/null; then
+  until port_open "$port" && tail -c "+$log_start" "$log" | grep -q "Kafka Server started"; do
+    # kill -0, not running_pid: until the fork has exec'd java its cmdline is still bash.
+    if ! kill -0 "$launched" 2>/dev/null; then
       say "broker exited during start-up; last lines of $log:"; tail -20 "$log" >&2; exit 1
     fi
     if [ "$waited" -ge "$timeout" ]; then
@@ -108,7 +114,7 @@ stop() {
     say "not running"
     return 0
   fi
-  kill -TERM "$pid"
+  kill -TERM "$pid" 2>/dev/null || true  # it may have exited meanwhile
   for _ in $(seq 1 60); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
@@ -125,7 +131,7 @@ stop() {
 status() {
   local pid
   if pid=$(running_pid); then
-    echo "running pid=$pid port=$port"
+    echo "running pid=$pid port=$(cat "$home/kafka.port" 2>/dev/null || echo "$port")"
   else
     echo "stopped"
     return 3
