@@ -152,7 +152,7 @@ def _decode(raw: bytes, limits: Limits) -> dict[str, Any]:
         text = str(exc)
         if "UTF-8" in text:
             raise InvalidEvent("invalid_utf8", "message is not valid UTF-8") from None
-        if "infinity" in text or _NON_FINITE_RE.search(raw[exc.pos : exc.pos + 9]):
+        if "infinity" in text or _NON_FINITE_RE.match(raw, exc.pos):
             raise InvalidEvent("non_finite", f"non-finite number at byte {exc.pos}") from None
         if "depth limit" in text:
             raise InvalidEvent("too_deep", "JSON nesting too deep") from None

@@ -39,7 +39,7 @@ Examples
 from __future__ import annotations
 
 import heapq
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +148,7 @@ class JoinPartition:
         partition: int,
         ttl: float,
         limits: Limits = DEFAULT_LIMITS,
+        regression: Callable[[str], bool] = lambda model: False,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
@@ -155,6 +156,7 @@ class JoinPartition:
         self.partition = partition
         self.ttl = ttl
         self.limits = limits
+        self.regression = regression
         self.records: list[ModelRecord] = []
         self.dead_letters: list[DeadLetter] = []
         self.dirty: set[str] = set()
@@ -242,6 +244,10 @@ class JoinPartition:
             if entry[0] != "L":
                 raise InvalidEvent("duplicate_prediction", f"prediction id {p.id!r} seen before")
             label_first = entry
+        numeric = self.regression(p.model)
+        if numeric and not isinstance(p.prediction, float):
+            raise InvalidEvent("invalid_prediction",
+                               f"field 'prediction' must be a number: {p.model!r} is a regression")
         mv = f"{p.model}|{p.version}"
         self._count("predictions", mv)
         confidence = p.confidence
@@ -251,12 +257,14 @@ class JoinPartition:
         )
         if label_first is not None:
             _, l_ts, _, label, l_model, l_offset, l_raw = label_first
-            if l_model is not None and l_model != p.model:
-                # The stored label is the bad one: it names another model.
-                self._count("dead", "labels|model_mismatch")
+            bad = ("model_mismatch" if l_model is not None and l_model != p.model
+                   else "invalid_label" if numeric and not isinstance(label, float) else None)
+            if bad is not None:
+                # The stored label is the bad one: it names another model, or is no number.
+                self._count("dead", f"labels|{bad}")
                 self.dead_letters.append(
-                    DeadLetter(LABELS, self.partition, l_offset, "model_mismatch",
-                               l_raw.encode(), p.id.encode())
+                    DeadLetter(LABELS, self.partition, l_offset, bad, l_raw.encode(),
+                               p.id.encode())
                 )
             else:
                 self._match(p.id, p.model, p.version, p.prediction, p.scores, p.ts,
@@ -277,6 +285,9 @@ class JoinPartition:
         _, p_ts, _, model, version, prediction, scores = entry
         if lab.model is not None and lab.model != model:
             raise InvalidEvent("model_mismatch", f"label names model {lab.model!r}, not {model!r}")
+        if self.regression(model) and not isinstance(lab.label, float):
+            raise InvalidEvent("invalid_label",
+                               f"field 'label' must be a number: {model!r} is a regression")
         self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts,
                     "l", offset, p_ts)
 

@@ -126,6 +126,7 @@ class ModelState:
         self.versions: dict[str, VersionMonitor] = {}
         self.positions: dict[str, tuple[int, int]] = {}
         self.replays_skipped = 0
+        self.rejected = 0  # outcomes a regression model cannot score (non-numeric)
 
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)
@@ -148,7 +149,11 @@ class ModelState:
             return None
         ts, prediction, label, p_label, _confidence, delay = item
         if self.config.task == "regression":
-            prediction, label = float(prediction), float(label)
+            if not (isinstance(prediction, float) and isinstance(label, float)):
+                # The join dead-letters these; a record from before a policy change is
+                # counted and skipped rather than stopping the agent.
+                self.rejected += 1
+                return None
         else:
             prediction, label = class_key(prediction), class_key(label)
         return monitor.add_outcome(ts, prediction, label, p_label, delay)

@@ -34,13 +34,43 @@ from river import drift, metrics, stats, utils
 
 __all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor"]
 
-#: Detector name -> (factory, works on binary errors only)
+
+class _PageHinkley(drift.PageHinkley):
+    """river's PageHinkley keeps its test as a bound method, which pickles only through
+    ``builtins.getattr`` (refused by ``models.codec``); it is rebuilt from ``mode`` instead.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_test_drift", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._test_drift = {self._MODE_UP: self._test_increase,
+                            self._MODE_DOWN: self._test_decrease}.get(self.mode, self._test_both)
+
+
+def _one_sided(factory: Any, param: str, value: Any) -> Any:
+    """Only error increases matter; a detector configured two-sided is refused."""
+
+    def build(**kw: Any) -> Any:
+        if kw.get(param, value) != value:
+            raise ValueError(f"detector parameter {param!r} must be {value!r}: only error "
+                             "increases are monitored")
+        return factory(**{**kw, param: value})
+
+    return build
+
+
+#: Detector name -> (factory, works on binary errors only). All but ADWIN are one-sided:
+#: they fire on error increases only. ADWIN is two-sided; its decreases are ignored.
 DETECTORS: dict[str, tuple[Any, bool]] = {
     "ADWIN": (drift.ADWIN, False),
     "DDM": (drift.binary.DDM, True),
-    "HDDM_A": (drift.binary.HDDMA, True),
-    "HDDM_W": (drift.binary.HDDMW, True),
-    "PageHinkley": (lambda **kw: drift.PageHinkley(**{"mode": "up", **kw}), False),
+    "HDDM_A": (_one_sided(drift.binary.HDDMA, "two_sided_test", False), True),
+    "HDDM_W": (_one_sided(drift.binary.HDDMW, "two_sided_test", False), True),
+    "PageHinkley": (_one_sided(_PageHinkley, "mode", "up"), False),
 }
 
 
@@ -143,7 +173,9 @@ class PerformanceMonitor:
         self.drift = None
         if self.detector.drift_detected:
             after = self._after()
-            if after > before:
+            # ADWIN flags any change of the mean, an improvement too; the others only
+            # fire on increases, even when the lagging rolling window does not show it yet.
+            if after > before or not isinstance(self.detector, drift.ADWIN):
                 self.drift = DriftSignal(self.detector_name, before, after)
             self._since_drift = stats.Mean()
         self._since_drift.update(error)

@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -71,12 +72,23 @@ class PolicyConfig:
     hysteresis: float = 0.02
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = _TYPES[f.name]
+            if value is None and f.name == "accuracy_min":
+                continue
+            # bool is an int to Python, never a count or a rate here.
+            if isinstance(value, bool) or not isinstance(value, want):
+                kind = "a number" if want is _NUMBER else f"of type {want.__name__}"
+                raise ConfigError(f"policy {f.name!r} must be {kind}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"policy {f.name!r} must be finite, got {value!r}")
         if self.task not in ("classification", "regression"):
             raise ConfigError("policy 'task' must be 'classification' or 'regression'")
         if self.detector not in DETECTORS:
             raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}")
         for name in ("window", "min_outcomes"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ConfigError(f"policy '{name}' must be a positive integer")
         if self.cooldown_seconds < 0:
             raise ConfigError("policy 'cooldown_seconds' must be >= 0")
@@ -85,6 +97,23 @@ class PolicyConfig:
                 raise ConfigError(f"policy '{name}' must be in [0, 1)")
         if self.accuracy_min is not None and not 0.0 <= self.accuracy_min <= 1.0:
             raise ConfigError("policy 'accuracy_min' must be in [0, 1]")
+        factory, binary_only = DETECTORS[self.detector]
+        if binary_only and self.task == "regression":
+            raise ConfigError(f"policy 'detector' {self.detector} needs binary errors; "
+                              "a regression model can use ADWIN or PageHinkley")
+        try:  # a typo in detector_params fails at start-up, not inside the worker
+            factory(**self.detector_params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"policy 'detector_params' do not suit {self.detector}: {exc}"
+                              ) from None
+
+
+_NUMBER = (int, float)
+_TYPES: dict[str, Any] = {
+    "task": str, "window": int, "detector": str, "detector_params": dict,
+    "min_outcomes": int, "cooldown_seconds": _NUMBER, "accuracy_min": _NUMBER,
+    "accuracy_drop": _NUMBER, "critical_drop": _NUMBER, "hysteresis": _NUMBER,
+}
 
 
 class PolicyBook:
@@ -107,8 +136,14 @@ class PolicyBook:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from None
         known = {f.name for f in fields(PolicyConfig)}
+        extra = set(doc) - {"default", "models"}
+        if extra:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(extra)}; "
+                              "use [default] and [models.NAME]")
 
-        def build(section: dict[str, Any], where: str, base: dict[str, Any]) -> PolicyConfig:
+        def build(section: Any, where: str, base: dict[str, Any]) -> PolicyConfig:
+            if not isinstance(section, dict):
+                raise ConfigError(f"{source}: [{where}] must be a table of settings")
             unknown = set(section) - known
             if unknown:
                 raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in [{where}]")
@@ -119,8 +154,11 @@ class PolicyBook:
 
         default_section = doc.get("default", {})
         default = build(default_section, "default", {})
+        models_section = doc.get("models", {})
+        if not isinstance(models_section, dict):
+            raise ConfigError(f"{source}: [models] must hold one [models.NAME] table per model")
         models = {name: build(section, f"models.{name}", default_section)
-                  for name, section in doc.get("models", {}).items()}
+                  for name, section in models_section.items()}
         return cls(default, models)
 
     def for_model(self, model: str) -> PolicyConfig:

@@ -102,8 +102,10 @@ def simulate(s: Scenario) -> Iterator[SimEvent]:
         while pending and pending[0][0] <= ts:
             yield heapq.heappop(pending)[2]
         truth = int(y)
-        # Calibrated confidence: uniform on [1 - 2e, 1], mean 1 - e.
-        confidence = rng.uniform(1.0 - 2.0 * s.error_before, 1.0)
+        # Calibrated confidence with mean 1 - e, never below 1/2 (the prediction must be
+        # the top class): uniform on [1 - 2e, 1] up to e = 1/4, on [1/2, 3/2 - 2e] above.
+        e = s.error_before
+        confidence = rng.uniform(1.0 - 2.0 * e, 1.0) if e <= 0.25 else rng.uniform(0.5, 1.5 - 2 * e)
         labelled = rng.random() >= s.unlabelled
         drifted = s.change_at is not None and labelled and outcomes >= s.change_at
         p_right = confidence - (s.error_after - s.error_before if drifted else 0.0)

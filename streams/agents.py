@@ -74,6 +74,9 @@ class Pipeline:
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
+    def _is_regression(self, model: str) -> bool:
+        return self.policies.for_model(model).task == "regression"
+
     def _batches(self, stream: faust.StreamT) -> AsyncIterator[Sequence[faust.EventT]]:
         s = self.settings
         return cast(faust.Stream, stream).take_events(s.batch_size, within=s.batch_seconds)
@@ -98,7 +101,8 @@ class Pipeline:
             part = self.joins.get(msg.partition)
             if part is None:
                 part = self.joins[msg.partition] = JoinPartition(
-                    self.tables.join.data, msg.partition, self.settings.label_ttl_seconds)
+                    self.tables.join.data, msg.partition, self.settings.label_ttl_seconds,
+                    regression=self._is_regression)
             topic = self.logical[msg.topic]
             skipped = part.skipped
             part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)

@@ -1,0 +1,184 @@
+"""ModelState / VersionMonitor: idempotent absorption of join records per model."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from models.join import JoinPartition, ModelRecord
+from models.monitor import DELAY_BUCKETS, ModelState
+from models.policy import PolicyBook, PolicyConfig
+from models.simulation import Scenario, simulate
+
+
+def p_rec(offset: int, version: str = "1", source: str = "p0", ts: float = 10.0,
+          confidence: float | None = 0.9) -> ModelRecord:
+    return ModelRecord("p", "m", version, source, (offset, 0), [ts, {"x": 1}, "1", confidence])
+
+
+def o_rec(offset: int, prediction: object = "1", label: object = "1", version: str = "1",
+          source: str = "l0", sub: int = 1, ts: float = 20.0, delay: float = 2.5) -> ModelRecord:
+    return ModelRecord("o", "m", version, source, (offset, sub),
+                       [ts, prediction, label, 0.9, 0.9, delay])
+
+
+def test_replayed_positions_are_skipped() -> None:
+    state = ModelState("m", PolicyBook())
+    assert state.absorb(o_rec(5)) is None
+    state.absorb(o_rec(5))  # the same record again
+    state.absorb(o_rec(3))  # an older one
+    v = state.versions["1"]
+    assert (v.outcomes_seen, state.replays_skipped) == (1, 2)
+    assert state.positions == {"l0": (5, 1)}
+    state.absorb(o_rec(6))
+    assert (v.outcomes_seen, state.replays_skipped) == (2, 2)
+
+
+def test_positions_are_kept_per_source() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(o_rec(9, source="l0"))
+    state.absorb(o_rec(2, source="l1"))  # another partition: its own offsets
+    state.absorb(p_rec(2, source="p0"))
+    assert state.replays_skipped == 0
+    assert state.positions == {"l0": (9, 1), "l1": (2, 1), "p0": (2, 0)}
+
+
+def test_prediction_and_its_early_label_share_an_offset_and_both_count() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(p_rec(4, source="p0"))
+    state.absorb(o_rec(4, source="p0", sub=1))  # label arrived first: outcome at (4, 1)
+    state.absorb(p_rec(4, source="p0"))  # replay of (4, 0)
+    v = state.versions["1"]
+    assert (v.predictions_seen, v.outcomes_seen, state.replays_skipped) == (1, 1, 1)
+
+
+def test_positions_from_json_lists_compare_like_tuples() -> None:
+    # The worker sends records through Kafka as JSON: the position arrives as a list.
+    state = ModelState("m", PolicyBook())
+    state.absorb(ModelRecord("o", "m", "1", "l0", [5, 1], [1.0, "1", "1", None, None, 0.0]))  # type: ignore[arg-type]
+    state.absorb(ModelRecord("o", "m", "1", "l0", [5, 1], [1.0, "1", "1", None, None, 0.0]))  # type: ignore[arg-type]
+    assert state.replays_skipped == 1
+
+
+def test_versions_are_monitored_apart() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(p_rec(0, version="1"))
+    state.absorb(p_rec(1, version="2"))
+    state.absorb(o_rec(0, version="2", prediction="1", label="0"))
+    assert sorted(state.versions) == ["1", "2"]
+    one, two = state.versions["1"], state.versions["2"]
+    assert (one.predictions_seen, one.outcomes_seen) == (1, 0)
+    assert (two.predictions_seen, two.outcomes_seen, two.correct) == (1, 1, 0)
+
+
+def test_classes_are_compared_by_class_key() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(o_rec(0, prediction=1.0, label="1"))
+    state.absorb(o_rec(1, prediction=True, label="true"))
+    state.absorb(o_rec(2, prediction=0.0, label=1.0))
+    v = state.versions["1"]
+    assert (v.outcomes_seen, v.correct) == (3, 2)
+    assert v.performance.accuracy == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_prediction_counts_confidence_and_latest_event_time() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(p_rec(0, ts=30.0, confidence=0.8))
+    state.absorb(p_rec(1, ts=10.0, confidence=None))  # no scores: not in the estimate
+    state.absorb(p_rec(2, ts=20.0, confidence=0.6))
+    v = state.versions["1"]
+    assert (v.predictions_seen, v.estimate.n, v.last_ts) == (3, 2, 30.0)
+    assert v.estimate.get() == pytest.approx(0.7, abs=1e-12)
+
+
+def test_label_delay_histogram_buckets_are_upper_bounds() -> None:
+    state = ModelState("m", PolicyBook())
+    delays = [0.5, 1.0, 1.5, 30.0, 30.01, 604800.0, 604800.5]
+    for offset, delay in enumerate(delays):
+        state.absorb(o_rec(offset, delay=delay))
+    v = state.versions["1"]
+    expected = [0] * (len(DELAY_BUCKETS) + 1)
+    for bucket in (0, 0, 1, 3, 4, 10, 11):  # 11 is +Inf
+        expected[bucket] += 1
+    assert v.delay_counts == expected
+    assert v.delay_sum == pytest.approx(sum(delays), abs=1e-9)
+
+
+def test_model_policy_comes_from_the_policy_book() -> None:
+    book = PolicyBook.from_toml('[models.m]\nwindow = 50\ndetector = "DDM"')
+    state = ModelState("m", book)
+    state.absorb(o_rec(0))
+    v = state.versions["1"]
+    assert (state.config.window, v.performance.window, v.performance.detector_name) == (
+        50, 50, "DDM")
+    assert (v.policy.model, v.policy.version) == ("m", "1")
+
+
+def test_accuracy_reaches_the_policy_only_once_the_window_is_full() -> None:
+    state = ModelState("m", PolicyBook(PolicyConfig(window=3, min_outcomes=1)))
+    for offset in range(2):
+        state.absorb(o_rec(offset))
+    assert state.versions["1"].policy.reference is None
+    state.absorb(o_rec(2, label="0"))
+    assert state.versions["1"].policy.reference == pytest.approx(2 / 3, abs=1e-12)
+
+
+# -- the whole pipeline on a seeded stream ------------------------------------------------
+
+
+def pipeline_records(scenario: Scenario) -> list[ModelRecord]:
+    join = JoinPartition({}, partition=0, ttl=600.0)
+    offsets = {"predictions": 0, "labels": 0}
+    for event in simulate(scenario):
+        join.absorb(event.topic, orjson.dumps(event.value), offsets[event.topic], event.ts)
+        offsets[event.topic] += 1
+    return join.drain()[0]
+
+
+POLICY = "[default]\nwindow = 500\nmin_outcomes = 1000\ncooldown_seconds = 600"
+
+
+def test_seeded_concept_drift_gives_one_pinned_retraining_event() -> None:
+    records = pipeline_records(
+        Scenario(n=12_000, seed=7, error_before=0.1, error_after=0.3, change_at=6000))
+    state = ModelState("demo", PolicyBook.from_toml(POLICY))
+    fired = [(i, event) for i, r in enumerate(records) if (event := state.absorb(r))]
+
+    assert len(fired) == 1
+    index, event = fired[0]
+    assert index == 13166
+    assert (event["id"], event["severity"], event["ts"]) == (
+        "demo:1:000001", "warning", 1763800702.212)
+    assert event["reasons"] == [{
+        "kind": "concept_drift", "detector": "ADWIN", "metric": "error_rate",
+        "before": pytest.approx(0.10336968907699821, abs=1e-12),
+        "after": pytest.approx(0.14713541666666666, abs=1e-12)}]
+    assert event["evidence"] == {"predictions_seen": 7023, "outcomes_seen": 6144,
+                                 "window": {"start": 1763800001.225, "end": 1763800702.212}}
+    assert event["metrics"]["accuracy"] == pytest.approx(0.834, abs=1e-12)
+    assert event["metrics"]["accuracy_reference"] == pytest.approx(0.876, abs=1e-12)
+    assert event["metrics"]["estimated_accuracy"] == pytest.approx(0.8987885660751022, abs=1e-12)
+
+    v = state.versions["1"]
+    assert (v.predictions_seen, v.outcomes_seen, v.correct) == (12_000, 10_791, 8789)
+    # The accuracy drop that follows inside the cooldown is suppressed and latched.
+    assert (v.detections, v.events_emitted, v.policy.suppressed) == ({"ADWIN": 1}, 1, 1)
+
+    # Everything redelivered after a crash: nothing fires or counts twice.
+    assert [state.absorb(r) for r in records] == [None] * len(records)
+    assert state.replays_skipped == len(records)
+    assert (v.predictions_seen, v.outcomes_seen, v.events_emitted) == (12_000, 10_791, 1)
+
+
+# Guards a fixed bug (models/monitor.py, ModelState.absorb): for a regression model the outcome is
+# converted with float(); a label (or prediction) that is a valid event but not a number,
+# e.g. {"label": "cat"} or {"label": true}, raises ValueError out of absorb, so one bad
+# event stops the monitor agent instead of being skipped (DESIGN.md section 3: bad input
+# never stops the worker).
+@pytest.mark.parametrize("label", ["cat", "true"])
+def test_regression_outcome_with_a_non_numeric_label_does_not_raise(label: str) -> None:
+    state = ModelState("m", PolicyBook(PolicyConfig(task="regression")))
+    state.absorb(o_rec(0, prediction=2.0, label=1.5))
+    before = state.versions["1"].performance.report()
+    state.absorb(o_rec(1, prediction=2.0, label=label))
+    assert state.versions["1"].performance.report() == before
