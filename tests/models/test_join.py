@@ -419,3 +419,23 @@ def test_crash_and_redelivery_in_a_seeded_stream_gives_the_uninterrupted_result(
     assert [x.item for x in first_records + records] == [x.item for x in whole_records]
     assert [(x.topic, x.offset, x.reason) for x in first_dead + dead] == [
         (x.topic, x.offset, x.reason) for x in whole_dead]
+
+
+def test_regression_model_dead_letters_non_numeric_predictions_and_labels() -> None:
+    part = JoinPartition({}, partition=0, ttl=TTL, regression=lambda model: model == "price")
+    feed = Feed(part)
+    feed("predictions", prediction("a", 100.0, model="price", prediction="cheap"))
+    feed("predictions", prediction("b", 100.0, model="price", prediction=12.5))
+    feed("labels", label("b", 101.0, value=True))  # after its prediction
+    feed("labels", label("c", 102.0, value="cat"))  # before its prediction
+    feed("predictions", prediction("c", 103.0, model="price", prediction=3.0))
+    feed("labels", label("b", 104.0, value=12.0))  # the right label still joins
+    assert [(d.topic, d.offset, d.reason) for d in part.dead_letters] == [
+        ("predictions", 0, "invalid_prediction"),
+        ("labels", 0, "invalid_label"),
+        ("labels", 1, "invalid_label"),
+    ]
+    assert [r.item[1:3] for r in outcomes(part)] == [[12.5, 12.0]]
+    assert part.counts["dead"] == {"predictions|invalid_prediction": 1,
+                                   "labels|invalid_label": 2}
+    assert part.pending() == 1  # "c" still waits for a numeric label
