@@ -86,8 +86,9 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
                 await admin.create_topics(missing)
-            # Producing before every partition has a leader only earns retries and warnings.
-            await _wait_for_leaders(admin, [t.name for t in missing], timeout)
+        # Producing before every partition has a leader only earns retries and warnings;
+        # the topics may also have just been created by another process.
+        await _wait_for_leaders(admin, list(wanted), timeout)
         counts = await _partition_counts(admin, [names.predictions, names.labels])
         if counts[names.predictions] != counts[names.labels]:
             raise ConfigError(

@@ -162,3 +162,18 @@ def test_usage_error(launcher: Launcher) -> None:
     assert "usage:" in result.stderr
     assert not launcher.home.exists(), "a usage error must not create state"
 
+
+
+def test_restart_in_the_same_home_waits_for_the_new_broker(launcher: Launcher) -> None:
+    # The log keeps the first run's "Kafka Server started"; the second start must judge
+    # readiness on its own lines (and succeed), keeping the formatted storage.
+    for round_ in (1, 2):
+        started = launcher.run("start", timeout=START_TIMEOUT + 60)
+        assert started.returncode == 0, f"start {round_}: {_describe(started)}"
+        assert _port_open(PORT)
+        assert "formatting storage" in started.stderr if round_ == 1 else (
+            "formatting storage" not in started.stderr)
+        stopped = launcher.run("stop", timeout=90)
+        assert stopped.returncode == 0, f"stop {round_}: {_describe(stopped)}"
+    log = (launcher.home / "kafka.log").read_text()
+    assert log.count("Kafka Server started") == 2

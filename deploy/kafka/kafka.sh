@@ -94,7 +94,9 @@ start() {
   echo "$launched" >"$pidfile"
   echo "$port" >"$home/kafka.port"
   local waited=0
-  until port_open "$port" && tail -c "+$log_start" "$log" | grep -q "Kafka Server started"; do
+  # grep reads a process substitution: in a pipe its early exit would SIGPIPE tail and
+  # pipefail would turn the match into a failure.
+  until port_open "$port" && grep -q "Kafka Server started" <(tail -c "+$log_start" "$log"); do
     # kill -0, not running_pid: until the fork has exec'd java its cmdline is still bash.
     if ! kill -0 "$launched" 2>/dev/null; then
       say "broker exited during start-up; last lines of $log:"; tail -20 "$log" >&2; exit 1

@@ -56,7 +56,7 @@ def test_empty_state_round_trips() -> None:
     assert (state.model, state.versions, state.positions) == ("m", {}, {})
 
 
-# Guards a fixed bug (models/codec.py allow-list vs models/performance.py DETECTORS["PageHinkley"]): river's
+# Fixed (models/codec.py allow-list vs models/performance.py DETECTORS["PageHinkley"]): river's
 # PageHinkley keeps a bound method (`_test_drift`), which pickles as builtins.getattr, which
 # the unpickler refuses. Any ModelState with a PageHinkley version is written to the
 # changelog but cannot be read back: "state refers to builtins.getattr, which is not
@@ -107,7 +107,7 @@ def _short(text: str) -> bytes:
     return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
 
 
-# Guards a fixed bug (models/codec.py, _Unpickler.find_class): the allow-list checks only the module, but
+# Fixed (models/codec.py, _Unpickler.find_class): the allow-list checks only the module, but
 # with pickle protocol >= 4 `name` may be a dotted attribute path, so any global reachable
 # from an allowed module gets through: ("models.codec", "pickle.loads"),
 # ("collections", "_sys.modules"), ... A forged changelog record can therefore call any

@@ -62,7 +62,7 @@ def test_estimate_cannot_see_concept_drift_that_leaves_the_model_confident() -> 
     assert v.correct / v.outcomes_seen == pytest.approx(0.7, abs=0.02)
 
 
-# Guards a fixed bug (models/simulation.py, simulate): Scenario accepts error_before up to 0.5, but the
+# Fixed (models/simulation.py, simulate): Scenario accepts error_before up to 0.5, but the
 # confidence is drawn uniform on [1 - 2 * error_before, 1], which goes below 0.5 once
 # error_before > 0.25. The prediction is then not the top class of its own scores, so the
 # stream is no longer calibrated in the sense the estimate relies on (top-class

@@ -287,7 +287,7 @@ def test_corpus_covers_every_reason_parsing_can_produce() -> None:
     assert produced == REASONS - JOIN_ONLY
 
 
-# Guards a fixed bug (models/events.py, _decode): a syntax error is reported as "non_finite" whenever the
+# Fixed (models/events.py, _decode): a syntax error is reported as "non_finite" whenever the
 # nine bytes after the error position contain NaN/Infinity, even inside a string. Here a
 # missing comma before the key "NaN" is dead-lettered as non_finite, not invalid_json.
 def test_syntax_error_next_to_a_string_saying_nan_is_invalid_json() -> None:

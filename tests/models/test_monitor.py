@@ -170,7 +170,7 @@ def test_seeded_concept_drift_gives_one_pinned_retraining_event() -> None:
     assert (v.predictions_seen, v.outcomes_seen, v.events_emitted) == (12_000, 10_791, 1)
 
 
-# Guards a fixed bug (models/monitor.py, ModelState.absorb): for a regression model the outcome is
+# Fixed (models/monitor.py, ModelState.absorb): for a regression model the outcome is
 # converted with float(); a label (or prediction) that is a valid event but not a number,
 # e.g. {"label": "cat"} or {"label": true}, raises ValueError out of absorb, so one bad
 # event stops the monitor agent instead of being skipped (DESIGN.md section 3: bad input

@@ -165,7 +165,7 @@ def test_regression_drift_on_the_absolute_error() -> None:
     assert fired == [1567]
 
 
-# Guards a fixed bug (models/performance.py, PerformanceMonitor.update/_after): for every detector but
+# Fixed (models/performance.py, PerformanceMonitor.update/_after): for every detector but
 # ADWIN the direction of a detection is judged by comparing the rolling error over the
 # last `window` outcomes with the mean since the previous detection. When the detector
 # fires soon after a change, that window still holds mostly pre-change outcomes, so a

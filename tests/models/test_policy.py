@@ -243,7 +243,7 @@ def test_from_toml_errors_name_the_file_section_and_key(text: str, names: list[s
         assert name in str(info.value)
 
 
-# Guards a fixed bug (models/policy.py, PolicyBook.from_toml / PolicyConfig.__post_init__): a value of
+# Fixed (models/policy.py, PolicyBook.from_toml / PolicyConfig.__post_init__): a value of
 # the wrong type is reported by Python's comparison error, which does not name the key,
 # e.g. "policy file [default]: '<' not supported between instances of 'str' and 'int'".
 @pytest.mark.parametrize(("text", "key"), [
@@ -256,7 +256,7 @@ def test_from_toml_wrong_type_names_the_key(text: str, key: str) -> None:
     assert key in str(info.value)
 
 
-# Guards a fixed bug (models/policy.py, PolicyBook.from_toml): a section that is not a table escapes as
+# Fixed (models/policy.py, PolicyBook.from_toml): a section that is not a table escapes as
 # TypeError/AttributeError instead of ConfigError, so the CLI prints a traceback.
 @pytest.mark.parametrize("text", ["default = 5", "models = 5", "[models]\nfraud = 3"])
 def test_from_toml_section_that_is_not_a_table_is_a_config_error(text: str) -> None:
@@ -264,7 +264,7 @@ def test_from_toml_section_that_is_not_a_table_is_a_config_error(text: str) -> N
         PolicyBook.from_toml(text)
 
 
-# Guards a fixed bug (models/policy.py, PolicyConfig.__post_init__): booleans pass the integer check
+# Fixed (models/policy.py, PolicyConfig.__post_init__): booleans pass the integer check
 # (bool is an int subclass), so `window = true` is accepted as a window of 1.
 @pytest.mark.parametrize("key", ["window", "min_outcomes"])
 def test_from_toml_rejects_a_boolean_where_an_integer_is_needed(key: str) -> None:
@@ -272,7 +272,7 @@ def test_from_toml_rejects_a_boolean_where_an_integer_is_needed(key: str) -> Non
         PolicyBook.from_toml(f"[default]\n{key} = true")
 
 
-# Guards a fixed bug (models/policy.py, PolicyBook.from_toml): unknown keys inside a section are refused,
+# Fixed (models/policy.py, PolicyBook.from_toml): unknown keys inside a section are refused,
 # but a misspelt section ([defaults], [model.fraud]) is silently ignored.
 @pytest.mark.parametrize("text", ["[defaults]\nwindow = 5", "[model.fraud]\nwindow = 5"])
 def test_from_toml_rejects_an_unknown_section(text: str) -> None:
@@ -280,7 +280,7 @@ def test_from_toml_rejects_an_unknown_section(text: str) -> None:
         PolicyBook.from_toml(text)
 
 
-# Guards a fixed bug (models/policy.py, PolicyConfig): detector_params are not checked when the policy
+# Fixed (models/policy.py, PolicyConfig): detector_params are not checked when the policy
 # is loaded; a bad one only fails later, as a TypeError inside the worker, when the first
 # record of that model builds its PerformanceMonitor.
 @pytest.mark.parametrize("params", ['"fast"', "{ no_such_param = 1 }"])
