@@ -229,23 +229,19 @@ BAD_LABELS = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "reason", "names"),
-                         [c[1:] for c in BAD_PREDICTIONS], ids=[c[0] for c in BAD_PREDICTIONS])
-def test_bad_prediction_is_rejected_with_its_reason(raw: bytes, reason: str, names: str) -> None:
+BAD_EVENTS = [(parse_prediction, *c) for c in BAD_PREDICTIONS] + [
+    (parse_label, *c) for c in BAD_LABELS]
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw", "reason", "names"), [(c[0], *c[2:]) for c in BAD_EVENTS],
+    ids=[f"{c[0].__name__.removeprefix('parse_')}-{c[1]}" for c in BAD_EVENTS])
+def test_bad_event_is_rejected_with_its_reason(parse, raw: bytes, reason: str, names: str) -> None:
     with pytest.raises(InvalidEvent) as info:
-        parse_prediction(raw, KAFKA_TS)
+        parse(raw, KAFKA_TS)
     assert info.value.reason == reason
     assert names in str(info.value)
     assert str(info.value).startswith(f"{reason}: ")
-
-
-@pytest.mark.parametrize(("raw", "reason", "names"),
-                         [c[1:] for c in BAD_LABELS], ids=[c[0] for c in BAD_LABELS])
-def test_bad_label_is_rejected_with_its_reason(raw: bytes, reason: str, names: str) -> None:
-    with pytest.raises(InvalidEvent) as info:
-        parse_label(raw, KAFKA_TS)
-    assert info.value.reason == reason
-    assert names in str(info.value)
 
 
 def test_oversized_message_is_rejected_before_decoding() -> None:
