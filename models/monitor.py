@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.datadrift import DataDriftMonitor
 from models.estimate import ConfidenceEstimate
 from models.events import class_key
 from models.join import ModelRecord
 from models.performance import PerformanceMonitor
 from models.policy import PolicyBook, PolicyConfig, RetrainingPolicy
+from models.reference import ReferenceProfile
 
 __all__ = ["DELAY_BUCKETS", "ModelState", "VersionMonitor"]
 
@@ -60,14 +62,37 @@ class VersionMonitor:
         )
         self.estimate = ConfidenceEstimate(config.window)
         self.policy = RetrainingPolicy(config, model, version)
+        self.data = DataDriftMonitor(config.drift_config(), model=model, version=version)
+
+    def use_reference(self, profile: ReferenceProfile) -> None:
+        """Adopt a published reference profile (from the next drift window on)."""
+        self.data.use(profile)
+        accuracy = profile.baseline.get("accuracy")
+        if accuracy is not None:
+            self.policy.reference = accuracy
 
     def add_prediction(self, ts: float, features: dict[str, Any], prediction: Any,
-                       confidence: float | None) -> None:
-        """Absorb a prediction (labels may never come)."""
+                       confidence: float | None) -> dict[str, Any] | None:
+        """Absorb a prediction (labels may never come); return a RetrainingEvent or None."""
         self.predictions_seen += 1
         self._seen(ts)
         if confidence is not None:
             self.estimate.update(confidence)
+        reasons = self.data.add_prediction(ts, features, prediction)
+        if not reasons:
+            return None
+        event = self.policy.data_drift(
+            ts=ts, reasons=reasons, outcomes_seen=self.outcomes_seen,
+            predictions_seen=self.predictions_seen, metrics=self._metrics())
+        if event is not None:
+            self.events_emitted += 1
+        return event
+
+    def _metrics(self) -> dict[str, float]:
+        metrics = self.performance.report()
+        if self.estimate.n:
+            metrics["estimated_accuracy"] = self.estimate.rolling()
+        return metrics
 
     def add_outcome(self, ts: float, prediction: Any, label: Any, p_label: float | None,
                     delay: float) -> dict[str, Any] | None:
@@ -77,14 +102,13 @@ class VersionMonitor:
         self.correct += prediction == label
         self.delay_sum += delay
         self.delay_counts[_bucket(delay)] += 1
+        self.data.add_label(label)
         perf = self.performance.update(prediction, label, p_label)
         if perf.drift is not None:
             name = perf.drift.detector
             self.detections[name] = self.detections.get(name, 0) + 1
         full = perf.n >= perf.window
-        metrics = perf.report()
-        if self.estimate.n:
-            metrics["estimated_accuracy"] = self.estimate.rolling()
+        metrics = self._metrics()
         event = self.policy.update(
             ts=ts,
             outcomes_seen=self.outcomes_seen,
@@ -127,6 +151,16 @@ class ModelState:
         self.positions: dict[str, tuple[int, int]] = {}
         self.replays_skipped = 0
         self.rejected = 0  # outcomes a regression model cannot score (non-numeric)
+        self.references: dict[str, str] = {}  # version -> fingerprint of the profile in use
+
+    def use_reference(self, profile: ReferenceProfile) -> bool:
+        """Adopt a published profile for its version unless it is in use; True if adopted."""
+        fingerprint = profile.fingerprint()
+        if self.references.get(profile.version) == fingerprint:
+            return False
+        self.references[profile.version] = fingerprint
+        self.version(profile.version).use_reference(profile)
+        return True
 
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)
@@ -145,8 +179,7 @@ class ModelState:
         item = record.item
         if record.kind == "p":
             ts, features, prediction, confidence = item
-            monitor.add_prediction(ts, features, prediction, confidence)
-            return None
+            return monitor.add_prediction(ts, features, prediction, confidence)
         ts, prediction, label, p_label, _confidence, delay = item
         if self.config.task == "regression":
             if not (isinstance(prediction, float) and isinstance(label, float)):

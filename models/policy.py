@@ -27,6 +27,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from models.datadrift import DriftConfig
 from models.errors import ConfigError
 from models.performance import DETECTORS, DriftSignal
 
@@ -70,6 +71,25 @@ class PolicyConfig:
     accuracy_drop: float = 0.10
     critical_drop: float = 0.20
     hysteresis: float = 0.02
+    reference_size: int = 10_000
+    drift_window: int = 2000
+    drift_window_seconds: float = 3600.0
+    drift_statistic: str = "psi"
+    drift_threshold: float = 0.1
+    drift_consecutive: int = 2
+    drift_bins: int = 10
+    drift_top_k: int = 20
+    drift_max_features: int = 100
+    drift_min_labels: int = 200
+
+    def drift_config(self) -> DriftConfig:
+        """The data-drift settings, as :class:`models.datadrift.DriftConfig`."""
+        return DriftConfig(
+            window=self.drift_window, window_seconds=float(self.drift_window_seconds),
+            statistic=self.drift_statistic, threshold=float(self.drift_threshold),
+            consecutive=self.drift_consecutive, reference_size=self.reference_size,
+            bins=self.drift_bins, top_k=self.drift_top_k, max_features=self.drift_max_features,
+            min_labels=self.drift_min_labels, task=self.task)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -87,9 +107,17 @@ class PolicyConfig:
             raise ConfigError("policy 'task' must be 'classification' or 'regression'")
         if self.detector not in DETECTORS:
             raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}")
-        for name in ("window", "min_outcomes"):
+        for name in ("window", "min_outcomes", "reference_size", "drift_window",
+                     "drift_consecutive", "drift_top_k", "drift_max_features",
+                     "drift_min_labels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"policy '{name}' must be a positive integer")
+        if self.drift_bins < 2:
+            raise ConfigError("policy 'drift_bins' must be at least 2")
+        if self.drift_statistic not in ("psi", "js", "ks"):
+            raise ConfigError("policy 'drift_statistic' must be one of psi, js, ks")
+        if not self.drift_threshold > 0 or not self.drift_window_seconds > 0:
+            raise ConfigError("policy 'drift_threshold' and 'drift_window_seconds' must be > 0")
         if self.cooldown_seconds < 0:
             raise ConfigError("policy 'cooldown_seconds' must be >= 0")
         for name in ("accuracy_drop", "critical_drop", "hysteresis"):
@@ -113,6 +141,9 @@ _TYPES: dict[str, Any] = {
     "task": str, "window": int, "detector": str, "detector_params": dict,
     "min_outcomes": int, "cooldown_seconds": _NUMBER, "accuracy_min": _NUMBER,
     "accuracy_drop": _NUMBER, "critical_drop": _NUMBER, "hysteresis": _NUMBER,
+    "reference_size": int, "drift_window": int, "drift_window_seconds": _NUMBER,
+    "drift_statistic": str, "drift_threshold": _NUMBER, "drift_consecutive": int,
+    "drift_bins": int, "drift_top_k": int, "drift_max_features": int, "drift_min_labels": int,
 }
 
 
@@ -246,6 +277,23 @@ class RetrainingPolicy:
         if self.last_fired is not None and ts - self.last_fired < cfg.cooldown_seconds:
             self.suppressed += 1
             return None
+        return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
+
+    def data_drift(self, *, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
+                   predictions_seen: int, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """Take the drift reasons of a closed window; return a RetrainingEvent dict or None.
+
+        Data drift needs no outcomes (labels may never come): the evidence is the reference
+        and ``drift_consecutive`` windows. The cooldown is shared with performance events.
+        """
+        if self.window_start is None:
+            self.window_start = ts
+        if not reasons:
+            return None
+        if self.last_fired is not None and ts - self.last_fired < self.config.cooldown_seconds:
+            self.suppressed += 1
+            return None
+        accuracy = metrics.get("rolling_accuracy")
         return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
 
     def _fire(self, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,

@@ -28,7 +28,10 @@ from typing import Any
 
 from river.datasets import synth
 
-__all__ = ["Scenario", "SimEvent", "simulate"]
+__all__ = [
+    "CATEGORIES", "CATEGORY_P", "Scenario", "SimEvent", "WideScenario", "simulate",
+    "simulate_wide",
+]
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,89 @@ def simulate(s: Scenario) -> Iterator[SimEvent]:
             heapq.heappush(pending, (label_ts, i, label))
     while pending:
         yield heapq.heappop(pending)[2]
+
+
+#: Categories of every simulated categorical feature and their frequencies.
+CATEGORIES = ("a", "b", "c", "d", "e")
+CATEGORY_P = (0.40, 0.25, 0.15, 0.12, 0.08)
+
+
+@dataclass(frozen=True)
+class WideScenario:
+    """Unlabelled predictions with many features and an optional shift in one of them.
+
+    Numeric features ``n0 .. n{numeric-1}`` are normal with mean ``j`` and standard
+    deviation ``1 + j / 4``; categorical ``c0 ..`` take :data:`CATEGORIES` with
+    :data:`CATEGORY_P`. The prediction (classes 0/1, 30% ones) does not depend on them.
+
+    Parameters
+    ----------
+    n, model, version, seed, rate, start_ts
+        As in :class:`Scenario`.
+    numeric, categorical
+        How many features of each kind.
+    shift_feature, shift_at
+        The feature that shifts from prediction ``shift_at`` on: a numeric one moves its
+        mean by ``shift_sd`` standard deviations; a categorical one swaps the frequencies
+        of ``"a"`` and ``"c"``.
+    """
+
+    n: int = 300_000
+    model: str = "wide"
+    version: str = "1"
+    seed: int = 7
+    numeric: int = 16
+    categorical: int = 4
+    shift_feature: str | None = None
+    shift_at: int = 100_000
+    shift_sd: float = 0.5
+    rate: float = 10.0
+    start_ts: float = 1_763_800_000.0
+
+
+def simulate_wide(s: WideScenario, chunk: int = 10_000) -> Iterator[SimEvent]:
+    """Yield the scenario's predictions in order (numpy draws, one chunk at a time).
+
+    >>> events = list(simulate_wide(WideScenario(n=3, numeric=2, categorical=1)))
+    >>> sorted(events[0].value["features"])
+    ['c0', 'n0', 'n1']
+    >>> [e.key for e in events]
+    ['wide-7-0', 'wide-7-1', 'wide-7-2']
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(s.seed)
+    means = np.arange(s.numeric, dtype=np.float64)
+    sds = 1.0 + means / 4.0
+    swapped = np.array(CATEGORY_P)[[2, 1, 0, 3, 4]]
+    for start in range(0, s.n, chunk):
+        size = min(chunk, s.n - start)
+        index = np.arange(start, start + size)
+        after = index >= s.shift_at
+        numeric = rng.normal(means, sds, size=(size, s.numeric))
+        cats = np.stack([rng.choice(len(CATEGORIES), size=size, p=CATEGORY_P)
+                         for _ in range(s.categorical)], axis=1) if s.categorical else None
+        if s.shift_feature is not None and after.any():
+            kind, j = s.shift_feature[0], int(s.shift_feature[1:])
+            if kind == "n":
+                numeric[after, j] += s.shift_sd * sds[j]
+            else:
+                assert cats is not None
+                cats[after, j] = rng.choice(len(CATEGORIES), size=int(after.sum()), p=swapped)
+        predictions = rng.random(size) < 0.3
+        confidence = rng.uniform(0.6, 1.0, size=size)
+        for row in range(size):
+            i = start + row
+            features: dict[str, Any] = {f"n{j}": float(numeric[row, j]) for j in range(s.numeric)}
+            if cats is not None:
+                for j in range(s.categorical):
+                    features[f"c{j}"] = CATEGORIES[cats[row, j]]
+            prediction = int(predictions[row])
+            c = float(confidence[row])
+            event_id = f"{s.model}-{s.seed}-{i}"
+            ts = s.start_ts + i / s.rate
+            yield SimEvent("predictions", event_id, {
+                "id": event_id, "model": s.model, "version": s.version, "ts": round(ts, 3),
+                "features": features, "prediction": prediction,
+                "scores": {str(prediction): c, str(1 - prediction): 1.0 - c},
+            }, ts)
