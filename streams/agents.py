@@ -22,12 +22,15 @@ from typing import Any, cast
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer
 
 from models import codec
+from models.errors import ConfigError
 from models.join import DeadLetter, JoinPartition, ModelRecord
 from models.monitor import ModelState
 from models.policy import PolicyBook
-from streams.metrics import EVENTS_CONSUMED, REPLAYS_SKIPPED, Snapshot
+from models.reference import ReferenceProfile
+from streams.metrics import EVENTS_CONSUMED, INVALID_REFERENCES, REPLAYS_SKIPPED, Snapshot
 from streams.settings import Settings
 from streams.tables import Tables, write
 from streams.topics import TopicNames
@@ -52,6 +55,9 @@ class Pipeline:
         # Caches over the tables; dropped on every rebalance and rebuilt from the tables.
         self.joins: dict[int, JoinPartition] = {}
         self.states: dict[str, tuple[int, ModelState]] = {}
+        # Published reference profiles: model -> {version: profile}. Every worker reads
+        # the whole compacted topic, whichever models it owns.
+        self.references: dict[str, dict[str, ReferenceProfile]] = {}
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -71,6 +77,10 @@ class Pipeline:
                 await self.monitor_batch(events)
 
         # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
+        @app.task
+        async def references() -> None:
+            await self.follow_references()
+
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -132,7 +142,8 @@ class Pipeline:
             self.snapshot.set_join(part.partition, part.counts, part.pending())
 
     async def _dead_letter(self, d: DeadLetter) -> Any:
-        origin = self.names.predictions if d.topic == "predictions" else self.names.labels
+        origin = {"predictions": self.names.predictions, "labels": self.names.labels,
+                  "references": self.names.references}[d.topic]
         headers = [
             ("dw.origin.topic", origin.encode()),
             ("dw.origin.partition", str(d.partition).encode()),
@@ -141,6 +152,42 @@ class Pipeline:
         ]
         return await self.app.producer.send(
             self.names.dead_letters, d.key, d.raw, None, None, headers)
+
+    # -- references ---------------------------------------------------------------------
+
+    async def follow_references(self) -> None:
+        """Read the compacted ``references`` topic from the start, then follow it."""
+        # No group: aiokafka then assigns every partition, read from the earliest offset.
+        consumer = AIOKafkaConsumer(
+            self.names.references, bootstrap_servers=self.settings.bootstrap_servers,
+            enable_auto_commit=False, auto_offset_reset="earliest", group_id=None,
+            **self.settings.aiokafka_security())
+        await consumer.start()
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for records in batch.values():
+                    for rec in records:
+                        await self._reference(rec)
+        finally:
+            await consumer.stop()
+
+    async def _reference(self, rec: Any) -> None:
+        if rec.value is None:  # a tombstone withdraws a profile
+            model, _, version = (rec.key or b"").decode().partition(":")
+            self.references.get(model, {}).pop(version, None)
+            return
+        try:
+            profile = ReferenceProfile.from_json(rec.value)
+        except ConfigError as exc:
+            log.warning("reference at %s[%d]@%d rejected: %s", rec.topic, rec.partition,
+                        rec.offset, exc)
+            INVALID_REFERENCES.inc()
+            await self._dead_letter(DeadLetter("references", rec.partition, rec.offset,
+                                               "invalid_reference", rec.value, rec.key))
+            return
+        self.references.setdefault(profile.model, {})[profile.version] = profile
+        log.info("reference profile for %s (%d rows) received", profile.key, profile.n)
 
     # -- monitor ------------------------------------------------------------------------
 
@@ -156,6 +203,8 @@ class Pipeline:
                 state = codec.loads(raw) if raw is not None else ModelState(model, self.policies)
                 entry = self.states[model] = (msg.partition, state)
             state = entry[1]
+            for profile in self.references.get(model, {}).values():
+                state.use_reference(profile)
             skipped = state.replays_skipped
             for kind, version, source, offset, sub, item in orjson.loads(event.value):
                 fired = state.absorb(ModelRecord(kind, model, version, source, (offset, sub), item))
@@ -180,3 +229,4 @@ class Pipeline:
         await asyncio.gather(*acks)
         for _, state in touched.values():
             self.snapshot.set_model(state)
+

@@ -4,6 +4,7 @@ worker     Faust's worker for the driftwarden app (its options, e.g. ``--web-por
 simulate   publish a seeded prediction/label stream with an optional change
 tail       print retraining events as they arrive
 demo       local end to end: worker + simulated drifting traffic + the retraining events
+reference  ``reference build DATA --model M --version V``: publish a reference profile
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["main"]
 
-_OWN_COMMANDS = ("simulate", "tail", "demo")
+_OWN_COMMANDS = ("simulate", "tail", "demo", "reference")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--timeout", type=float, default=0.0, help="stop after this many seconds")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=lambda a: asyncio.run(_tail(a)))
+
+    ref = sub.add_parser("reference", help="reference profiles").add_subparsers(required=True)
+    build = ref.add_parser("build", help="profile a CSV/Parquet file and publish it")
+    build.add_argument("data", help="training or validation data, .csv or .parquet")
+    build.add_argument("--model", required=True)
+    build.add_argument("--version", required=True)
+    build.add_argument("--prediction", help="column holding the model's prediction")
+    build.add_argument("--label", help="column holding the true label")
+    build.add_argument("--task", choices=("classification", "regression"),
+                       default="classification")
+    build.add_argument("--features", help="comma-separated feature columns (default: all)")
+    build.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature")
+    build.add_argument("--top-k", type=int, default=20, help="categories kept per feature")
+    build.add_argument("--output", help="also write the profile JSON to this file")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=lambda a: asyncio.run(_reference_build(a)))
 
     demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
     _scenario_args(demo, n=80_000, change_at=50_000)
@@ -140,6 +157,42 @@ async def _simulate(a: argparse.Namespace) -> None:
             await producer.flush()
     finally:
         await producer.stop()
+
+
+async def _reference_build(a: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from models.reference import build_profile, read_frame
+
+    settings = Settings.from_env()
+    with tqdm(total=3, desc="reference", unit="step", disable=a.quiet, file=sys.stderr) as bar:
+        bar.set_postfix_str(f"reading {a.data}")
+        frame = read_frame(a.data)
+        bar.update()
+        bar.set_postfix_str(f"profiling {len(frame):,} rows")
+        features = a.features.split(",") if a.features else None
+        profile = build_profile(frame, a.model, a.version, prediction=a.prediction,
+                                label=a.label, task=a.task, bins=a.bins, top_k=a.top_k,
+                                features=features)
+        bar.update()
+        raw = profile.to_json()
+        if a.output:
+            with open(a.output, "wb") as out:
+                out.write(raw)
+        bar.set_postfix_str("publishing")
+        await ensure_topics(settings)
+        topic = TopicNames.from_settings(settings).references
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                                    max_request_size=4 * 1024 * 1024,
+                                    **settings.aiokafka_security())
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, raw, key=profile.key.encode())
+        finally:
+            await producer.stop()
+        bar.update()
+    print(f"published reference {profile.key} ({profile.n:,} rows, {len(profile.features)} "
+          f"features, fingerprint {profile.fingerprint()}) to {topic}")
 
 
 def format_event(ev: dict[str, Any]) -> str:

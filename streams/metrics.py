@@ -29,6 +29,10 @@ __all__ = ["EVENTS_CONSUMED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
 EVENTS_CONSUMED = Counter(
     "driftwarden_events_consumed", "Input events consumed by this worker process.", ["topic"]
 )
+INVALID_REFERENCES = Counter(
+    "driftwarden_invalid_references",
+    "Reference profiles on the references topic that could not be read (dead-lettered).",
+)
 REPLAYS_SKIPPED = Counter(
     "driftwarden_replays_skipped",
     "Events skipped because their offset was already absorbed (redelivery after a crash).",
@@ -61,6 +65,9 @@ class Snapshot:
                 "events": v.events_emitted,
                 "delay_counts": list(v.delay_counts),
                 "delay_sum": v.delay_sum,
+                "reference": v.data.source or "building",
+                "drift": v.data.last,
+                "drift_windows": v.data.windows,
             })
         self.models[state.model] = rows
 
@@ -80,6 +87,7 @@ class _Collector(Collector):
         models = list(self.snapshot.models.items())
         yield from self._join(join)
         yield from self._models(models)
+        yield from self._data_drift(models)
 
     def _join(self, parts: list[dict[str, Any]]) -> Iterator[Metric]:
         def summed(counter: str) -> dict[tuple[str, ...], int]:
@@ -175,6 +183,43 @@ class _Collector(Collector):
         yield drift
         yield events
         yield delay
+
+
+    def _data_drift(self, models: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[Metric]:
+        mv = ["model", "version"]
+        feature = GaugeMetricFamily(
+            "driftwarden_feature_drift",
+            "Drift of a feature in the last closed window vs the reference (psi, js, ks, chi2, "
+            "unseen, missing).", labels=[*mv, "feature", "statistic"])
+        others = {
+            kind: GaugeMetricFamily(
+                f"driftwarden_{kind}_drift",
+                f"Drift of the {kind} distribution in the last closed window vs the reference.",
+                labels=[*mv, "statistic"])
+            for kind in ("prediction", "label")
+        }
+        reference = GaugeMetricFamily(
+            "driftwarden_reference_info",
+            "1 for the reference in use: source is data (published), bootstrap (first "
+            "predictions) or building (bootstrap still collecting).", labels=[*mv, "source"])
+        windows = CounterMetricFamily(
+            "driftwarden_drift_windows", "Data-drift windows evaluated.", labels=mv)
+        for model, rows in sorted(models):
+            for row in rows:
+                labels = [model, row["version"]]
+                reference.add_metric([*labels, row["reference"]], 1.0)
+                windows.add_metric(labels, row["drift_windows"])
+                last = row["drift"]
+                for name, stats in sorted(last.get("features", {}).items()):
+                    for statistic, value in sorted(stats.items()):
+                        feature.add_metric([*labels, name, statistic], value)
+                for kind, family in others.items():
+                    for statistic, value in sorted(last.get(kind, {}).items()):
+                        family.add_metric([*labels, statistic], value)
+        yield feature
+        yield from others.values()
+        yield reference
+        yield windows
 
 
 def serve(snapshot: Snapshot, host: str, port: int) -> None:
