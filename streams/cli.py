@@ -5,6 +5,7 @@ simulate   publish a seeded prediction/label stream with an optional change
 tail       print retraining events as they arrive
 demo       local end to end: worker + simulated drifting traffic + the retraining events
 reference  ``reference build DATA --model M --version V``: publish a reference profile
+bench      ``bench drift``: per-event cost of data-drift monitoring (in-process)
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from models.errors import ConfigError
 from models.simulation import Scenario, simulate
+from streams import bench
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["main"]
 
-_OWN_COMMANDS = ("simulate", "tail", "demo", "reference")
+_OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--output", help="also write the profile JSON to this file")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=lambda a: asyncio.run(_reference_build(a)))
+
+    bench.add_parser(sub)
 
     demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
     _scenario_args(demo, n=80_000, change_at=50_000)

@@ -1,0 +1,82 @@
+"""``python -m streams bench drift``: the per-event cost of data-drift monitoring.
+
+In-process and seeded: a reference profile of the simulated 20-feature traffic
+(:func:`models.simulation.simulate_wide`), then the same prediction stream through a
+:class:`models.datadrift.DataDriftMonitor` several times. Reports medians of the runs:
+the cost per event with the default 2,000-event windows, the histogram update alone
+(no window ever closes), and the evaluation of one window (all statistics, 20 features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import orjson
+
+from models.datadrift import DataDriftMonitor, DriftConfig
+from models.reference import build_profile
+from models.simulation import WideScenario, simulate_wide
+
+__all__ = ["add_parser", "bench_drift"]
+
+
+def add_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(required=True)
+    drift = bench.add_parser("drift", help="per-event cost of data-drift monitoring")
+    drift.add_argument("--events", type=int, default=100_000)
+    drift.add_argument("--numeric", type=int, default=16)
+    drift.add_argument("--categorical", type=int, default=4)
+    drift.add_argument("--window", type=int, default=2000)
+    drift.add_argument("--repeat", type=int, default=5)
+    drift.add_argument("--json", action="store_true", help="also print one JSON line")
+    drift.set_defaults(func=bench_drift)
+
+
+def _run(events: list[tuple[float, dict[str, Any], Any]], config: DriftConfig,
+         reference: Any) -> tuple[float, int]:
+    monitor = DataDriftMonitor(config, reference=reference)
+    add = monitor.add_prediction
+    started = time.perf_counter()
+    for ts, features, prediction in events:
+        add(ts, features, prediction)
+    return time.perf_counter() - started, monitor.windows
+
+
+def bench_drift(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    scenario = WideScenario(n=10_000 + a.events, numeric=a.numeric, categorical=a.categorical,
+                            seed=1)
+    rows = [(ev.ts, ev.value["features"], str(ev.value["prediction"]))
+            for ev in simulate_wide(scenario)]
+    frame = pd.DataFrame([{**f, "prediction": p} for _, f, p in rows[:10_000]])
+    reference = build_profile(frame, "bench", "1", prediction="prediction")
+    events = rows[10_000:]
+    windowed = DriftConfig(window=a.window, window_seconds=float("inf"))
+    endless = DriftConfig(window=len(events) + 1, window_seconds=float("inf"))
+    totals, updates, windows = [], [], 0
+    for _ in range(a.repeat):
+        seconds, windows = _run(events, windowed, reference)
+        totals.append(seconds)
+        updates.append(_run(events, endless, reference)[0])
+    per_event = statistics.median(totals) / len(events)
+    per_update = statistics.median(updates) / len(events)
+    per_window = (statistics.median(totals) - statistics.median(updates)) / max(windows, 1)
+    features = a.numeric + a.categorical
+    print(f"data-drift monitoring, {features} features ({a.numeric} numeric, "
+          f"{a.categorical} categorical) + prediction, {len(events):,} events, "
+          f"window {a.window:,}, median of {a.repeat} runs")
+    print(f"  per event, all in          {per_event * 1e6:8.2f} us")
+    print(f"  per event, histograms only {per_update * 1e6:8.2f} us")
+    print(f"  per window evaluation      {per_window * 1e3:8.2f} ms  ({windows} windows)")
+    if a.json:
+        print(orjson.dumps({
+            "features": features, "events": len(events), "window": a.window,
+            "per_event_seconds": per_event, "per_event_update_seconds": per_update,
+            "per_window_seconds": per_window, "windows": windows,
+            "runs": {"total_seconds": totals, "update_seconds": updates},
+        }).decode())
+    return 0
