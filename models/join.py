@@ -219,10 +219,14 @@ class JoinPartition:
 
     def pending(self) -> int:
         """Predictions waiting for their label."""
-        c = self._meta.counts
-        return sum(c.get("predictions", {}).values()) - sum(
-            c.get("matched", {}).values()
-        ) - sum(c.get("expired", {}).values())
+        return _pending(self._meta.counts)
+
+    @staticmethod
+    def peek(store: MutableMapping[str, bytes], partition: int) -> tuple[dict[str, Any], int]:
+        """Counts and pending predictions of a partition's state, without loading it."""
+        raw = store.get(meta_key(partition))
+        counts = _Meta.decode(raw).counts if raw is not None else {}
+        return counts, _pending(counts)
 
     def drain(self) -> tuple[list[ModelRecord], list[DeadLetter], dict[str, bytes | None]]:
         """Hand over records, dead letters and changed store entries (None = deleted)."""
@@ -344,3 +348,9 @@ class JoinPartition:
         for heap in heaps.values():
             heapq.heapify(heap)
         return heaps
+
+
+def _pending(counts: dict[str, dict[str, int]]) -> int:
+    return sum(counts.get("predictions", {}).values()) - sum(
+        counts.get("matched", {}).values()
+    ) - sum(counts.get("expired", {}).values())

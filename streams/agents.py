@@ -58,6 +58,10 @@ class Pipeline:
         # Published reference profiles: model -> {version: profile}. Every worker reads
         # the whole compacted topic, whichever models it owns.
         self.references: dict[str, dict[str, ReferenceProfile]] = {}
+        # Next offset to process per input partition, for the consumer-lag gauge.
+        self.next_offset: dict[Any, int] = {}
+        self._stale_snapshot = False
+        self.logical[self.names.model_records] = "model-records"
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -81,6 +85,11 @@ class Pipeline:
         async def references() -> None:
             await self.follow_references()
 
+        @app.timer(5.0)
+        async def lag() -> None:
+            await self.measure_lag()
+            self.rebuild_snapshot()
+
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -96,11 +105,28 @@ class Pipeline:
         # them are rebuilt lazily, and series of what moved away stop being exported.
         self.joins.clear()
         self.states.clear()
+        self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
 
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         self.joins.clear()
         self.states.clear()
+        self._stale_snapshot = True
+
+    def rebuild_snapshot(self) -> None:
+        """After a rebalance, export what the recovered tables hold, not only what the
+        next events touch: a quiet model keeps its series on its new owner."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        if not self._stale_snapshot or not recovery.completed.is_set():
+            return
+        self._stale_snapshot = False
+        for tp in self.app.consumer.assignment():
+            if tp.topic == self.names.predictions:
+                counts, pending = JoinPartition.peek(self.tables.join.data, tp.partition)
+                self.snapshot.set_join(tp.partition, counts, pending)
+        for model, raw in list(self.tables.models.data.items()):
+            if model not in self.snapshot.models:
+                self.snapshot.set_model(codec.loads(raw))
 
     # -- join ---------------------------------------------------------------------------
 
@@ -119,6 +145,7 @@ class Pipeline:
             if part.skipped != skipped:
                 REPLAYS_SKIPPED.labels(topic).inc()
             EVENTS_CONSUMED.labels(topic).inc()
+            self.next_offset[msg.tp] = msg.offset + 1
             touched[msg.partition] = part
         sends = []
         drained = []
@@ -152,6 +179,24 @@ class Pipeline:
         ]
         return await self.app.producer.send(
             self.names.dead_letters, d.key, d.raw, None, None, headers)
+
+    async def measure_lag(self) -> None:
+        consumer = self.app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic in self.logical]
+        if not tps:
+            return
+        highwaters = await consumer.highwaters(*tps)
+        lag = {}
+        for tp in tps:
+            high = highwaters.get(tp)
+            if high is None:
+                continue
+            position = self.next_offset.get(tp)
+            if position is None:
+                position = await consumer.position(tp)
+            if position is not None:
+                lag[self.logical[tp.topic], tp.partition] = max(0, high - position)
+        self.snapshot.lag = lag
 
     # -- references ---------------------------------------------------------------------
 
@@ -196,6 +241,7 @@ class Pipeline:
         retraining: list[dict[str, Any]] = []
         for event in events:
             msg = event.message
+            self.next_offset[msg.tp] = msg.offset + 1
             model = (msg.key or b"").decode()  # the join always keys records by model
             entry = self.states.get(model)
             if entry is None:

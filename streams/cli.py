@@ -59,12 +59,25 @@ def _worker(argv: list[str]) -> None:
     else:
         partitions = settings.partitions
     app = create_app(settings, partitions)
-    snapshot = Snapshot()
+    snapshot = Snapshot(max_models=settings.max_models)
     Pipeline(app, settings, declare_tables(app, partitions), snapshot).register()
     if argv[:1] == ["worker"]:
-        serve(snapshot, settings.metrics_host, settings.metrics_port)
+        serve(snapshot, settings.metrics_host, settings.metrics_port, info={
+            "app_id": settings.app_id, "topic_prefix": settings.topic_prefix,
+            "driftwarden": _version("driftwarden"), "faust": _version("faust-streaming"),
+            "river": _version("river"), "partitions": str(partitions), "store": settings.store,
+        })
     sys.argv = ["driftwarden", *argv]
     app.main()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, start_http_server
+from prometheus_client import REGISTRY, Counter, Info, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -46,6 +46,10 @@ class Snapshot:
 
     join: dict[int, dict[str, Any]] = field(default_factory=dict)
     models: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # (logical topic, partition) -> events not yet processed; refreshed by a timer.
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Model-labelled series are exported for this many models at most (by name).
+    max_models: int = 1000
 
     def set_join(self, partition: int, counts: dict[str, dict[str, int]], pending: int) -> None:
         self.join[partition] = {"counts": {k: dict(v) for k, v in counts.items()},
@@ -68,6 +72,7 @@ class Snapshot:
                 "reference": v.data.source or "building",
                 "drift": v.data.last,
                 "drift_windows": v.data.windows,
+                "last_ts": v.last_ts,
             })
         self.models[state.model] = rows
 
@@ -76,6 +81,7 @@ class Snapshot:
             self.join.pop(p, None)
         for m in models:
             self.models.pop(m, None)
+        self.lag.clear()
 
 
 class _Collector(Collector):
@@ -85,16 +91,50 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         join = list(self.snapshot.join.values())
         models = list(self.snapshot.models.items())
-        yield from self._join(join)
+        # A flood of model names must not flood Prometheus: export the first max_models.
+        names = {m for m, _ in models}
+        for part in join:
+            for counter in ("predictions", "expired"):
+                names.update(k.split("|", 1)[0] for k in part["counts"].get(counter, {}))
+        allowed = set(sorted(names)[: self.snapshot.max_models])
+        models = [(m, rows) for m, rows in models if m in allowed]
+        yield from self._join(join, allowed)
         yield from self._models(models)
         yield from self._data_drift(models)
+        yield from self._operations(models, len(names) - len(allowed))
 
-    def _join(self, parts: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _operations(self, models: list[tuple[str, list[dict[str, Any]]]],
+                    dropped: int) -> Iterator[Metric]:
+        lag = GaugeMetricFamily(
+            "driftwarden_consumer_lag",
+            "Events in a partition not yet processed by this worker (high watermark minus "
+            "the next offset to process).", labels=["topic", "partition"])
+        for (topic, partition), n in sorted(self.snapshot.lag.items()):
+            lag.add_metric([topic, str(partition)], n)
+        yield lag
+        last = GaugeMetricFamily(
+            "driftwarden_last_event_timestamp_seconds",
+            "Event time of the newest prediction or outcome of a model version.",
+            labels=["model", "version"])
+        for model, rows in sorted(models):
+            for row in rows:
+                if row["last_ts"] is not None:
+                    last.add_metric([model, row["version"]], row["last_ts"])
+        yield last
+        capped = GaugeMetricFamily(
+            "driftwarden_models_dropped",
+            "Models whose series are not exported because of DRIFTWARDEN_MAX_MODELS.")
+        capped.add_metric([], dropped)
+        yield capped
+
+    def _join(self, parts: list[dict[str, Any]], allowed: set[str]) -> Iterator[Metric]:
         def summed(counter: str) -> dict[tuple[str, ...], int]:
             out: dict[tuple[str, ...], int] = {}
             for part in parts:
                 for label, n in part["counts"].get(counter, {}).items():
                     key = tuple(label.split("|", 1))
+                    if counter != "dead" and key[0] not in allowed:
+                        continue
                     out[key] = out.get(key, 0) + n
             return out
 
@@ -222,8 +262,10 @@ class _Collector(Collector):
         yield windows
 
 
-def serve(snapshot: Snapshot, host: str, port: int) -> None:
+def serve(snapshot: Snapshot, host: str, port: int, info: dict[str, str] | None = None) -> None:
     """Register the collector and start the HTTP endpoint (a daemon thread)."""
+    if info:
+        Info("driftwarden_worker", "This worker process: versions and configuration.").info(info)
     try:
         start_http_server(port, addr=host)
     except OSError as exc:

@@ -40,6 +40,7 @@ class Settings:
     policy_file: Path | None = None
     partitions: int = 8
     replication_factor: int = 1
+    max_models: int = 1000
     app_id: str = "driftwarden"
     store: str = "memory://"
     batch_size: int = 1000
@@ -66,6 +67,7 @@ class Settings:
             label_ttl_seconds=get.number("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
             policy_file=get.path("POLICY_FILE"),
             partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
+            max_models=get.integer("MAX_MODELS", cls.max_models, 1, 1_000_000),
             replication_factor=get.integer(
                 "REPLICATION_FACTOR", cls.replication_factor, 1, 32),
             app_id=get.text("APP_ID", cls.app_id),
