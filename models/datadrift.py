@@ -12,7 +12,8 @@ the reference's bins (missing values excluded, rates reported apart):
 ``js``         Jensen-Shannon distance, base 2 (0 = same, 1 = disjoint)
 ``ks``         binned Kolmogorov-Smirnov distance, max |cdf_q - cdf_p| (numeric)
 ``chi2``       Pearson's chi-square statistic of the window counts vs p (categorical)
-``unseen``     share of the window outside the reference's top categories (categorical)
+``unseen``     share of the window in categories the reference never saw (categorical;
+               0 when the reference has an "other" bin, which hides them)
 ``missing``    share of the window that is missing
 =============  ================================================================
 
@@ -85,7 +86,11 @@ def js_distance(p: np.ndarray, q: np.ndarray) -> float:
 
     >>> js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0]))
     1.0
+
+    An empty distribution (all zeros) is disjoint from any other: 1.0, not scipy's NaN.
     """
+    if not p.sum() or not q.sum():
+        return 0.0 if not p.sum() and not q.sum() else 1.0
     return float(jensenshannon(p, q, base=2))
 
 
@@ -139,6 +144,18 @@ class DriftConfig:
     max_features: int = 100
     min_labels: int = 200
     task: str = "classification"
+
+    def __post_init__(self) -> None:
+        for name in ("window", "consecutive", "reference_size", "top_k", "max_features",
+                     "min_labels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer")
+        if self.bins < 2:
+            raise ValueError("bins must be at least 2")
+        if self.statistic not in ("psi", "js", "ks"):
+            raise ValueError("statistic must be one of psi, js, ks")
+        if not self.threshold > 0 or not self.window_seconds > 0:
+            raise ValueError("threshold and window_seconds must be positive")
 
 
 class FeatureWindow:
