@@ -7,7 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: setup run test lint kafka-start kafka-stop kafka-status clean
+.PHONY: setup tools run test lint kafka-start kafka-stop kafka-status clean
+
+# Root installs directly; otherwise through sudo when there is one.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "driftwarden needs Python >= 3.11"'
@@ -23,8 +26,15 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m streams demo
 
+# Prometheus and promtool for the observability tests: Debian's package, installed once.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (real Prometheus for the tests)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+	    -y -qq --no-install-recommends prometheus >/dev/null; }
+
 # Whole test suite against the local broker. Stops the broker afterwards if it started it.
-test: $(VENV)/.installed
+test: $(VENV)/.installed tools
 	@if $(KAFKA) status >/dev/null; then started=0; else started=1; fi; \
 	$(KAFKA) start || exit 1; \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

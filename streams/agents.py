@@ -62,6 +62,9 @@ class Pipeline:
         self.next_offset: dict[Any, int] = {}
         self._stale_snapshot = False
         self.logical[self.names.model_records] = "model-records"
+        for topic in self.logical.values():  # export zeros before the first event
+            EVENTS_CONSUMED.labels(topic)
+            REPLAYS_SKIPPED.labels(topic)
 
     # -- wiring -------------------------------------------------------------------------
 
