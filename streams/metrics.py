@@ -65,7 +65,8 @@ class Snapshot:
                 "predictions": v.predictions_seen,
                 "report": report,
                 "estimated": v.estimate.rolling() if v.estimate.n else None,
-                "detections": dict(v.detections),
+                # The configured detector counts from 0, so the first detection is a change.
+                "detections": {v.performance.detector_name: 0, **v.detections},
                 "events": v.events_emitted,
                 "delay_counts": list(v.delay_counts),
                 "delay_sum": v.delay_sum,
