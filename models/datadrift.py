@@ -233,6 +233,8 @@ class DataDriftMonitor:
         "prediction": {...}, "label": {...}}``.
     windows
         Windows closed so far.
+    untracked
+        Feature values ignored because the reference does not track their feature.
     """
 
     def __init__(self, config: DriftConfig, reference: ReferenceProfile | None = None,
@@ -247,6 +249,7 @@ class DataDriftMonitor:
         self.window_n = 0
         self.window_start: float | None = None
         self.windows = 0
+        self.untracked = 0
         self.last: dict[str, Any] = {}
         if reference is not None:
             self._apply(reference)
@@ -275,8 +278,13 @@ class DataDriftMonitor:
             if built is not None:
                 self._apply(built)
             return []
+        present = 0
         for name, window in self.features.items():
-            window.add(features.get(name))
+            value = features.get(name)
+            present += value is not None or name in features
+            window.add(value)
+        # Features the reference does not track (a capped or a new feature) are counted.
+        self.untracked += len(features) - present
         if self.prediction is not None:
             self.prediction.add(prediction)
         self.window_n += 1

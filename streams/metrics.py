@@ -73,6 +73,7 @@ class Snapshot:
                 "reference": v.data.source or "building",
                 "drift": v.data.last,
                 "drift_windows": v.data.windows,
+                "untracked": v.data.untracked,
                 "last_ts": v.last_ts,
             })
         self.models[state.model] = rows
@@ -245,11 +246,16 @@ class _Collector(Collector):
             "predictions) or building (bootstrap still collecting).", labels=[*mv, "source"])
         windows = CounterMetricFamily(
             "driftwarden_drift_windows", "Data-drift windows evaluated.", labels=mv)
+        untracked = CounterMetricFamily(
+            "driftwarden_untracked_feature_values",
+            "Feature values not monitored: their feature is not in the reference (new, or "
+            "beyond drift_max_features).", labels=mv)
         for model, rows in sorted(models):
             for row in rows:
                 labels = [model, row["version"]]
                 reference.add_metric([*labels, row["reference"]], 1.0)
                 windows.add_metric(labels, row["drift_windows"])
+                untracked.add_metric(labels, row["untracked"])
                 last = row["drift"]
                 for name, stats in sorted(last.get("features", {}).items()):
                     for statistic, value in sorted(stats.items()):
@@ -261,6 +267,7 @@ class _Collector(Collector):
         yield from others.values()
         yield reference
         yield windows
+        yield untracked
 
 
 def serve(snapshot: Snapshot, host: str, port: int, info: dict[str, str] | None = None) -> None:

@@ -743,3 +743,11 @@ def test_seeded_shift_fires_at_a_pinned_prediction(feature: str, fires_at: int,
     assert [round(w["features"][feature]["psi"], 4) for w in windows[6:]] == psis
     assert all(s["psi"] < 0.1 for w in windows for name, s in w["features"].items()
                if name != feature)
+
+
+def test_values_of_features_the_reference_does_not_track_are_counted() -> None:
+    monitor = DataDriftMonitor(DriftConfig(window=100), reference=profile_2())
+    feed(monitor, [{"f": "a", "new": 1.0, "other": None}, {"f": None}, {"g": "x"}])
+    # "new" and "other" on the first row, "g" on the third; a missing "f" is not extra.
+    assert monitor.untracked == 3
+    assert monitor.features["f"].missing == 2
