@@ -154,8 +154,9 @@ class DriftConfig:
             raise ValueError("bins must be at least 2")
         if self.statistic not in ("psi", "js", "ks"):
             raise ValueError("statistic must be one of psi, js, ks")
-        if not self.threshold > 0 or not self.window_seconds > 0:
-            raise ValueError("threshold and window_seconds must be positive")
+        for name in ("threshold", "window_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
 
 
 class FeatureWindow:

@@ -71,25 +71,22 @@ class PolicyConfig:
     accuracy_drop: float = 0.10
     critical_drop: float = 0.20
     hysteresis: float = 0.02
-    reference_size: int = 10_000
-    drift_window: int = 2000
-    drift_window_seconds: float = 3600.0
-    drift_statistic: str = "psi"
-    drift_threshold: float = 0.1
-    drift_consecutive: int = 2
-    drift_bins: int = 10
-    drift_top_k: int = 20
-    drift_max_features: int = 100
-    drift_min_labels: int = 200
+    # Data drift: the fields of models.datadrift.DriftConfig, with its defaults.
+    reference_size: int = DriftConfig.reference_size
+    drift_window: int = DriftConfig.window
+    drift_window_seconds: float = DriftConfig.window_seconds
+    drift_statistic: str = DriftConfig.statistic
+    drift_threshold: float = DriftConfig.threshold
+    drift_consecutive: int = DriftConfig.consecutive
+    drift_bins: int = DriftConfig.bins
+    drift_top_k: int = DriftConfig.top_k
+    drift_max_features: int = DriftConfig.max_features
+    drift_min_labels: int = DriftConfig.min_labels
 
     def drift_config(self) -> DriftConfig:
         """The data-drift settings, as :class:`models.datadrift.DriftConfig`."""
-        return DriftConfig(
-            window=self.drift_window, window_seconds=float(self.drift_window_seconds),
-            statistic=self.drift_statistic, threshold=float(self.drift_threshold),
-            consecutive=self.drift_consecutive, reference_size=self.reference_size,
-            bins=self.drift_bins, top_k=self.drift_top_k, max_features=self.drift_max_features,
-            min_labels=self.drift_min_labels, task=self.task)
+        return DriftConfig(task=self.task,
+                           **{name: getattr(self, key) for name, key in _DRIFT_KEYS.items()})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -107,17 +104,14 @@ class PolicyConfig:
             raise ConfigError("policy 'task' must be 'classification' or 'regression'")
         if self.detector not in DETECTORS:
             raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}")
-        for name in ("window", "min_outcomes", "reference_size", "drift_window",
-                     "drift_consecutive", "drift_top_k", "drift_max_features",
-                     "drift_min_labels"):
+        for name in ("window", "min_outcomes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"policy '{name}' must be a positive integer")
-        if self.drift_bins < 2:
-            raise ConfigError("policy 'drift_bins' must be at least 2")
-        if self.drift_statistic not in ("psi", "js", "ks"):
-            raise ConfigError("policy 'drift_statistic' must be one of psi, js, ks")
-        if not self.drift_threshold > 0 or not self.drift_window_seconds > 0:
-            raise ConfigError("policy 'drift_threshold' and 'drift_window_seconds' must be > 0")
+        try:
+            self.drift_config()
+        except ValueError as exc:  # DriftConfig names its field first: name the policy key
+            name, _, rest = str(exc).partition(" ")
+            raise ConfigError(f"policy '{_DRIFT_KEYS[name]}' {rest}") from None
         if self.cooldown_seconds < 0:
             raise ConfigError("policy 'cooldown_seconds' must be >= 0")
         for name in ("accuracy_drop", "critical_drop", "hysteresis"):
@@ -136,6 +130,14 @@ class PolicyConfig:
                               ) from None
 
 
+#: DriftConfig field -> policy key.
+_DRIFT_KEYS = {
+    "reference_size": "reference_size", "window": "drift_window",
+    "window_seconds": "drift_window_seconds", "statistic": "drift_statistic",
+    "threshold": "drift_threshold", "consecutive": "drift_consecutive", "bins": "drift_bins",
+    "top_k": "drift_top_k", "max_features": "drift_max_features",
+    "min_labels": "drift_min_labels",
+}
 _NUMBER = (int, float)
 _TYPES: dict[str, Any] = {
     "task": str, "window": int, "detector": str, "detector_params": dict,
