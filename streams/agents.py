@@ -23,6 +23,7 @@ from typing import Any, cast
 import faust
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import DefaultPartitioner
 
 from models import codec
 from models.errors import ConfigError
@@ -38,6 +39,8 @@ from streams.topics import TopicNames
 __all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
+# The partition the join's producer sends a model's records to (Kafka's murmur2 default).
+_PARTITIONER = DefaultPartitioner()
 
 
 class Pipeline:
@@ -123,12 +126,21 @@ class Pipeline:
         if not self._stale_snapshot or not recovery.completed.is_set():
             return
         self._stale_snapshot = False
-        for tp in self.app.consumer.assignment():
+        assignment = self.app.consumer.assignment()
+        for tp in assignment:
             if tp.topic == self.names.predictions:
                 counts, pending = JoinPartition.peek(self.tables.join.data, tp.partition)
                 self.snapshot.set_join(tp.partition, counts, pending)
+        # The in-memory table still holds models of partitions that moved away: export a
+        # model only when its records' partition (the producer's key hash) is ours.
+        owned = sorted(tp.partition for tp in assignment if tp.topic == self.names.model_records)
+        if not owned:
+            return
+        count = self.app.consumer.topic_partitions(self.names.model_records) or max(owned) + 1
+        every = list(range(count))
         for model, raw in list(self.tables.models.data.items()):
-            if model not in self.snapshot.models:
+            if model not in self.snapshot.models and _PARTITIONER(model.encode(), every,
+                                                                  every) in owned:
                 self.snapshot.set_model(codec.loads(raw))
 
     # -- join ---------------------------------------------------------------------------

@@ -29,8 +29,12 @@ def declare_tables(app: faust.App, partitions: int) -> Tables:
         table = cast(faust.Table, app.Table(
             name, partitions=partitions, key_type=str, value_type=bytes, help=help_
         ))
-        # Faust would JSON-quote str keys; the changelog topic is created later, on start.
+        # Faust would JSON-encode both. Values are the bytes models/ encoded: recovery
+        # must hand them back untouched. The changelog topic object was already made (by
+        # the table manager) with JSON serializers: make it again with these.
         table.key_serializer = "utf8"
+        table.value_serializer = "raw"
+        table.changelog_topic = table._new_changelog_topic()
         return table
 
     return Tables(

@@ -55,7 +55,8 @@ def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_b
     assert event["reasons"][0]["kind"] in {"concept_drift", "performance"}
     assert 50_000 <= event["evidence"]["outcomes_seen"] <= 52_000
     assert event["evidence"]["predictions_seen"] >= event["evidence"]["outcomes_seen"]
-    assert event["metrics"]["accuracy_reference"] > 0.88
+    # The first full window of 1,000 outcomes, in arrival order: 0.9 give or take noise.
+    assert abs(event["metrics"]["accuracy_reference"] - 0.9) < 0.04
 
     # Counts are exact: every prediction is matched, expired or still pending.
     matched = worker.value("driftwarden_outcomes_total", **mv)

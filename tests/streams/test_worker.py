@@ -39,3 +39,37 @@ def test_worker_names_the_bad_variable(kafka_broker):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "DRIFTWARDEN_METRICS_PORT must be an integer, got 'nine'" in done.stderr
+
+
+def test_a_rebalance_moves_series_to_the_new_owner_without_duplicates(start_worker,
+                                                                      kafka_broker, prefix):
+    models = [f"m{k}" for k in range(10)]
+    records = []
+    for k, model in enumerate(models):
+        for i in range(200):
+            event_id = f"{model}-{i}".encode()
+            records.append((prefix + "predictions", event_id, orjson.dumps(
+                {"id": event_id.decode(), "model": model, "features": {"x": float(i)},
+                 "prediction": i % 2})))
+            records.append((prefix + "labels", event_id, orjson.dumps(
+                {"id": event_id.decode(), "label": (i + k) % 2})))
+    first = start_worker()
+    run(produce(kafka_broker, records))
+    wait_until(lambda: first.total("driftwarden_outcomes_total") == 2000, 60,
+               "2,000 outcomes on the first worker")
+
+    second = start_worker()  # same consumer group: the partitions are shared out
+
+    def owners() -> dict[str, list[str]] | None:
+        seen: dict[str, list[str]] = {m: [] for m in models}
+        for name, worker in (("first", first), ("second", second)):
+            for model in worker.by_label("driftwarden_outcomes_total", "model"):
+                seen[model].append(name)
+        predictions = sum(w.total("driftwarden_predictions_total") for w in (first, second))
+        owned_once = all(len(v) == 1 for v in seen.values())
+        both = {n for v in seen.values() for n in v} == {"first", "second"}
+        return seen if owned_once and both and predictions == 2000 else None
+
+    seen = wait_until(owners, 90, "each model exported by exactly one of the two workers")
+    total = sum(w.total("driftwarden_outcomes_total") for w in (first, second))
+    assert total == 2000, seen
