@@ -73,3 +73,33 @@ def test_a_rebalance_moves_series_to_the_new_owner_without_duplicates(start_work
     seen = wait_until(owners, 90, "each model exported by exactly one of the two workers")
     total = sum(w.total("driftwarden_outcomes_total") for w in (first, second))
     assert total == 2000, seen
+
+
+def test_state_survives_kill_9_exactly(start_worker, kafka_broker, prefix):
+    def batch(start: int, stop: int) -> list[tuple[str, bytes, bytes]]:
+        out = []
+        for i in range(start, stop):
+            event_id = f"k-{i}".encode()
+            out.append((prefix + "predictions", event_id, orjson.dumps(
+                {"id": event_id.decode(), "model": "fraud", "features": {"x": float(i)},
+                 "prediction": i % 2})))
+            out.append((prefix + "labels", event_id, orjson.dumps(
+                {"id": event_id.decode(), "label": 0 if i % 5 == 0 else i % 2})))
+        return out
+
+    first = start_worker()
+    run(produce(kafka_broker, batch(0, 3000)))
+    wait_until(lambda: first.value("driftwarden_outcomes_total", model="fraud", version="0")
+               == 3000, 60, "3,000 outcomes")
+    first.proc.kill()  # SIGKILL: no commit, no flush; the next worker replays
+    first.proc.wait(timeout=30)
+
+    second = start_worker()
+    run(produce(kafka_broker, batch(3000, 5000)))
+    mv = {"model": "fraud", "version": "0"}
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 5000, 90,
+               "5,000 outcomes on the restarted worker")
+    assert second.value("driftwarden_predictions_total", **mv) == 5000
+    assert second.value("driftwarden_pending_labels") == 0
+    # Every fifth odd prediction is wrong: 500 of 5,000.
+    assert second.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
