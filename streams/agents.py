@@ -200,17 +200,17 @@ class Pipeline:
         tps = [tp for tp in consumer.assignment() if tp.topic in self.logical]
         if not tps:
             return
+        # Only calls that read the consumer's state: position() can wait on an offset reset
+        # that needs the very fetch loop it queues behind, and stall the worker.
         highwaters = await consumer.highwaters(*tps)
+        committed = getattr(consumer, "_committed_offset", {})  # Faust keeps no public view
         lag = {}
         for tp in tps:
             high = highwaters.get(tp)
             if high is None:
                 continue
-            position = self.next_offset.get(tp)
-            if position is None:
-                position = await consumer.position(tp)
-            if position is not None:
-                lag[self.logical[tp.topic], tp.partition] = max(0, high - position)
+            position = self.next_offset.get(tp, committed.get(tp) or 0)
+            lag[self.logical[tp.topic], tp.partition] = max(0, high - position)
         self.snapshot.lag = lag
 
     # -- references ---------------------------------------------------------------------

@@ -61,6 +61,10 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         table_standby_replicas=0,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
+        # A worker that dies is noticed after this long and its partitions move on; the
+        # heartbeats run in the consumer's own thread, so busy agents do not miss them.
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.session_timeout_seconds / 3,
         producer_acks=-1,
         producer_max_request_size=4 * 1024 * 1024,
         # Small per-partition fetches keep partitions progressing evenly when catching up.

@@ -41,6 +41,7 @@ class Settings:
     partitions: int = 8
     replication_factor: int = 1
     max_models: int = 1000
+    session_timeout_seconds: float = 10.0
     app_id: str = "driftwarden"
     store: str = "memory://"
     batch_size: int = 1000
@@ -68,6 +69,8 @@ class Settings:
             policy_file=get.path("POLICY_FILE"),
             partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
             max_models=get.integer("MAX_MODELS", cls.max_models, 1, 1_000_000),
+            session_timeout_seconds=get.number("SESSION_TIMEOUT_SECONDS",
+                                               cls.session_timeout_seconds),
             replication_factor=get.integer(
                 "REPLICATION_FACTOR", cls.replication_factor, 1, 32),
             app_id=get.text("APP_ID", cls.app_id),
