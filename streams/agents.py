@@ -93,6 +93,7 @@ class Pipeline:
 
         @app.timer(5.0)
         async def lag() -> None:
+            await self.check_broker()
             await self.measure_lag()
             self.rebuild_snapshot()
 
@@ -194,6 +195,26 @@ class Pipeline:
         ]
         return await self.app.producer.send(
             self.names.dead_letters, d.key, d.raw, None, None, headers)
+
+    async def check_broker(self) -> None:
+        """``driftwarden_broker_up``: can a bootstrap server be reached; logged per outage."""
+        up = False
+        for server in self.settings.bootstrap_servers.split(","):
+            host, _, port = server.rpartition(":")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
+            except (OSError, TimeoutError, ValueError):
+                continue
+            writer.close()
+            up = True
+            break
+        if up != self.snapshot.broker_up:
+            if up:
+                log.warning("Kafka is reachable again at %s", self.settings.bootstrap_servers)
+            else:
+                log.warning("Kafka unreachable at %s; clients retry with backoff",
+                            self.settings.bootstrap_servers)
+        self.snapshot.broker_up = up
 
     async def measure_lag(self) -> None:
         consumer = self.app.consumer

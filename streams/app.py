@@ -61,6 +61,11 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         table_standby_replicas=0,
         web_bind="127.0.0.1",
         web_host="127.0.0.1",
+        # The table and router pages would serve prediction ids and state to anyone who
+        # reaches the port; the graph page is a debugging aid. Off.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_graph_enabled=False,
         # A worker that dies is noticed after this long and its partitions move on; the
         # heartbeats run in the consumer's own thread, so busy agents do not miss them.
         broker_session_timeout=settings.session_timeout_seconds,

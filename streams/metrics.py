@@ -50,6 +50,7 @@ class Snapshot:
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
     # Model-labelled series are exported for this many models at most (by name).
     max_models: int = 1000
+    broker_up: bool = True
 
     def set_join(self, partition: int, counts: dict[str, dict[str, int]], pending: int) -> None:
         self.join[partition] = {"counts": {k: dict(v) for k, v in counts.items()},
@@ -123,6 +124,10 @@ class _Collector(Collector):
                 if row["last_ts"] is not None:
                     last.add_metric([model, row["version"]], row["last_ts"])
         yield last
+        broker = GaugeMetricFamily(
+            "driftwarden_broker_up", "1 when a Kafka bootstrap server accepts connections.")
+        broker.add_metric([], 1.0 if self.snapshot.broker_up else 0.0)
+        yield broker
         capped = GaugeMetricFamily(
             "driftwarden_models_dropped",
             "Models whose series are not exported because of DRIFTWARDEN_MAX_MODELS.")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import orjson
+import pytest
 
 from tests.streams.harness import ROOT, create_topics, produce, run, wait_until
 
@@ -103,3 +106,13 @@ def test_state_survives_kill_9_exactly(start_worker, kafka_broker, prefix):
     assert second.value("driftwarden_pending_labels") == 0
     # Every fifth odd prediction is wrong: 500 of 5,000.
     assert second.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
+
+
+def test_faust_web_server_is_local_and_serves_no_table_pages(start_worker):
+    worker = start_worker()
+    base = f"http://127.0.0.1:{worker.web_port}"
+    for page in ("/table/join/", "/table/models/", "/router/", "/graph/"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + page, timeout=5)
+        assert info.value.code == 404, page
+    assert "127.0.0.1" in worker.log_text().split("web", 1)[1].splitlines()[0]
