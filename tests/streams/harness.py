@@ -189,3 +189,17 @@ async def create_topics(broker: str, partitions: dict[str, int]) -> None:
         await admin.create_topics([NewTopic(t, n, 1) for t, n in partitions.items()])
     finally:
         await admin.close()
+
+
+def labelled(prefix: str, ids: range, model: str = "fraud",
+             label: Callable[[int], int] = lambda i: i % 2) -> list[tuple[str, bytes, bytes]]:
+    """A prediction (of ``i % 2``) and its label for each ``i``, as records to produce."""
+    out = []
+    for i in ids:
+        event_id = f"{model}-{i}"
+        out.append((prefix + "predictions", event_id.encode(), orjson.dumps(
+            {"id": event_id, "model": model, "features": {"x": float(i)},
+             "prediction": i % 2})))
+        out.append((prefix + "labels", event_id.encode(),
+                    orjson.dumps({"id": event_id, "label": label(i)})))
+    return out

@@ -7,10 +7,9 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
-from tests.streams.harness import ROOT, Worker, new_prefix, produce, run, wait_until
+from tests.streams.harness import ROOT, Worker, labelled, new_prefix, produce, run, wait_until
 
 KAFKA = ROOT / "deploy" / "kafka" / "kafka.sh"
 PORT, CONTROLLER_PORT = 19192, 19193  # a broker of this test's own, not the suite's
@@ -30,25 +29,13 @@ def own_broker(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         subprocess.run([str(KAFKA), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def _events(start: int, stop: int, prefix: str) -> list[tuple[str, bytes, bytes]]:
-    out = []
-    for i in range(start, stop):
-        event_id = f"o-{i}".encode()
-        out.append((prefix + "predictions", event_id, orjson.dumps(
-            {"id": event_id.decode(), "model": "fraud", "features": {"x": float(i)},
-             "prediction": i % 2})))
-        out.append((prefix + "labels", event_id, orjson.dumps(
-            {"id": event_id.decode(), "label": i % 2})))
-    return out
-
-
 def test_worker_rides_out_a_broker_outage(own_broker, tmp_path):
     broker, env = own_broker
     prefix = new_prefix()
     worker = Worker(broker, prefix, tmp_path).start()
     mv = {"model": "fraud", "version": "0"}
     try:
-        run(produce(broker, _events(0, 1000, prefix)))
+        run(produce(broker, labelled(prefix, range(1000))))
         wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == 1000, 60,
                    "1,000 outcomes before the outage")
         pid = worker.proc.pid
@@ -65,7 +52,7 @@ def test_worker_rides_out_a_broker_outage(own_broker, tmp_path):
         assert start.returncode == 0, start.stderr
         wait_until(lambda: worker.value("driftwarden_broker_up") == 1, 60,
                    "driftwarden_broker_up back to 1")
-        run(produce(broker, _events(1000, 2000, prefix)))
+        run(produce(broker, labelled(prefix, range(1000, 2000))))
         wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == 2000, 120,
                    "2,000 outcomes after the outage")
         assert worker.value("driftwarden_predictions_total", **mv) == 2000

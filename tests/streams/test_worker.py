@@ -10,7 +10,7 @@ import urllib.request
 import orjson
 import pytest
 
-from tests.streams.harness import ROOT, create_topics, produce, run, wait_until
+from tests.streams.harness import ROOT, create_topics, labelled, produce, run, wait_until
 
 
 def test_worker_consumes_a_prediction(start_worker, kafka_broker, prefix):
@@ -49,13 +49,7 @@ def test_a_rebalance_moves_series_to_the_new_owner_without_duplicates(start_work
     models = [f"m{k}" for k in range(10)]
     records = []
     for k, model in enumerate(models):
-        for i in range(200):
-            event_id = f"{model}-{i}".encode()
-            records.append((prefix + "predictions", event_id, orjson.dumps(
-                {"id": event_id.decode(), "model": model, "features": {"x": float(i)},
-                 "prediction": i % 2})))
-            records.append((prefix + "labels", event_id, orjson.dumps(
-                {"id": event_id.decode(), "label": (i + k) % 2})))
+        records += labelled(prefix, range(200), model, label=lambda i, k=k: (i + k) % 2)
     first = start_worker()
     run(produce(kafka_broker, records))
     wait_until(lambda: first.total("driftwarden_outcomes_total") == 2000, 60,
@@ -80,15 +74,7 @@ def test_a_rebalance_moves_series_to_the_new_owner_without_duplicates(start_work
 
 def test_state_survives_kill_9_exactly(start_worker, kafka_broker, prefix):
     def batch(start: int, stop: int) -> list[tuple[str, bytes, bytes]]:
-        out = []
-        for i in range(start, stop):
-            event_id = f"k-{i}".encode()
-            out.append((prefix + "predictions", event_id, orjson.dumps(
-                {"id": event_id.decode(), "model": "fraud", "features": {"x": float(i)},
-                 "prediction": i % 2})))
-            out.append((prefix + "labels", event_id, orjson.dumps(
-                {"id": event_id.decode(), "label": 0 if i % 5 == 0 else i % 2})))
-        return out
+        return labelled(prefix, range(start, stop), label=lambda i: 0 if i % 5 == 0 else i % 2)
 
     first = start_worker()
     run(produce(kafka_broker, batch(0, 3000)))
@@ -114,5 +100,6 @@ def test_faust_web_server_is_local_and_serves_no_table_pages(start_worker):
     for page in ("/table/join/", "/table/models/", "/router/", "/graph/"):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(base + page, timeout=5)
+        info.value.close()  # the error holds the response and its socket
         assert info.value.code == 404, page
     assert "127.0.0.1" in worker.log_text().split("web", 1)[1].splitlines()[0]
