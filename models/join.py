@@ -8,7 +8,11 @@ in tests); values are compact orjson lists so a pending prediction costs few byt
 kind       value
 =========  ==============================================================
 ``P``      pending prediction ``["P", ts, partition, model, version, prediction, scores]``
-``L``      label seen before its prediction ``["L", ts, partition, label, model, offset, raw]``
+``L``      label seen before its prediction ``["L", ts, partition, label, model, offset, raw]``,
+           plus, when the first label names a model, later labels for the same id as
+           ``[[ts, label, model, offset, raw], ...]`` at index 7: until the prediction
+           says which model is right, a label naming another one must not shut out a
+           correct label that follows it
 ``D``      matched, ``["D", ts, partition]``: kept until the TTL runs out, to spot duplicates
 =========  ==============================================================
 
@@ -213,8 +217,9 @@ class JoinPartition:
                 if kind == "P":
                     self._count("expired", f"{entry[3]}|{entry[4]}")
                 elif kind == "L":
-                    self._dead(LABELS, entry[5], "unmatched_label", entry[6].encode(),
-                               event_id.encode())
+                    for cand in _candidates(entry):
+                        self._dead(LABELS, cand[3], "unmatched_label", cand[4].encode(),
+                                   event_id.encode())
                 self._touch_meta()
 
     def pending(self) -> int:
@@ -260,17 +265,23 @@ class JoinPartition:
                         [p.ts, p.features, p.prediction, confidence])
         )
         if label_first is not None:
-            _, l_ts, _, label, l_model, l_offset, l_raw = label_first
-            bad = ("model_mismatch" if l_model is not None and l_model != p.model
-                   else "invalid_label" if numeric and not isinstance(label, float) else None)
-            if bad is not None:
-                # The stored label is the bad one: it names another model, or is no number.
+            # The first label that fits wins; those naming another model (or, for a
+            # regression, no number) are dead-lettered, later fitting ones are duplicates.
+            winner = None
+            for l_ts, label, l_model, l_offset, l_raw in _candidates(label_first):
+                bad = ("model_mismatch" if l_model is not None and l_model != p.model
+                       else "invalid_label" if numeric and not isinstance(label, float)
+                       else "duplicate_label" if winner is not None else None)
+                if bad is None:
+                    winner = (l_ts, label)
+                    continue
                 self._count("dead", f"labels|{bad}")
                 self.dead_letters.append(
                     DeadLetter(LABELS, self.partition, l_offset, bad, l_raw.encode(),
                                p.id.encode())
                 )
-            else:
+            if winner is not None:
+                l_ts, label = winner
                 self._match(p.id, p.model, p.version, p.prediction, p.scores, p.ts,
                             label, l_ts, "p", offset, min(p.ts, l_ts))
                 return
@@ -284,6 +295,13 @@ class JoinPartition:
             self._put(lab.id, entry)
             return
         entry = orjson.loads(existing)
+        if entry[0] == "L" and entry[4] is not None:
+            # The first label named a model: keep this one too until the prediction comes.
+            entry = [*entry[:7], [*(entry[7] if len(entry) > 7 else []),
+                                  [lab.ts, lab.label, lab.model, offset, raw.decode()]]]
+            self.store[lab.id] = orjson.dumps(entry)
+            self.dirty.add(lab.id)
+            return
         if entry[0] != "P":
             raise InvalidEvent("duplicate_label", f"label for id {lab.id!r} seen before")
         _, p_ts, _, model, version, prediction, scores = entry
@@ -354,3 +372,9 @@ def _pending(counts: dict[str, dict[str, int]]) -> int:
     return sum(counts.get("predictions", {}).values()) - sum(
         counts.get("matched", {}).values()
     ) - sum(counts.get("expired", {}).values())
+
+
+def _candidates(entry: list[Any]) -> list[list[Any]]:
+    """The labels an ``L`` entry holds, first first: ``[ts, label, model, offset, raw]``."""
+    _, ts, _, label, model, offset, raw, *later = entry
+    return [[ts, label, model, offset, raw], *(later[0] if later else [])]

@@ -439,3 +439,27 @@ def test_regression_model_dead_letters_non_numeric_predictions_and_labels() -> N
     assert part.counts["dead"] == {"predictions|invalid_prediction": 1,
                                    "labels|invalid_label": 2}
     assert part.pending() == 1  # "c" still waits for a numeric label
+
+
+def test_a_label_naming_another_model_does_not_shut_out_the_right_one() -> None:
+    # All labels before the prediction: which one fits is known only when it comes.
+    part, feed = new()
+    feed("labels", label("a", 101.0, value=0, model="other"))
+    feed("labels", label("a", 102.0, value=1, model="m"))
+    feed("labels", label("a", 103.0, value=0))
+    feed("predictions", prediction("a", 100.0))
+    assert [(d.offset, d.reason) for d in part.dead_letters] == [
+        (0, "model_mismatch"), (2, "duplicate_label")]
+    assert [r.item[1:3] for r in outcomes(part)] == [[1.0, 1.0]]  # the second label won
+    assert part.counts["matched"] == {"m|1": 1}
+    assert part.pending() == 0
+
+
+def test_waiting_labels_all_expire_as_unmatched() -> None:
+    part, feed = new()
+    feed("labels", label("a", 100.0, value=0, model="other"))
+    feed("labels", label("a", 101.0, value=1, model="m"))
+    feed("predictions", prediction("b", 100.0 + TTL + 10))  # predictions move on
+    part.expire()
+    assert [(d.offset, d.reason) for d in part.dead_letters] == [
+        (0, "unmatched_label"), (1, "unmatched_label")]

@@ -126,9 +126,13 @@ def test_bad_input_is_dead_lettered_counted_and_harmless(start_worker, kafka_bro
     run(produce(kafka_broker, [(prefix + t, k, v) for t, k, v in records]))
 
     n_dead = sum(expected.values())
-    wait_until(lambda: worker.total("driftwarden_dead_letters_total") >= n_dead
-               and worker.value("driftwarden_outcomes_total", model="fraud", version="1")
-               >= N_VALID + 1, 120, f"{n_dead} dead letters and {N_VALID + 1} outcomes")
+    try:
+        wait_until(lambda: worker.total("driftwarden_dead_letters_total") >= n_dead
+                   and worker.value("driftwarden_outcomes_total", model="fraud", version="1")
+                   >= N_VALID + 1, 120, f"{n_dead} dead letters and {N_VALID + 1} outcomes")
+    except AssertionError as exc:
+        seen = {k: v for k, v in worker.metrics().items() if "driftwarden" in k[0]}
+        raise AssertionError(f"{exc}; the worker reports {seen}") from None
 
     # Counted per reason, exactly.
     counted = {(dict(labels)["topic"], dict(labels)["reason"]): v
