@@ -153,9 +153,13 @@ class ModelState:
         self.rejected = 0  # outcomes a regression model cannot score (non-numeric)
         self.references: dict[str, str] = {}  # version -> fingerprint of the profile in use
 
-    def use_reference(self, profile: ReferenceProfile) -> bool:
-        """Adopt a published profile for its version unless it is in use; True if adopted."""
-        fingerprint = profile.fingerprint()
+    def use_reference(self, profile: ReferenceProfile, fingerprint: str | None = None) -> bool:
+        """Adopt a published profile for its version unless it is in use; True if adopted.
+
+        ``fingerprint`` is ``profile.fingerprint()``, passed by callers that hold it so
+        the profile is not encoded and hashed on every call.
+        """
+        fingerprint = fingerprint or profile.fingerprint()
         if self.references.get(profile.version) == fingerprint:
             return False
         self.references[profile.version] = fingerprint

@@ -276,8 +276,7 @@ class RetrainingPolicy:
         reasons.extend(extra_reasons or [])
         if not reasons:
             return None
-        if self.last_fired is not None and ts - self.last_fired < cfg.cooldown_seconds:
-            self.suppressed += 1
+        if self._cooling(ts):
             return None
         return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
 
@@ -292,11 +291,17 @@ class RetrainingPolicy:
             self.window_start = ts
         if not reasons:
             return None
-        if self.last_fired is not None and ts - self.last_fired < self.config.cooldown_seconds:
-            self.suppressed += 1
+        if self._cooling(ts):
             return None
         accuracy = metrics.get("rolling_accuracy")
         return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
+
+    def _cooling(self, ts: float) -> bool:
+        """Within the cooldown of the last event: the signal is suppressed (and counted)."""
+        if self.last_fired is not None and ts - self.last_fired < self.config.cooldown_seconds:
+            self.suppressed += 1
+            return True
+        return False
 
     def _fire(self, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
               predictions_seen: int, accuracy: float | None,

@@ -58,9 +58,9 @@ class Pipeline:
         # Caches over the tables; dropped on every rebalance and rebuilt from the tables.
         self.joins: dict[int, JoinPartition] = {}
         self.states: dict[str, tuple[int, ModelState]] = {}
-        # Published reference profiles: model -> {version: profile}. Every worker reads
-        # the whole compacted topic, whichever models it owns.
-        self.references: dict[str, dict[str, ReferenceProfile]] = {}
+        # Published reference profiles: model -> {version: (fingerprint, profile)}. Every
+        # worker reads the whole compacted topic, whichever models it owns.
+        self.references: dict[str, dict[str, tuple[str, ReferenceProfile]]] = {}
         # Next offset to process per input partition, for the consumer-lag gauge.
         self.next_offset: dict[Any, int] = {}
         self._stale_snapshot = False
@@ -86,7 +86,6 @@ class Pipeline:
             async for events in self._batches(stream):
                 await self.monitor_batch(events)
 
-        # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
         @app.task
         async def references() -> None:
             await self.follow_references()
@@ -97,6 +96,7 @@ class Pipeline:
             await self.measure_lag()
             self.rebuild_snapshot()
 
+        # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
@@ -267,7 +267,8 @@ class Pipeline:
             await self._dead_letter(DeadLetter("references", rec.partition, rec.offset,
                                                "invalid_reference", rec.value, rec.key))
             return
-        self.references.setdefault(profile.model, {})[profile.version] = profile
+        self.references.setdefault(profile.model, {})[profile.version] = (
+            profile.fingerprint(), profile)
         log.info("reference profile for %s (%d rows) received", profile.key, profile.n)
 
     # -- monitor ------------------------------------------------------------------------
@@ -285,8 +286,8 @@ class Pipeline:
                 state = codec.loads(raw) if raw is not None else ModelState(model, self.policies)
                 entry = self.states[model] = (msg.partition, state)
             state = entry[1]
-            for profile in self.references.get(model, {}).values():
-                state.use_reference(profile)
+            for fingerprint, profile in self.references.get(model, {}).values():
+                state.use_reference(profile, fingerprint)
             skipped = state.replays_skipped
             for kind, version, source, offset, sub, item in orjson.loads(event.value):
                 fired = state.absorb(ModelRecord(kind, model, version, source, (offset, sub), item))
