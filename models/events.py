@@ -69,6 +69,7 @@ REASONS = frozenset(
         "unmatched_label",  # label whose prediction never arrived within the TTL
         "duplicate_prediction",
         "duplicate_label",
+        "too_many_models",  # a partition already follows its most model versions
     }
 )
 

@@ -17,12 +17,31 @@ kind       value
 =========  ==============================================================
 
 Per partition a meta entry records the source offsets absorbed (replays at or below them
-are skipped: DESIGN.md section 5), the event-time watermark of each side, and the
-counters. Entries expire by event time, judged by the side they wait for: a pending
-prediction expires once the labels seen on its partition are more than ``ttl`` seconds
-newer than it; a pending label once the predictions are; a ``D`` marker once both are.
-So a topic consumed ahead of the other (a backlog, a lagging partition) never expires
-entries whose partner simply has not been read yet.
+are skipped: DESIGN.md section 5), the event-time watermark of each side, the counters
+and the number of batches drained. Entries expire by event time, judged by the side they
+wait for: a pending prediction expires once the labels seen on its partition are more
+than ``ttl`` seconds newer than it; a pending label once the predictions are; a ``D``
+marker once both are. So a topic consumed ahead of the other (a backlog, a lagging
+partition) never expires entries whose partner simply has not been read yet.
+
+Crash safety. A batch changes many keys, and Kafka makes only single messages atomic, so
+:meth:`JoinPartition.drain` hands over, in the order they must reach Kafka (a
+:class:`Flush`):
+
+1. the ``p`` records and the dead letters of unparseable events. Both follow from each
+   event's bytes alone, so a replay after a crash sends them again identically and the
+   model stage skips them by position;
+2. one write-ahead entry (``wal``) holding every changed key, the ``o`` records and the
+   other dead letters. Which label meets which prediction first depends on how the two
+   topics interleave, which a replay need not repeat; so these are sent only once the
+   write-ahead entry is stored, and re-sent from it after a crash;
+3. the ``o`` records and those dead letters;
+4. the changed keys themselves, the meta entry among them.
+
+A partition opened over a store whose write-ahead entry is newer than its meta entry
+(the worker died during 3 or 4) applies it and offers its records again as
+:attr:`JoinPartition.recovered`. ``o`` records are positioned by batch, ``("o3",
+(batch, i))``, so that the model stage skips exactly those it already absorbed.
 
 Examples
 --------
@@ -45,7 +64,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -60,7 +79,7 @@ from models.events import (
     parse_prediction,
 )
 
-__all__ = ["DeadLetter", "JoinPartition", "ModelRecord", "meta_key"]
+__all__ = ["DeadLetter", "Flush", "JoinPartition", "ModelRecord", "meta_key", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -70,6 +89,11 @@ _SOURCE_CODE = {PREDICTIONS: "p", LABELS: "l"}
 def meta_key(partition: int) -> str:
     """Store key of a partition's meta entry (cannot collide with an id: ids are JSON text)."""
     return f"\x00meta:{partition}"
+
+
+def wal_key(partition: int) -> str:
+    """Store key of a partition's write-ahead entry (see the module docstring)."""
+    return f"\x00wal:{partition}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +106,8 @@ class DeadLetter:
     reason: str
     raw: bytes
     key: bytes | None = None
+    # True when the reason depends on the join's state rather than on the bytes alone.
+    stateful: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,22 +130,69 @@ class ModelRecord:
     item: list[Any]
 
 
+class Flush(NamedTuple):
+    """What :meth:`JoinPartition.drain` hands over (module docstring: the order to send)."""
+
+    records: list[ModelRecord]
+    dead_letters: list[DeadLetter]
+    writes: dict[str, bytes | None]  # changed store entries, None = deleted
+    wal: bytes | None  # the write-ahead entry, stored under wal_key(partition)
+
+    def early(self) -> tuple[list[ModelRecord], list[DeadLetter]]:
+        """What may be sent before the write-ahead entry: replays repeat it exactly."""
+        return ([r for r in self.records if r.kind == "p"],
+                [d for d in self.dead_letters if not d.stateful])
+
+    def outbox(self) -> tuple[list[ModelRecord], list[DeadLetter]]:
+        """What is sent only once the write-ahead entry is stored."""
+        return ([r for r in self.records if r.kind != "p"],
+                [d for d in self.dead_letters if d.stateful])
+
+
 @dataclass(slots=True)
 class _Meta:
     offsets: dict[str, int] = field(default_factory=dict)
     watermarks: dict[str, float] = field(default_factory=dict)  # source -> newest ts
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    batches: int = 0  # batches drained; positions the next batch's o records
 
     def encode(self) -> bytes:
-        return orjson.dumps({"o": self.offsets, "w": self.watermarks, "c": self.counts})
+        return orjson.dumps({"o": self.offsets, "w": self.watermarks, "c": self.counts,
+                             "s": self.batches})
 
     @classmethod
     def decode(cls, raw: bytes) -> _Meta:
         try:
             doc = orjson.loads(raw)
-            return cls(doc["o"], doc["w"], doc["c"])
+            return cls(doc["o"], doc["w"], doc["c"], doc.get("s", 0))
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise StateError(f"join meta entry is unreadable: {exc}") from exc
+
+
+def _encode_wal(batch: int, writes: dict[str, bytes | None], records: list[ModelRecord],
+                dead: list[DeadLetter]) -> bytes:
+    # Keys and dead-letter bytes travel as latin-1 text: any bytes round-trip.
+    return orjson.dumps({
+        "s": batch,
+        "w": {k: None if v is None else v.decode() for k, v in writes.items()},
+        "r": [[r.kind, r.model, r.version, r.source, *r.position, r.item] for r in records],
+        "d": [[d.topic, d.partition, d.offset, d.reason, d.raw.decode("latin-1"),
+               None if d.key is None else d.key.decode("latin-1")] for d in dead],
+    })
+
+
+def _decode_wal(raw: bytes) -> tuple[int, Flush]:
+    try:
+        doc = orjson.loads(raw)
+        writes = {k: None if v is None else v.encode() for k, v in doc["w"].items()}
+        records = [ModelRecord(kind, model, version, source, (offset, sub), item)
+                   for kind, model, version, source, offset, sub, item in doc["r"]]
+        dead = [DeadLetter(topic, partition, offset, reason, raw.encode("latin-1"),
+                           None if key is None else key.encode("latin-1"), stateful=True)
+                for topic, partition, offset, reason, raw, key in doc["d"]]
+        return int(doc["s"]), Flush(records, dead, writes, None)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"join write-ahead entry is unreadable: {exc}") from exc
 
 
 class JoinPartition:
@@ -135,6 +208,11 @@ class JoinPartition:
         Seconds of event time an unmatched entry is kept.
     limits
         Event size bounds.
+    regression
+        Whether a model is a regression (its predictions and labels must be numbers).
+    max_versions
+        Most distinct model versions this partition follows; predictions of further ones
+        are dead-lettered as ``too_many_models`` (a flood of names must not grow state).
 
     Attributes
     ----------
@@ -144,6 +222,12 @@ class JoinPartition:
         DeadLetters produced since the last :meth:`drain`.
     skipped
         Replayed events skipped because their offset was already absorbed.
+    held
+        Bytes of input absorbed (and dead letters made) since the last :meth:`drain`:
+        callers drain early when it grows, to keep the write-ahead entry small.
+    recovered
+        A Flush of the outbox and changed keys of a batch the worker died sending, when
+        the store held one (module docstring); the caller sends it, then sets None.
     """
 
     def __init__(
@@ -153,6 +237,7 @@ class JoinPartition:
         ttl: float,
         limits: Limits = DEFAULT_LIMITS,
         regression: Callable[[str], bool] = lambda model: False,
+        max_versions: int = 1000,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
@@ -161,12 +246,27 @@ class JoinPartition:
         self.ttl = ttl
         self.limits = limits
         self.regression = regression
+        self.max_versions = max_versions
         self.records: list[ModelRecord] = []
         self.dead_letters: list[DeadLetter] = []
         self.dirty: set[str] = set()
         self.skipped = 0
+        self.held = 0
+        self._outcomes = 0  # o records made in the current batch
         raw_meta = store.get(meta_key(partition))
         self._meta = _Meta.decode(raw_meta) if raw_meta is not None else _Meta()
+        self.recovered: Flush | None = None
+        raw_wal = store.get(wal_key(partition))
+        if raw_wal is not None:
+            batch, flush = _decode_wal(raw_wal)
+            if batch > self._meta.batches:  # the worker died before the batch was stored
+                for key, value in flush.writes.items():
+                    if value is None:
+                        store.pop(key, None)
+                    else:
+                        store[key] = value
+                self._meta = _Meta.decode(store[meta_key(partition)])
+                self.recovered = flush
         # One heap per entry kind, (ts, id); items whose entry changed are skipped on pop.
         self._heaps: dict[str, list[tuple[float, str]]] = self._rebuild_heaps()
 
@@ -189,23 +289,37 @@ class JoinPartition:
         if offset <= self._meta.offsets.get(source, -1):
             self.skipped += 1
             return
+        raw = raw or b""
+        self.held += len(raw)
+        event: Prediction | Label
         try:
             if topic == PREDICTIONS:
-                self._prediction(parse_prediction(raw or b"", kafka_ts, self.limits), offset)
+                event = parse_prediction(raw, kafka_ts, self.limits)
             else:
-                self._label(parse_label(raw or b"", kafka_ts, self.limits), offset, raw or b"")
+                event = parse_label(raw, kafka_ts, self.limits)
         except InvalidEvent as exc:
-            self._dead(topic, offset, exc.reason, raw or b"", key)
+            self._dead(topic, offset, exc.reason, raw, key, stateful=False)
+        else:
+            try:
+                if isinstance(event, Prediction):
+                    self._prediction(event, offset)
+                else:
+                    self._label(event, offset, raw)
+            except InvalidEvent as exc:
+                self._dead(topic, offset, exc.reason, raw, key)
         self._meta.offsets[source] = offset
         self._touch_meta()
 
-    def expire(self) -> None:
-        """Remove entries their partner can no longer join; count or dead-letter them."""
+    def expire(self, budget: float = float("inf")) -> None:
+        """Remove entries their partner can no longer join; count or dead-letter them.
+
+        Stops once :attr:`held` reaches ``budget`` bytes; the rest expire next time.
+        """
         wm_p, wm_l = self.watermark("p"), self.watermark("l")
         cutoffs = {"P": wm_l, "L": wm_p, "D": min(wm_p, wm_l)}
         for kind, heap in self._heaps.items():
             cutoff = cutoffs[kind] - self.ttl
-            while heap and heap[0][0] < cutoff:
+            while heap and heap[0][0] < cutoff and self.held < budget:
                 ts, event_id = heapq.heappop(heap)
                 raw = self.store.get(event_id)
                 if raw is None:
@@ -218,7 +332,9 @@ class JoinPartition:
                     self._count("expired", f"{entry[3]}|{entry[4]}")
                 elif kind == "L":
                     for cand in _candidates(entry):
-                        self._dead(LABELS, cand[3], "unmatched_label", cand[4].encode(),
+                        raw_label = cand[4].encode()
+                        self.held += len(raw_label)
+                        self._dead(LABELS, cand[3], "unmatched_label", raw_label,
                                    event_id.encode())
                 self._touch_meta()
 
@@ -233,14 +349,20 @@ class JoinPartition:
         counts = _Meta.decode(raw).counts if raw is not None else {}
         return counts, _pending(counts)
 
-    def drain(self) -> tuple[list[ModelRecord], list[DeadLetter], dict[str, bytes | None]]:
-        """Hand over records, dead letters and changed store entries (None = deleted)."""
-        if self.dirty:
-            self.store[meta_key(self.partition)] = self._meta.encode()
+    def drain(self) -> Flush:
+        """Hand over records, dead letters, changed entries and the write-ahead entry."""
+        if not self.dirty:
+            return Flush([], [], {}, None)
+        self._meta.batches += 1
+        self.store[meta_key(self.partition)] = self._meta.encode()
         records, dead = self.records, self.dead_letters
         writes = {k: self.store.get(k) for k in self.dirty}
+        flush = Flush(records, dead, writes, None)
+        wal = _encode_wal(self._meta.batches, writes, *flush.outbox())
+        self.store[wal_key(self.partition)] = wal
         self.records, self.dead_letters, self.dirty = [], [], set()
-        return records, dead, writes
+        self.held = self._outcomes = 0
+        return flush._replace(wal=wal)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -258,6 +380,11 @@ class JoinPartition:
             raise InvalidEvent("invalid_prediction",
                                f"field 'prediction' must be a number: {p.model!r} is a regression")
         mv = f"{p.model}|{p.version}"
+        followed = self._meta.counts.get("predictions", {})
+        if mv not in followed and len(followed) >= self.max_versions:
+            raise InvalidEvent("too_many_models",
+                               f"field 'model': partition {self.partition} already follows "
+                               f"{self.max_versions} model versions")
         self._count("predictions", mv)
         confidence = p.confidence
         self.records.append(
@@ -278,12 +405,12 @@ class JoinPartition:
                 self._count("dead", f"labels|{bad}")
                 self.dead_letters.append(
                     DeadLetter(LABELS, self.partition, l_offset, bad, l_raw.encode(),
-                               p.id.encode())
+                               p.id.encode(), stateful=True)
                 )
             if winner is not None:
                 l_ts, label = winner
                 self._match(p.id, p.model, p.version, p.prediction, p.scores, p.ts,
-                            label, l_ts, "p", offset, min(p.ts, l_ts))
+                            label, l_ts, min(p.ts, l_ts))
                 return
         self._put(p.id, ["P", p.ts, self.partition, p.model, p.version, p.prediction, p.scores])
 
@@ -310,12 +437,11 @@ class JoinPartition:
         if self.regression(model) and not isinstance(lab.label, float):
             raise InvalidEvent("invalid_label",
                                f"field 'label' must be a number: {model!r} is a regression")
-        self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts,
-                    "l", offset, p_ts)
+        self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts, p_ts)
 
     def _match(self, event_id: str, model: str, version: str, prediction: Any,
                scores: dict[str, float] | None, p_ts: float, label: Any, l_ts: float,
-               source: str, offset: int, entry_ts: float) -> None:
+               entry_ts: float) -> None:
         mv = f"{model}|{version}"
         self._count("matched", mv)
         p_label = None
@@ -324,15 +450,21 @@ class JoinPartition:
             confidence = max(scores.values())
             p_label = scores.get(class_key(label), 0.0)
         delay = max(0.0, l_ts - p_ts)
+        # Positioned by batch, not by the event that completed the pair: a replay may
+        # pair them the other way round (module docstring).
         self.records.append(
-            ModelRecord("o", model, version, source + str(self.partition), (offset, 1),
+            ModelRecord("o", model, version, f"o{self.partition}",
+                        (self._meta.batches + 1, self._outcomes),
                         [max(p_ts, l_ts), prediction, label, p_label, confidence, delay])
         )
+        self._outcomes += 1
         self._put(event_id, ["D", entry_ts, self.partition])
 
-    def _dead(self, topic: str, offset: int, reason: str, raw: bytes, key: bytes | None) -> None:
+    def _dead(self, topic: str, offset: int, reason: str, raw: bytes, key: bytes | None,
+              stateful: bool = True) -> None:
         self._count("dead", f"{topic}|{reason}")
-        self.dead_letters.append(DeadLetter(topic, self.partition, offset, reason, raw, key))
+        self.dead_letters.append(
+            DeadLetter(topic, self.partition, offset, reason, raw, key, stateful))
 
     def _see(self, source: str, ts: float) -> None:
         if ts > self._meta.watermarks.get(source, float("-inf")):

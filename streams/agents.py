@@ -1,10 +1,13 @@
 """The two stateful agents: ``join`` (keyed by prediction id) and ``monitor`` (by model).
 
-Each takes a batch of events, calls ``models/``, then writes in this order:
+Each takes a batch of events, calls ``models/``, then writes, awaiting the acks of each
+step before the next:
 
-1. records for the next stage, retraining events and dead letters, awaiting the acks;
-2. the changed table entries to the changelog (once per key per batch);
-3. the metrics snapshot.
+- join, per partition (``models.join`` explains why this order): the ``p`` records and
+  the dead letters of unparseable events; the write-ahead entry; the ``o`` records and
+  the other dead letters; the changed entries, meta entry among them;
+- monitor: retraining events, then each changed model's state (one message per model);
+- then the metrics snapshot.
 
 Faust commits a consumer offset only after flushing the producer, so a committed offset
 implies written state; state written without a committed offset is re-read after a crash
@@ -27,7 +30,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from models import codec
 from models.errors import ConfigError
-from models.join import DeadLetter, JoinPartition, ModelRecord
+from models.join import DeadLetter, Flush, JoinPartition, ModelRecord, wal_key
 from models.monitor import ModelState
 from models.policy import PolicyBook
 from models.reference import ReferenceProfile
@@ -41,6 +44,9 @@ __all__ = ["Pipeline"]
 log = logging.getLogger(__name__)
 # The partition the join's producer sends a model's records to (Kafka's murmur2 default).
 _PARTITIONER = DefaultPartitioner()
+# A join partition is drained early once it holds this many bytes of input, so that its
+# write-ahead entry stays well inside the changelog's message size limit.
+_FLUSH_BYTES = 1 << 20
 
 
 class Pipeline:
@@ -64,6 +70,8 @@ class Pipeline:
         # Next offset to process per input partition, for the consumer-lag gauge.
         self.next_offset: dict[Any, int] = {}
         self._stale_snapshot = False
+        # The join agent and the timer that opens recovered partitions take turns.
+        self._join_lock = asyncio.Lock()
         self.logical[self.names.model_records] = "model-records"
         for topic in self.logical.values():  # export zeros before the first event
             EVENTS_CONSUMED.labels(topic)
@@ -94,6 +102,7 @@ class Pipeline:
         async def lag() -> None:
             await self.check_broker()
             await self.measure_lag()
+            await self.open_assigned()
             self.rebuild_snapshot()
 
         # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
@@ -147,42 +156,84 @@ class Pipeline:
     # -- join ---------------------------------------------------------------------------
 
     async def join_batch(self, events: Sequence[faust.EventT]) -> None:
-        touched: dict[int, JoinPartition] = {}
-        for event in events:
-            msg = event.message
-            part = self.joins.get(msg.partition)
-            if part is None:
-                part = self.joins[msg.partition] = JoinPartition(
-                    self.tables.join.data, msg.partition, self.settings.label_ttl_seconds,
-                    regression=self._is_regression)
-            topic = self.logical[msg.topic]
-            skipped = part.skipped
-            part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
-            if part.skipped != skipped:
-                REPLAYS_SKIPPED.labels(topic).inc()
-            EVENTS_CONSUMED.labels(topic).inc()
-            self.next_offset[msg.tp] = msg.offset + 1
-            touched[msg.partition] = part
-        sends = []
-        drained = []
+        async with self._join_lock:
+            touched: dict[int, JoinPartition] = {}
+            for event in events:
+                msg = event.message
+                part = self.joins.get(msg.partition) or await self._open(msg.partition)
+                topic = self.logical[msg.topic]
+                skipped = part.skipped
+                part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
+                if part.skipped != skipped:
+                    REPLAYS_SKIPPED.labels(topic).inc()
+                EVENTS_CONSUMED.labels(topic).inc()
+                self.next_offset[msg.tp] = msg.offset + 1
+                touched[msg.partition] = part
+                if part.held >= _FLUSH_BYTES:
+                    await self._flush([part])
+            for part in touched.values():
+                part.expire(budget=_FLUSH_BYTES)
+            await self._flush(list(touched.values()))
+
+    async def _open(self, partition: int) -> JoinPartition:
+        """The partition's join state; first finishes a batch a dead worker left half-sent."""
+        part = self.joins[partition] = JoinPartition(
+            self.tables.join.data, partition, self.settings.label_ttl_seconds,
+            regression=self._is_regression, max_versions=self.settings.max_model_versions)
+        flush = part.recovered
+        if flush is not None:
+            log.warning("join partition %d: re-sending %d records of a batch a crash "
+                        "interrupted", partition, len(flush.records))
+            await self._send(*flush.outbox())
+            await asyncio.gather(*await write(self.tables.join, partition, flush.writes))
+            part.recovered = None
+        return part
+
+    async def open_assigned(self) -> None:
+        """Open every assigned join partition once its table is recovered, so that a batch
+        a crash interrupted is completed even when no new event arrives on its partition."""
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        if not recovery.completed.is_set():
+            return
+        async with self._join_lock:
+            for tp in self.app.consumer.assignment():
+                if tp.topic == self.names.predictions and tp.partition not in self.joins:
+                    await self._open(tp.partition)
+
+    async def _flush(self, parts: list[JoinPartition]) -> None:
+        flushes: list[tuple[JoinPartition, Flush]] = []
+        for part in parts:
+            flush = part.drain()
+            if flush.wal is not None:
+                flushes.append((part, flush))
+        if not flushes:
+            return
+        early = [flush.early() for _, flush in flushes]
+        await self._send([r for rs, _ in early for r in rs], [d for _, ds in early for d in ds])
+        acks = []
+        for part, flush in flushes:
+            acks += await write(self.tables.join, part.partition,
+                                {wal_key(part.partition): flush.wal})
+        await asyncio.gather(*acks)
+        outbox = [flush.outbox() for _, flush in flushes]
+        await self._send([r for rs, _ in outbox for r in rs], [d for _, ds in outbox for d in ds])
+        acks = []
+        for part, flush in flushes:
+            acks += await write(self.tables.join, part.partition, flush.writes)
+        await asyncio.gather(*acks)
+        for part, _ in flushes:
+            self.snapshot.set_join(part.partition, part.counts, part.pending())
+
+    async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
+        """Send records (one message per model) and dead letters; return once all are acked."""
         by_model: dict[str, list[list[Any]]] = defaultdict(list)
-        for part in touched.values():
-            part.expire()
-            records, dead, writes = part.drain()
-            drained.append((part, writes))
-            for r in records:
-                by_model[r.model].append([r.kind, r.version, r.source, *r.position, r.item])
-            sends.extend([await self._dead_letter(d) for d in dead])
+        for r in records:
+            by_model[r.model].append([r.kind, r.version, r.source, *r.position, r.item])
+        sends = [await self._dead_letter(d) for d in dead]
         for model, items in by_model.items():
             sends.append(await self.app.producer.send(
                 self.names.model_records, model.encode(), orjson.dumps(items), None, None, None))
         await asyncio.gather(*sends)
-        acks = []
-        for part, writes in drained:
-            acks.extend(await write(self.tables.join, part.partition, writes))
-        await asyncio.gather(*acks)
-        for part, _ in drained:
-            self.snapshot.set_join(part.partition, part.counts, part.pending())
 
     async def _dead_letter(self, d: DeadLetter) -> Any:
         origin = {"predictions": self.names.predictions, "labels": self.names.labels,

@@ -41,6 +41,7 @@ class Settings:
     partitions: int = 8
     replication_factor: int = 1
     max_models: int = 1000
+    max_model_versions: int = 1000
     session_timeout_seconds: float = 10.0
     app_id: str = "driftwarden"
     store: str = "memory://"
@@ -69,6 +70,8 @@ class Settings:
             policy_file=get.path("POLICY_FILE"),
             partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
             max_models=get.integer("MAX_MODELS", cls.max_models, 1, 1_000_000),
+            max_model_versions=get.integer("MAX_MODEL_VERSIONS", cls.max_model_versions, 1,
+                                           1_000_000),
             session_timeout_seconds=get.number("SESSION_TIMEOUT_SECONDS",
                                                cls.session_timeout_seconds),
             replication_factor=get.integer(

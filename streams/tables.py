@@ -27,7 +27,9 @@ class Tables:
 def declare_tables(app: faust.App, partitions: int) -> Tables:
     def table(name: str, help_: str) -> faust.Table:
         table = cast(faust.Table, app.Table(
-            name, partitions=partitions, key_type=str, value_type=bytes, help=help_
+            name, partitions=partitions, key_type=str, value_type=bytes, help=help_,
+            # A join batch's write-ahead entry is one message: allow what the producer does.
+            extra_topic_configs={"max.message.bytes": str(4 * 1024 * 1024)},
         ))
         # Faust would JSON-encode both. Values are the bytes models/ encoded: recovery
         # must hand them back untouched. The changelog topic object was already made (by

@@ -21,7 +21,8 @@ from models.events import (
 )
 
 KAFKA_TS = 1_763_800_000.0  # the Kafka timestamp handed to the parser
-JOIN_ONLY = {"unmatched_label", "model_mismatch", "duplicate_prediction", "duplicate_label"}
+JOIN_ONLY = {"unmatched_label", "model_mismatch", "duplicate_prediction", "duplicate_label",
+             "too_many_models"}
 
 
 def pred(**fields: object) -> bytes:

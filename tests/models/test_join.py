@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from models.errors import StateError
-from models.join import DeadLetter, JoinPartition, ModelRecord, meta_key
+from models.join import DeadLetter, Flush, JoinPartition, ModelRecord, meta_key, wal_key
 from models.simulation import Scenario, simulate
 
 TTL = 60.0
@@ -67,7 +67,8 @@ def test_prediction_then_label_gives_one_outcome() -> None:
     assert part.records == [
         ModelRecord("p", "m", "1", "p0", (0, 0), [100.0, {"x": 1.0}, 1.0, 0.75]),
         # [ts, prediction, label, p_label, confidence, delay]
-        ModelRecord("o", "m", "1", "l0", (0, 1), [130.0, 1.0, 0.0, 0.25, 0.75, 30.0]),
+        # o records are positioned by batch (the first is 1), not by the completing event.
+        ModelRecord("o", "m", "1", "o0", (1, 0), [130.0, 1.0, 0.0, 0.25, 0.75, 30.0]),
     ]
     assert part.counts == {"predictions": {"m|1": 1}, "matched": {"m|1": 1}}
     assert part.pending() == 0
@@ -79,9 +80,8 @@ def test_label_before_prediction_gives_the_outcome_when_the_prediction_arrives()
     feed("labels", label("a", 130.0))
     assert part.records == [] and part.pending() == 0
     feed("predictions", prediction("a", 100.0))
-    # Both records come from the prediction's offset, in order (offset, 0) then (offset, 1).
     assert [(r.kind, r.source, r.position) for r in part.records] == [
-        ("p", "p0", (0, 0)), ("o", "p0", (0, 1))]
+        ("p", "p0", (0, 0)), ("o", "o0", (1, 0))]
     assert outcomes(part)[0].item == [130.0, 1.0, 1.0, None, None, 30.0]
     assert part.counts["matched"] == {"m|1": 1}
     assert part.pending() == 0
@@ -234,7 +234,7 @@ def test_replays_at_or_below_absorbed_offsets_are_skipped_and_change_nothing() -
     feed("predictions", prediction("a", 100.0))  # offset 0
     feed("predictions", prediction("b", 101.0))  # offset 1
     feed("labels", label("a", 110.0))            # offset 0
-    records, _, _ = part.drain()
+    records, _, _, _ = part.drain()
     assert [r.kind for r in records] == ["p", "p", "o"]
     store_before = dict(part.store)
     part.absorb("predictions", prediction("a", 100.0), 1, 100.0)
@@ -242,7 +242,7 @@ def test_replays_at_or_below_absorbed_offsets_are_skipped_and_change_nothing() -
     part.absorb("labels", label("b", 110.0), 0, 110.0)
     part.absorb("labels", b"garbage", 0, 110.0)
     assert part.skipped == 4
-    assert part.drain() == ([], [], {})
+    assert part.drain() == ([], [], {}, None)
     assert part.store == store_before
     assert part.counts == {"predictions": {"m|1": 2}, "matched": {"m|1": 1}}
 
@@ -251,7 +251,7 @@ def test_drain_hands_over_records_dead_letters_and_changed_entries() -> None:
     part, feed = new()
     feed("predictions", prediction("a", 100.0))
     feed("labels", b"[]", kafka_ts=100.0)
-    records, dead, writes = part.drain()
+    records, dead, writes, _ = part.drain()
     assert [r.kind for r in records] == ["p"]
     assert [d.reason for d in dead] == ["not_an_object"]
     assert set(writes) == {"a", meta_key(0)}
@@ -284,7 +284,7 @@ def test_fresh_partition_over_the_same_store_continues_after_a_crash() -> None:
     recovered.absorb("labels", label("b", 120.0), 2, 120.0)
     recovered.absorb("predictions", prediction("c", 102.0), 2, 102.0)
     assert [(r.kind, r.source, r.position) for r in recovered.records if r.kind == "o"] == [
-        ("o", "l0", (2, 1)), ("o", "p0", (2, 1))]
+        ("o", "o0", (2, 0)), ("o", "o0", (2, 1))]
     assert recovered.pending() == 0
     # Expiry heaps are rebuilt from the store.
     recovered.absorb("labels", label("x", 500.0), 3, 500.0)
@@ -305,6 +305,104 @@ def test_partitions_sharing_one_store_keep_their_own_meta_and_entries() -> None:
     assert "a" in store and "b" not in store
     assert JoinPartition(store, 0, TTL).pending() == 1
     assert JoinPartition(store, 1, TTL).counts["expired"] == {"m|1": 1}
+
+
+# -- crash safety: what reaches Kafka, in which order -------------------------------------
+
+
+def durable(changelog: dict[str, bytes], flush: Flush, stored: int | None = None) -> None:
+    """Store a flush as the worker does: write-ahead entry first, then ``stored`` of the
+    changed keys (all when None), as a crash part-way would leave the changelog."""
+    assert flush.wal is not None
+    changelog[wal_key(0)] = flush.wal
+    for i, (key, value) in enumerate(flush.writes.items()):
+        if stored is not None and i >= stored:
+            break
+        if value is None:
+            changelog.pop(key, None)
+        else:
+            changelog[key] = value
+
+
+def test_early_records_follow_from_bytes_alone_and_the_outbox_waits_for_the_wal() -> None:
+    part, feed = new()
+    feed("labels", label("a", 101.0))
+    feed("predictions", prediction("a", 100.0))
+    feed("predictions", b"{", 100.0)
+    feed("predictions", prediction("a", 100.0))  # duplicate: depends on the state
+    flush = part.drain()
+    early, outbox = flush.early(), flush.outbox()
+    assert [(r.kind, r.position) for r in early[0]] == [("p", (0, 0))]
+    assert [d.reason for d in early[1]] == ["invalid_json"]
+    assert [(r.kind, r.source, r.position) for r in outbox[0]] == [("o", "o0", (1, 0))]
+    assert [d.reason for d in outbox[1]] == ["duplicate_prediction"]
+    assert part.store[wal_key(0)] == flush.wal
+    assert orjson.loads(flush.wal)["s"] == 1
+
+
+def test_a_crash_while_storing_a_batch_recovers_it_from_the_write_ahead_entry() -> None:
+    memory: dict[str, bytes] = {}
+    changelog: dict[str, bytes] = {}
+    part, feed = new(memory)
+    feed("predictions", prediction("a", 100.0))
+    feed("predictions", prediction("b", 100.0))
+    durable(changelog, part.drain())
+    feed("labels", label("a", 110.0, value=0))
+    feed("labels", label("b", 111.0))
+    feed("predictions", prediction("c", 112.0))
+    flush = part.drain()
+    durable(changelog, flush, stored=1)  # killed after the first of four changed keys
+
+    recovered = JoinPartition(changelog, partition=0, ttl=TTL)
+    assert recovered.recovered is not None
+    assert recovered.recovered.records == flush.outbox()[0]
+    assert [r.item[1:3] for r in recovered.recovered.records] == [[1, 0], [1, 1]]
+    assert {k: v for k, v in changelog.items() if k != wal_key(0)} == {
+        k: v for k, v in memory.items() if k != wal_key(0)}
+    assert recovered.counts == part.counts and recovered.pending() == 1
+    # Kafka redelivers the batch: all of it is skipped, nothing is paired again.
+    recovered.absorb("labels", label("a", 110.0), 0, 110.0)
+    recovered.absorb("predictions", prediction("c", 112.0), 2, 112.0)
+    assert recovered.skipped == 2 and recovered.records == []
+    # Once the batch's keys are stored the write-ahead entry is spent.
+    durable(changelog, flush)
+    assert JoinPartition(changelog, partition=0, ttl=TTL).recovered is None
+
+
+def test_a_crash_before_the_write_ahead_entry_may_pair_differently_with_the_same_positions(
+) -> None:
+    changelog: dict[str, bytes] = {}
+    part, feed = new(changelog)
+    feed("predictions", prediction("a", 100.0))
+    durable(changelog, part.drain())
+    stored = dict(changelog)
+    part.absorb("labels", label("c", 111.0), 0, 111.0)  # this time the label came first
+    part.absorb("predictions", prediction("c", 110.0), 1, 110.0)
+    first = part.drain().outbox()[0]  # the worker died before the write-ahead entry
+
+    again = JoinPartition(stored, partition=0, ttl=TTL)
+    assert again.recovered is None
+    again.absorb("predictions", prediction("c", 110.0), 1, 110.0)  # now the other way round
+    again.absorb("labels", label("c", 111.0), 0, 111.0)
+    replayed = again.drain().outbox()[0]
+    # Nothing of the first attempt's outbox was sent; the replay's takes the same place.
+    assert [(r.source, r.position, r.item) for r in replayed] == [
+        (r.source, r.position, r.item) for r in first] == [
+        ("o0", (2, 0), [111.0, 1, 1, None, None, 1.0])]
+
+
+def test_a_partition_follows_at_most_max_versions_model_versions() -> None:
+    part = JoinPartition({}, partition=0, ttl=TTL, max_versions=2)
+    feed = Feed(part)
+    feed("predictions", prediction("a", 100.0, model="m1"))
+    feed("predictions", prediction("b", 100.0, model="m2"))
+    feed("predictions", prediction("c", 100.0, model="m3"))  # a third: refused
+    feed("predictions", prediction("d", 100.0, model="m1", version="2"))
+    feed("predictions", prediction("e", 100.0, model="m2"))  # known: accepted
+    assert [(d.offset, d.reason) for d in part.dead_letters] == [
+        (2, "too_many_models"), (3, "too_many_models")]
+    assert part.counts["predictions"] == {"m1|1": 1, "m2|1": 2}
+    assert [r.model for r in part.records] == ["m1", "m2", "m2"]
 
 
 def test_unreadable_meta_entry_raises_state_error() -> None:
@@ -332,7 +430,7 @@ def run_stream(
         for topic, raw, ts in batch:
             feed(topic, raw, ts)
         part.expire()
-        r, d, _ = part.drain()
+        r, d, _, _ = part.drain()
         records += r
         dead += d
     return part, records, dead
