@@ -34,8 +34,9 @@ _ALLOWED_BUILTINS = frozenset(
     {"object", "dict", "list", "tuple", "set", "frozenset", "float", "int", "str", "bool",
      "bytes", "complex", "slice", "range"}
 )
+# numpy arrays (a model's own reference profile) name their dtype at numpy's top level.
 _ALLOWED_OTHER = frozenset({("copyreg", "_reconstructor"), ("functools", "partial"),
-                            ("_codecs", "encode")})
+                            ("_codecs", "encode"), ("numpy", "dtype"), ("numpy", "ndarray")})
 
 
 class _Unpickler(pickle.Unpickler):

@@ -126,3 +126,17 @@ def test_refuses_globals_reached_through_a_dotted_name() -> None:
 def test_undecodable_bytes_raise_state_error(raw: bytes) -> None:
     with pytest.raises(StateError, match="cannot be decoded"):
         codec.loads(raw)
+
+
+# Fixed (models/codec.py allow-list): once a model's own reference profile is built (after
+# reference_size predictions) its state holds numpy arrays, which pickle names as
+# numpy.dtype; the unpickler refused it, so a restarted worker could not read the model
+# back (found by the kill -9 test, tests/streams/test_faults.py).
+def test_state_with_a_built_reference_profile_round_trips() -> None:
+    config = PolicyConfig(reference_size=100, drift_window=100)
+    state = ModelState("m", PolicyBook(config))
+    absorb_all(state, records(seed=2, n=400))
+    data = state.versions["1"].data
+    assert data.reference is not None
+    restored = codec.loads(codec.dumps(state))
+    assert restored.versions["1"].data.reference.fingerprint() == data.reference.fingerprint()
