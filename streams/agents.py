@@ -70,6 +70,10 @@ class Pipeline:
         # Next offset to process per input partition, for the consumer-lag gauge.
         self.next_offset: dict[Any, int] = {}
         self._stale_snapshot = False
+        # True from the end of a rebalance's table recovery to the start of the next one.
+        # (Faust's recovery.completed stays set once the first recovery ends, so it cannot
+        # tell whether the tables being read now are complete.)
+        self._recovered = False
         # The join agent and the timer that opens recovered partitions take turns.
         self._join_lock = asyncio.Lock()
         self.logical[self.names.model_records] = "model-records"
@@ -108,6 +112,7 @@ class Pipeline:
         # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+        app.on_rebalance_complete.connect(self._on_recovered)  # type: ignore[arg-type]
 
     def _is_regression(self, model: str) -> bool:
         return self.policies.for_model(model).task == "regression"
@@ -119,21 +124,25 @@ class Pipeline:
     async def _on_revoked(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         # Tables are recovered from their changelogs after a rebalance; the caches over
         # them are rebuilt lazily, and series of what moved away stop being exported.
+        self._recovered = False
         self.joins.clear()
         self.states.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
 
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self._recovered = False
         self.joins.clear()
         self.states.clear()
         self._stale_snapshot = True
 
+    async def _on_recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        self._recovered = True
+
     def rebuild_snapshot(self) -> None:
         """After a rebalance, export what the recovered tables hold, not only what the
         next events touch: a quiet model keeps its series on its new owner."""
-        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
-        if not self._stale_snapshot or not recovery.completed.is_set():
+        if not self._stale_snapshot or not self._recovered:
             return
         self._stale_snapshot = False
         assignment = self.app.consumer.assignment()
@@ -192,11 +201,12 @@ class Pipeline:
     async def open_assigned(self) -> None:
         """Open every assigned join partition once its table is recovered, so that a batch
         a crash interrupted is completed even when no new event arrives on its partition."""
-        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
-        if not recovery.completed.is_set():
+        if not self._recovered:
             return
         async with self._join_lock:
             for tp in self.app.consumer.assignment():
+                if not self._recovered:  # a rebalance began while a batch was re-sent
+                    return
                 if tp.topic == self.names.predictions and tp.partition not in self.joins:
                     await self._open(tp.partition)
 

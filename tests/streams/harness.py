@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -139,10 +139,12 @@ def run(coro: Any) -> Any:
 
 
 async def produce(broker: str, records: Iterable[tuple[str, bytes | None, bytes]],
-                  throttle: float = 0.0) -> int:
-    """Produce (topic, key, value) records in order; ``throttle`` = records per second."""
+                  throttle: float = 0.0, **options: Any) -> int:
+    """Produce (topic, key, value) records in order; ``throttle`` = records per second;
+    ``options`` go to the AIOKafkaProducer."""
     producer = AIOKafkaProducer(bootstrap_servers=broker, linger_ms=10, acks="all",
-                                max_request_size=4 * 1024 * 1024, enable_idempotence=True)
+                                max_request_size=4 * 1024 * 1024, enable_idempotence=True,
+                                **options)
     await producer.start()
     n = 0
     started = time.monotonic()
@@ -180,6 +182,26 @@ async def read_topic(broker: str, topic: str, idle: float = 3.0) -> list[Any]:
                 out.extend(records)
     finally:
         await consumer.stop()
+
+
+async def group_lag(broker: str, group: str, topics: list[str]) -> int:
+    """Messages of ``topics`` the consumer ``group`` has not committed yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+        tps = [TopicPartition(d["topic"], p["partition"])
+               for d in await admin.describe_topics(topics) for p in d["partitions"]]
+        if not tps:
+            raise AssertionError(f"no partitions for {topics}")
+        ends = await consumer.end_offsets(tps)
+        return sum(end - max(0, committed[tp].offset if tp in committed else 0)
+                   for tp, end in ends.items())
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 async def create_topics(broker: str, partitions: dict[str, int]) -> None:
