@@ -36,7 +36,7 @@ Crash safety. A batch changes many keys, and Kafka makes only single messages at
    topics interleave, which a replay need not repeat; so these are sent only once the
    write-ahead entry is stored, and re-sent from it after a crash;
 3. the ``o`` records and those dead letters;
-4. the changed keys themselves, the meta entry among them.
+4. the changed keys themselves, the meta entry last.
 
 A partition opened over a store whose write-ahead entry is newer than its meta entry
 (the worker died during 3 or 4) applies it and offers its records again as
@@ -356,7 +356,12 @@ class JoinPartition:
         self._meta.batches += 1
         self.store[meta_key(self.partition)] = self._meta.encode()
         records, dead = self.records, self.dead_letters
+        # The meta entry goes last: once it is stored, so is everything before it, and
+        # the write-ahead entry of its batch is spent.
+        meta = meta_key(self.partition)
+        self.dirty.discard(meta)
         writes = {k: self.store.get(k) for k in self.dirty}
+        writes[meta] = self.store[meta]
         flush = Flush(records, dead, writes, None)
         wal = _encode_wal(self._meta.batches, writes, *flush.outbox())
         self.store[wal_key(self.partition)] = wal

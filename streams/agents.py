@@ -5,7 +5,7 @@ step before the next:
 
 - join, per partition (``models.join`` explains why this order): the ``p`` records and
   the dead letters of unparseable events; the write-ahead entry; the ``o`` records and
-  the other dead letters; the changed entries, meta entry among them;
+  the other dead letters; the changed entries, meta entry last;
 - monitor: retraining events, then each changed model's state (one message per model);
 - then the metrics snapshot.
 

@@ -338,6 +338,8 @@ def test_early_records_follow_from_bytes_alone_and_the_outbox_waits_for_the_wal(
     assert [d.reason for d in outbox[1]] == ["duplicate_prediction"]
     assert part.store[wal_key(0)] == flush.wal
     assert orjson.loads(flush.wal)["s"] == 1
+    # The meta entry is written last: stored, it proves the batch's other keys are.
+    assert list(flush.writes)[-1] == meta_key(0)
 
 
 def test_a_crash_while_storing_a_batch_recovers_it_from_the_write_ahead_entry() -> None:
