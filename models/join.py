@@ -431,7 +431,7 @@ class JoinPartition:
             # The first label named a model: keep this one too until the prediction comes.
             entry = [*entry[:7], [*(entry[7] if len(entry) > 7 else []),
                                   [lab.ts, lab.label, lab.model, offset, raw.decode()]]]
-            self.store[lab.id] = orjson.dumps(entry)
+            self.store[lab.id] = _entry_bytes(entry)
             self.dirty.add(lab.id)
             return
         if entry[0] != "P":
@@ -481,7 +481,7 @@ class JoinPartition:
 
     def _put(self, event_id: str, entry: list[Any]) -> None:
         heapq.heappush(self._heaps[entry[0]], (entry[1], event_id))
-        self.store[event_id] = orjson.dumps(entry)
+        self.store[event_id] = _entry_bytes(entry)
         self.dirty.add(event_id)
 
     def _delete(self, event_id: str) -> None:
@@ -503,6 +503,19 @@ class JoinPartition:
         for heap in heaps.values():
             heapq.heapify(heap)
         return heaps
+
+
+def _entry_bytes(entry: list[Any]) -> bytes:
+    """An entry encoded for the store, in a bytes object of its own size.
+
+    ``orjson.dumps`` returns its output in a 4 KiB allocation whatever the length; kept in
+    the store that is 4 KiB of memory per pending prediction instead of about 100 bytes.
+    The copy is cheap (~0.1 us).
+
+    >>> _entry_bytes(["D", 1.0, 0])
+    b'["D",1.0,0]'
+    """
+    return memoryview(orjson.dumps(entry)).tobytes()
 
 
 def _pending(counts: dict[str, dict[str, int]]) -> int:

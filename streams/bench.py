@@ -1,5 +1,7 @@
 """``python -m streams bench drift``: the per-event cost of data-drift monitoring.
 
+(``python -m streams bench`` alone runs the end-to-end harness, :mod:`streams.bench_e2e`.)
+
 In-process and seeded: a reference profile of the simulated 20-feature traffic
 (:func:`models.simulation.simulate_wide`), then the same prediction stream through a
 :class:`models.datadrift.DataDriftMonitor` several times. Reports medians of the runs:
@@ -24,7 +26,12 @@ __all__ = ["add_parser", "bench_drift"]
 
 
 def add_parser(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(required=True)
+    from streams import bench_e2e
+
+    parser = sub.add_parser("bench", help="end-to-end benchmark (or: bench drift)")
+    bench_e2e.add_arguments(parser)
+    parser.set_defaults(func=bench_e2e.bench)
+    bench = parser.add_subparsers()
     drift = bench.add_parser("drift", help="per-event cost of data-drift monitoring")
     drift.add_argument("--events", type=int, default=100_000)
     drift.add_argument("--numeric", type=int, default=16)

@@ -563,3 +563,24 @@ def test_waiting_labels_all_expire_as_unmatched() -> None:
     part.expire()
     assert [(d.offset, d.reason) for d in part.dead_letters] == [
         (0, "unmatched_label"), (1, "unmatched_label")]
+
+
+# Fixed (models/join.py _entry_bytes): orjson.dumps hands back a 4 KiB allocation however
+# short its output, so each pending prediction held 4 KiB of memory (measured by
+# `python -m streams bench`); entries are now copied into bytes of their own size.
+def test_a_pending_prediction_costs_hundreds_of_bytes_of_memory_not_kilobytes() -> None:
+    import tracemalloc
+
+    raws = [prediction(f"id-{i:06d}", 100.0, scores={"0": 0.2, "1": 0.8}) for i in range(5000)]
+    part = JoinPartition({}, partition=0, ttl=TTL)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset, raw in enumerate(raws):
+            part.absorb("predictions", raw, offset, 100.0)
+        part.drain()
+        per_pending = (tracemalloc.get_traced_memory()[0] - before) / len(raws)
+    finally:
+        tracemalloc.stop()
+    assert part.pending() == 5000
+    assert per_pending < 1000, per_pending  # was 4,700 bytes

@@ -1,0 +1,343 @@
+"""``python -m streams bench``: one worker end to end, against what Kafka can feed it.
+
+Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
+
+1. **input**: N predictions (20 features: 16 numeric, 4 categorical; scores) and a label
+   for each (published 500 predictions later, every tenth one wrong);
+2. **ceiling**: a raw aiokafka consumer, ``getmany`` plus ``orjson.loads`` of every value,
+   reads all of it; events/s;
+3. **worker**: ``python -m streams worker`` (join, performance, data drift, metrics: all
+   on) over the same input, from its first consumed event to its last absorbed outcome;
+   events/s, and its peak RSS (VmHWM). Steps 2 and 3 run ``--repeat`` times; medians;
+4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
+   publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99;
+5. **state**: bytes the join stores per pending prediction (key + value, as on the
+   changelog), and the Python heap they take (tracemalloc), in-process;
+6. **detection delay**: a worker fed a labelled stream whose error rate steps from 10% to
+   30% at outcome K; the retraining event's ``outcomes_seen - K``, beside river's ADWIN
+   fed the same error sequence in publication order, in-process.
+
+Prints a table; ``--json`` adds one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+import urllib.request
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.join import JoinPartition
+from models.simulation import Scenario, WideScenario, simulate, simulate_wide
+from streams.settings import Settings
+from streams.topics import TopicNames, ensure_topics
+
+__all__ = ["add_arguments", "bench"]
+
+LABEL_LAG = 500  # a label is published this many predictions after its prediction
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=int, default=100_000, help="predictions (each labelled)")
+    p.add_argument("--repeat", type=int, default=3, help="ceiling and worker runs")
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--change-at", type=int, default=20_000,
+                   help="outcome at which the error rate steps up (detection delay)")
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+
+
+def _records(names: TopicNames, n: int, seed: int = 1) -> list[tuple[str, bytes, bytes]]:
+    """Predictions and their labels, each label LABEL_LAG predictions behind."""
+    out: list[tuple[str, bytes, bytes]] = []
+    labels: list[tuple[str, bytes, bytes]] = []
+    scenario = WideScenario(n=n, model="bench", seed=seed, start_ts=time.time() - n / 1000)
+    for i, ev in enumerate(simulate_wide(replace(scenario, rate=1000.0))):
+        key = ev.key.encode()
+        out.append((names.predictions, key, orjson.dumps(ev.value)))
+        p = ev.value["prediction"]
+        labels.append((names.labels, key, orjson.dumps(
+            {"id": ev.key, "label": 1 - p if i % 10 == 0 else p, "ts": ev.ts + 0.5})))
+        if i >= LABEL_LAG:
+            out.append(labels[i - LABEL_LAG])
+    out.extend(labels[max(0, n - LABEL_LAG):])
+    return out
+
+
+async def _produce(settings: Settings, records: list[tuple[str, bytes, bytes]],
+                   rate: float = 0.0, sent: list[float] | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
+                                acks="all", max_batch_size=256 * 1024,
+                                **settings.aiokafka_security())
+    await producer.start()
+    try:
+        started = time.monotonic()
+        for i, (topic, key, value) in enumerate(records):
+            await producer.send(topic, value, key=key)
+            if sent is not None and topic.endswith("labels"):
+                sent.append(time.monotonic())
+            if rate and i % 100 == 99:
+                ahead = (i + 1) / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def _ceiling(settings: Settings, names: TopicNames, total: int) -> float:
+    """Seconds a raw aiokafka consumer takes to fetch and decode ``total`` events."""
+    # No group: aiokafka assigns every partition, read from the earliest offset.
+    consumer = AIOKafkaConsumer(names.predictions, names.labels, group_id=None,
+                                bootstrap_servers=settings.bootstrap_servers,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=1024 * 1024,
+                                **settings.aiokafka_security())
+    await consumer.start()
+    try:
+        seen = 0
+        started = time.perf_counter()
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batch.values():
+                for rec in records:
+                    orjson.loads(rec.value)
+                seen += len(records)
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Worker:
+    """A ``python -m streams worker`` subprocess and its metrics endpoint."""
+
+    def __init__(self, settings: Settings, app_id: str) -> None:
+        self.port, web_port = _free_port(), _free_port()
+        env = {**os.environ, "DRIFTWARDEN_BROKER": settings.broker,
+               "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
+               "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
+               "DRIFTWARDEN_DATA_DIR": f".local/bench/{app_id}"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "-l", "warning",
+             "--web-port", str(web_port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def sample(self, name: str) -> float:
+        """Sum of a metric's samples; 0 until the endpoint answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {self.proc.returncode}") from None
+            return 0.0
+        return sum(s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples if s.name == name)
+
+    def peak_rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _wait(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic()
+
+
+def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int]:
+    """Events/s of one worker over the whole input, and its peak RSS."""
+    worker = _Worker(settings, f"bench-{run}")
+    try:
+        started = _wait(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
+                        "the worker's first event", interval=0.02)
+        done = _wait(lambda: worker.sample("driftwarden_outcomes_total") >= n, 1800,
+                     f"{n} outcomes", interval=0.1)
+        return 2 * n / (done - started), worker.peak_rss()
+    finally:
+        worker.stop()
+
+
+async def _latency(settings: Settings, rate: float, seconds: float) -> list[float]:
+    """Label-to-absorbed latencies (s) of a stream at ``rate`` events/s."""
+    n = int(rate * seconds / 2)
+    names = TopicNames.from_settings(settings)
+    records = _records(names, n, seed=2)
+    worker = _Worker(settings, "bench-latency")
+    sent: list[float] = []
+    absorbed: list[tuple[float, float]] = []  # (time, outcomes)
+    try:
+        await asyncio.to_thread(_wait, lambda: worker.sample("driftwarden_broker_up") == 1,
+                                180, "the latency worker")
+        await asyncio.sleep(10.0)  # let the group settle before the clock starts
+
+        async def scrape() -> None:
+            while not absorbed or absorbed[-1][1] < n:
+                value = await asyncio.to_thread(worker.sample, "driftwarden_outcomes_total")
+                absorbed.append((time.monotonic(), value))
+                await asyncio.sleep(0.05)
+
+        scraping = asyncio.create_task(scrape())
+        await _produce(settings, records, rate=rate, sent=sent)
+        await asyncio.wait_for(scraping, timeout=600)
+    finally:
+        worker.stop()
+    counts = [c for _, c in absorbed]
+    out = []
+    for j, t_sent in enumerate(sent):
+        k = bisect.bisect_left(counts, j + 1)  # first scrape covering label j
+        if k < len(absorbed) and t_sent > sent[0] + 2.0:  # skip the first 2 s: warm-up
+            out.append(absorbed[k][0] - t_sent)
+    return out
+
+
+def _state_bytes(n: int = 20_000) -> tuple[float, float]:
+    """(stored bytes, Python heap bytes) per pending prediction of the join."""
+    names = TopicNames.from_settings(Settings())
+    values = [v for t, _, v in _records(names, n + LABEL_LAG) if t == names.predictions][:n]
+    store: dict[str, bytes] = {}
+    part = JoinPartition(store, 0, 7 * 86400.0)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for offset, raw in enumerate(values):
+        part.absorb("predictions", raw, offset, time.time())
+    part.records.clear()
+    heap = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    entries = [(k, v) for k, v in store.items() if not k.startswith("\x00")]
+    stored = sum(len(k.encode()) + len(v) for k, v in entries) / len(entries)
+    return stored, heap / len(entries)
+
+
+async def _detection(settings: Settings, change_at: int, rate: float) -> tuple[int, int]:
+    """Outcomes past the change until (the service, standalone ADWIN) detected it."""
+    from river import drift
+
+    scenario = Scenario(n=int(change_at * 1.6), model="bench-drift", seed=3, error_before=0.1,
+                        error_after=0.3, change_at=change_at, unlabelled=0.0,
+                        label_delay=(0.0, 5.0), rate=100.0, start_ts=time.time() - 1000)
+    names = TopicNames.from_settings(settings)
+    topic = {"predictions": names.predictions, "labels": names.labels}
+    events = list(simulate(scenario))
+    adwin = drift.ADWIN()
+    standalone = -1
+    for i, err in enumerate(not e.correct for e in events if e.topic == "labels"):
+        adwin.update(float(err))
+        if adwin.drift_detected and i >= change_at:
+            standalone = i + 1 - change_at
+            break
+    worker = _Worker(settings, "bench-drift")
+    try:
+        await asyncio.to_thread(_wait, lambda: worker.sample("driftwarden_broker_up") == 1,
+                                180, "the detection worker")
+        await asyncio.sleep(10.0)
+        await _produce(settings, [(topic[e.topic], e.key.encode(), orjson.dumps(e.value))
+                                  for e in events], rate=rate)
+        await asyncio.to_thread(
+            _wait, lambda: worker.sample("driftwarden_retraining_events_total") >= 1, 300,
+            "the retraining event")
+    finally:
+        worker.stop()
+    consumer = AIOKafkaConsumer(names.retraining, bootstrap_servers=settings.bootstrap_servers,
+                                auto_offset_reset="earliest", group_id=None,
+                                **settings.aiokafka_security())
+    await consumer.start()
+    try:
+        rec = await asyncio.wait_for(consumer.getone(), 30)
+    finally:
+        await consumer.stop()
+    return orjson.loads(rec.value)["evidence"]["outcomes_seen"] - change_at, standalone
+
+
+def bench(a: argparse.Namespace) -> int:
+    base = Settings.from_env()
+    settings = replace(base, topic_prefix=f"{base.topic_prefix}bench-{uuid.uuid4().hex[:8]}.")
+    names = TopicNames.from_settings(settings)
+    partitions = asyncio.run(ensure_topics(settings))
+    print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
+          f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
+    asyncio.run(_produce(settings, _records(names, a.events)))
+    total = 2 * a.events
+    ceilings, rates, rss = [], [], []
+    for run in range(a.repeat):
+        ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
+        rate, peak = _worker_run(settings, a.events, run)
+        rates.append(rate)
+        rss.append(peak)
+        print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s",
+              flush=True)
+    ceiling, rate = statistics.median(ceilings), statistics.median(rates)
+    ratios = [r / c for r, c in zip(rates, ceilings, strict=True)]
+
+    latency_settings = replace(settings, topic_prefix=settings.topic_prefix + "lat.")
+    asyncio.run(ensure_topics(latency_settings))
+    latencies = sorted(asyncio.run(_latency(latency_settings, rate / 2, a.latency_seconds)))
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[int(len(latencies) * 0.99)]
+    stored, heap = _state_bytes()
+    drift_settings = replace(settings, topic_prefix=settings.topic_prefix + "drift.")
+    asyncio.run(ensure_topics(drift_settings))
+    service, standalone = asyncio.run(_detection(drift_settings, a.change_at, rate / 2))
+
+    rows = [
+        ("raw aiokafka ceiling (getmany + orjson)", f"{ceiling:,.0f} events/s"),
+        ("worker, everything on", f"{rate:,.0f} events/s"),
+        ("worker / ceiling", f"{statistics.median(ratios):.1%}"),
+        (f"label -> absorbed at {rate / 2:,.0f} ev/s, p50", f"{p50 * 1000:,.0f} ms"),
+        (f"label -> absorbed at {rate / 2:,.0f} ev/s, p99", f"{p99 * 1000:,.0f} ms"),
+        ("worker peak RSS", f"{statistics.median(rss) / 2**20:,.0f} MiB"),
+        ("join state per pending prediction, stored", f"{stored:,.0f} bytes"),
+        ("join state per pending prediction, Python heap", f"{heap:,.0f} bytes"),
+        ("detection delay, service (outcomes)", f"{service}"),
+        ("detection delay, standalone river ADWIN", f"{standalone}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"driftwarden bench, median of {a.repeat} runs (ceiling and worker)")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:>16}")
+    if a.json:
+        print(orjson.dumps({
+            "events": total, "partitions": partitions, "repeat": a.repeat,
+            "events_per_second": rate, "ceiling_events_per_second": ceiling,
+            "ratio_to_ceiling": statistics.median(ratios),
+            "p50_latency_seconds": p50, "p99_latency_seconds": p99,
+            "latency_rate_events_per_second": rate / 2,
+            "peak_rss_bytes": statistics.median(rss),
+            "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
+            "detection_delay_outcomes": {"service": service, "standalone": standalone},
+            "runs": {"ceiling": ceilings, "worker": rates, "peak_rss_bytes": rss},
+        }).decode())
+    return 0
