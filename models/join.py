@@ -338,6 +338,18 @@ class JoinPartition:
                                    event_id.encode())
                 self._touch_meta()
 
+    def expected(self, topic: str) -> int | None:
+        """The offset of ``topic`` (``"predictions"`` or ``"labels"``) this partition
+        absorbs next if none is missing; None before its first event.
+
+        >>> part = JoinPartition({}, partition=0, ttl=60.0)
+        >>> part.absorb("labels", b'{"id": "a", "label": 1}', offset=41, kafka_ts=1.0)
+        >>> part.expected("labels"), part.expected("predictions")
+        (42, None)
+        """
+        last = self._meta.offsets.get(_SOURCE_CODE[topic])
+        return None if last is None else last + 1
+
     def pending(self) -> int:
         """Predictions waiting for their label."""
         return _pending(self._meta.counts)
