@@ -13,9 +13,10 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99;
 5. **state**: bytes the join stores per pending prediction (key + value, as on the
    changelog), and the Python heap they take (tracemalloc), in-process;
-6. **detection delay**: a worker fed a labelled stream whose error rate steps from 10% to
-   30% at outcome K; the retraining event's ``outcomes_seen - K``, beside river's ADWIN
-   fed the same error sequence in publication order, in-process.
+6. **detection delay**: a worker fed a labelled stream (one partition, so that it sees
+   the labels in publication order) whose error rate steps from 10% to 30% at outcome K;
+   the retraining event's ``outcomes_seen - K``, beside river's ADWIN fed the same error
+   sequence in-process.
 
 Prints a table; ``--json`` adds one JSON object on the last line.
 """
@@ -137,7 +138,7 @@ class _Worker:
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
                "DRIFTWARDEN_DATA_DIR": f".local/bench/{app_id}"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "-l", "warning",
+            [sys.executable, "-m", "streams", "worker", "-l", "warn",
              "--web-port", str(web_port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -308,7 +309,10 @@ def bench(a: argparse.Namespace) -> int:
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[int(len(latencies) * 0.99)]
     stored, heap = _state_bytes()
-    drift_settings = replace(settings, topic_prefix=settings.topic_prefix + "drift.")
+    # One partition: the worker then sees the labels in publication order, the order the
+    # standalone detector is fed, so any difference is the service's own.
+    drift_settings = replace(settings, topic_prefix=settings.topic_prefix + "drift.",
+                             partitions=1)
     asyncio.run(ensure_topics(drift_settings))
     service, standalone = asyncio.run(_detection(drift_settings, a.change_at, rate / 2))
 
