@@ -76,8 +76,7 @@ class Pipeline:
         self._recovered = False
         # The join agent and the timer that opens recovered partitions take turns.
         self._join_lock = asyncio.Lock()
-        # Input partitions re-read from an offset Faust skipped: tp -> that offset.
-        self._rewinding: dict[Any, int] = {}
+        # Reads input records Faust skipped (see _missed).
         self._probe: AIOKafkaConsumer | None = None
         self.logical[self.names.model_records] = "model-records"
         for topic in self.logical.values():  # export zeros before the first event
@@ -127,9 +126,7 @@ class Pipeline:
     async def _on_revoked(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         # Tables are recovered from their changelogs after a rebalance; the caches over
         # them are rebuilt lazily, and series of what moved away stop being exported.
-        # Faust seeks to the committed offsets afterwards: gaps are judged anew.
         self._recovered = False
-        self._rewinding.clear()
         self.joins.clear()
         self.states.clear()
         self.next_offset.clear()
@@ -172,13 +169,13 @@ class Pipeline:
     async def join_batch(self, events: Sequence[faust.EventT]) -> None:
         async with self._join_lock:
             touched: dict[int, JoinPartition] = {}
-            rewind: dict[Any, int] = {}
             for event in events:
                 msg = event.message
                 part = self.joins.get(msg.partition) or await self._open(msg.partition)
                 topic = self.logical[msg.topic]
-                if not await self._in_sequence(part, topic, msg, rewind):
-                    continue
+                for rec in await self._missed(part, topic, msg):
+                    part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0, rec.key)
+                    EVENTS_CONSUMED.labels(topic).inc()
                 skipped = part.skipped
                 part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
                 if part.skipped != skipped:
@@ -191,47 +188,38 @@ class Pipeline:
             for part in touched.values():
                 part.expire(budget=_FLUSH_BYTES)
             await self._flush(list(touched.values()))
-            for tp, offset in rewind.items():
-                await self.app.consumer.seek(tp, offset)
 
-    async def _in_sequence(self, part: JoinPartition, topic: str, msg: Any,
-                           rewind: dict[Any, int]) -> bool:
-        """False for an event that follows offsets the agent never received.
+    async def _missed(self, part: JoinPartition, topic: str, msg: Any) -> list[Any]:
+        """The records of ``msg``'s partition between the last absorbed and ``msg``.
 
-        faust-streaming drops the events it has fetched but not handed to the agent when
-        a rebalance suspends the flow, and may commit past them as a gap (seen as 23
-        predictions lost under repeated kill -9). A gap in an input partition's offsets
-        that the broker can fill is therefore re-read from its start; one it cannot
-        (transaction markers) is accepted.
+        faust-streaming drops events it has fetched but not handed to the agent when a
+        rebalance suspends the flow, and may commit past them as a gap (seen as 23
+        predictions lost under repeated kill -9). So a gap in an input partition's
+        offsets is filled from the broker directly; one the broker cannot fill
+        (transaction markers, deleted by retention) is accepted.
         """
-        expected = self._rewinding.get(msg.tp)
-        if expected is not None:
-            if msg.offset > expected:
-                return False  # still ahead of the re-read: it will come again
-            del self._rewinding[msg.tp]
-            return True
         expected = part.expected(topic)
         if expected is None or msg.offset <= expected:
-            return True
-        if not await self._broker_has(msg.tp, expected, msg.offset):
-            return True
-        log.warning("join: offsets %d-%d of %s[%d] never reached the agent; re-reading them",
-                    expected, msg.offset - 1, msg.topic, msg.partition)
-        self._rewinding[msg.tp] = rewind[msg.tp] = expected
-        return False
-
-    async def _broker_has(self, tp: Any, start: int, stop: int) -> bool:
-        """Does ``tp`` hold a record at an offset in ``[start, stop)``?"""
+            return []
         if self._probe is None:
             self._probe = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
                 group_id=None, **self.settings.aiokafka_security())
             await self._probe.start()
-        probe = self._probe
+        probe, tp = self._probe, msg.tp
         probe.assign([tp])
-        probe.seek(tp, start)
-        batch = await probe.getmany(tp, timeout_ms=5000, max_records=1)
-        return any(rec.offset < stop for rec in batch.get(tp, []))
+        probe.seek(tp, expected)
+        missed: list[Any] = []
+        while True:
+            batch = (await probe.getmany(tp, timeout_ms=5000)).get(tp, [])
+            missed += [r for r in batch if r.offset < msg.offset]
+            if not batch or batch[-1].offset >= msg.offset - 1:
+                break
+        if missed:
+            log.warning("join: %d events of %s[%d] before offset %d never reached the agent; "
+                        "read them from the broker", len(missed), msg.topic, msg.partition,
+                        msg.offset)
+        return missed
 
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
