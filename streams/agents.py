@@ -173,9 +173,12 @@ class Pipeline:
                 msg = event.message
                 part = self.joins.get(msg.partition) or await self._open(msg.partition)
                 topic = self.logical[msg.topic]
-                for rec in await self._missed(part, topic, msg):
-                    part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0, rec.key)
-                    EVENTS_CONSUMED.labels(topic).inc()
+                expected = part.expected(topic)
+                if expected is not None and msg.offset > expected:  # rare: no await per event
+                    for rec in await self._missed(expected, msg):
+                        part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0,
+                                    rec.key)
+                        EVENTS_CONSUMED.labels(topic).inc()
                 skipped = part.skipped
                 part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
                 if part.skipped != skipped:
@@ -189,8 +192,8 @@ class Pipeline:
                 part.expire(budget=_FLUSH_BYTES)
             await self._flush(list(touched.values()))
 
-    async def _missed(self, part: JoinPartition, topic: str, msg: Any) -> list[Any]:
-        """The records of ``msg``'s partition between the last absorbed and ``msg``.
+    async def _missed(self, expected: int, msg: Any) -> list[Any]:
+        """The records of ``msg``'s partition from offset ``expected`` up to ``msg``.
 
         faust-streaming drops events it has fetched but not handed to the agent when a
         rebalance suspends the flow, and may commit past them as a gap (seen as 23
@@ -198,9 +201,6 @@ class Pipeline:
         offsets is filled from the broker directly; one the broker cannot fill
         (transaction markers, deleted by retention) is accepted.
         """
-        expected = part.expected(topic)
-        if expected is None or msg.offset <= expected:
-            return []
         if self._probe is None:
             self._probe = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
@@ -231,7 +231,7 @@ class Pipeline:
             log.warning("join partition %d: re-sending %d records of a batch a crash "
                         "interrupted", partition, len(flush.records))
             await self._send(*flush.outbox())
-            await asyncio.gather(*await write(self.tables.join, partition, flush.writes))
+            await self._write_all([(partition, flush.writes)])
             part.recovered = None
         return part
 
@@ -255,21 +255,23 @@ class Pipeline:
                 flushes.append((part, flush))
         if not flushes:
             return
-        early = [flush.early() for _, flush in flushes]
-        await self._send([r for rs, _ in early for r in rs], [d for _, ds in early for d in ds])
-        acks = []
-        for part, flush in flushes:
-            acks += await write(self.tables.join, part.partition,
-                                {wal_key(part.partition): flush.wal})
-        await asyncio.gather(*acks)
-        outbox = [flush.outbox() for _, flush in flushes]
-        await self._send([r for rs, _ in outbox for r in rs], [d for _, ds in outbox for d in ds])
-        acks = []
-        for part, flush in flushes:
-            acks += await write(self.tables.join, part.partition, flush.writes)
-        await asyncio.gather(*acks)
+        await self._send_all([flush.early() for _, flush in flushes])
+        await self._write_all([(part.partition, {wal_key(part.partition): flush.wal})
+                               for part, flush in flushes])
+        await self._send_all([flush.outbox() for _, flush in flushes])
+        await self._write_all([(part.partition, flush.writes) for part, flush in flushes])
         for part, _ in flushes:
             self.snapshot.set_join(part.partition, part.counts, part.pending())
+
+    async def _send_all(self, parts: list[tuple[list[ModelRecord], list[DeadLetter]]]) -> None:
+        await self._send([r for rs, _ in parts for r in rs], [d for _, ds in parts for d in ds])
+
+    async def _write_all(self, changes: list[tuple[int, dict[str, bytes | None]]]) -> None:
+        """Changelog writes of the join table, per partition; return once all are acked."""
+        acks = []
+        for partition, writes in changes:
+            acks += await write(self.tables.join, partition, writes)
+        await asyncio.gather(*acks)
 
     async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
         """Send records (one message per model) and dead letters; return once all are acked."""

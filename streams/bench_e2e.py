@@ -154,6 +154,12 @@ class _Worker:
         return sum(s.value for f in text_string_to_metric_families(text)
                    for s in f.samples if s.name == name)
 
+    async def settled(self) -> None:
+        """Wait until the worker is up and its group has settled, before a clock starts."""
+        await asyncio.to_thread(_wait, lambda: self.sample("driftwarden_broker_up") == 1, 180,
+                                "the worker")
+        await asyncio.sleep(10.0)
+
     def peak_rss(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
@@ -201,9 +207,7 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
     sent: list[float] = []
     absorbed: list[tuple[float, float]] = []  # (time, outcomes)
     try:
-        await asyncio.to_thread(_wait, lambda: worker.sample("driftwarden_broker_up") == 1,
-                                180, "the latency worker")
-        await asyncio.sleep(10.0)  # let the group settle before the clock starts
+        await worker.settled()
 
         async def scrape() -> None:
             while not absorbed or absorbed[-1][1] < n:
@@ -262,9 +266,7 @@ async def _detection(settings: Settings, change_at: int, rate: float) -> tuple[i
             break
     worker = _Worker(settings, "bench-drift")
     try:
-        await asyncio.to_thread(_wait, lambda: worker.sample("driftwarden_broker_up") == 1,
-                                180, "the detection worker")
-        await asyncio.sleep(10.0)
+        await worker.settled()
         await _produce(settings, [(topic[e.topic], e.key.encode(), orjson.dumps(e.value))
                                   for e in events], rate=rate)
         await asyncio.to_thread(
