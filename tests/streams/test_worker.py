@@ -103,3 +103,24 @@ def test_faust_web_server_is_local_and_serves_no_table_pages(start_worker):
         info.value.close()  # the error holds the response and its socket
         assert info.value.code == 404, page
     assert "127.0.0.1" in worker.log_text().split("web", 1)[1].splitlines()[0]
+
+
+def test_default_log_level_does_not_build_debug_records():
+    # Faust's spinner set the root logger to DEBUG at WARN, so every aiokafka debug line
+    # (one per message produced) built a LogRecord nobody printed: ~5% of the worker.
+    import logging
+
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    app = create_app(Settings.from_env(), 8)
+    worker = app.conf.Worker(app, loglevel="warn")
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        worker._setup_logging()
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
