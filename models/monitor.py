@@ -83,7 +83,7 @@ class VersionMonitor:
             return None
         event = self.policy.data_drift(
             ts=ts, reasons=reasons, outcomes_seen=self.outcomes_seen,
-            predictions_seen=self.predictions_seen, metrics=self._metrics())
+            predictions_seen=self.predictions_seen, metrics=self._metrics)
         if event is not None:
             self.events_emitted += 1
         return event
@@ -108,14 +108,13 @@ class VersionMonitor:
             name = perf.drift.detector
             self.detections[name] = self.detections.get(name, 0) + 1
         full = perf.n >= perf.window
-        metrics = self._metrics()
         event = self.policy.update(
             ts=ts,
             outcomes_seen=self.outcomes_seen,
             predictions_seen=self.predictions_seen,
             drift=perf.drift,
             accuracy=perf.rolling_accuracy if full else None,
-            metrics=metrics,
+            metrics=self._metrics,
         )
         if event is not None:
             self.events_emitted += 1

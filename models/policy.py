@@ -10,7 +10,7 @@ replay after a crash republishes the same id.
 Examples
 --------
 >>> policy = RetrainingPolicy(PolicyConfig(min_outcomes=10, cooldown_seconds=60), "m", "1")
->>> kw = dict(outcomes_seen=100, predictions_seen=120, drift=None, metrics={})
+>>> kw = dict(outcomes_seen=100, predictions_seen=120, drift=None, metrics=dict)
 >>> policy.update(ts=10.0, accuracy=0.90, **kw) is None   # first full window: reference
 True
 >>> event = policy.update(ts=20.0, accuracy=0.70, **kw)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -246,12 +247,14 @@ class RetrainingPolicy:
         predictions_seen: int,
         drift: DriftSignal | None,
         accuracy: float | None,
-        metrics: dict[str, float],
+        metrics: Callable[[], dict[str, float]],
         extra_reasons: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
         """Take the signals after one outcome; return a RetrainingEvent dict or None.
 
-        ``accuracy`` is the rolling accuracy, ``None`` until the window is full.
+        ``accuracy`` is the rolling accuracy, ``None`` until the window is full;
+        ``metrics`` returns the metrics an event carries, and is called only when one
+        fires (building them on every outcome cost more than the detectors).
         """
         if self.window_start is None:
             self.window_start = ts
@@ -281,7 +284,8 @@ class RetrainingPolicy:
         return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
 
     def data_drift(self, *, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
-                   predictions_seen: int, metrics: dict[str, float]) -> dict[str, Any] | None:
+                   predictions_seen: int,
+                   metrics: Callable[[], dict[str, float]]) -> dict[str, Any] | None:
         """Take the drift reasons of a closed window; return a RetrainingEvent dict or None.
 
         Data drift needs no outcomes (labels may never come): the evidence is the reference
@@ -293,8 +297,9 @@ class RetrainingPolicy:
             return None
         if self._cooling(ts):
             return None
-        accuracy = metrics.get("rolling_accuracy")
-        return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
+        values = metrics()
+        return self._fire(ts, reasons, outcomes_seen, predictions_seen,
+                          values.get("rolling_accuracy"), lambda: values)
 
     def _cooling(self, ts: float) -> bool:
         """Within the cooldown of the last event: the signal is suppressed (and counted)."""
@@ -305,7 +310,7 @@ class RetrainingPolicy:
 
     def _fire(self, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
               predictions_seen: int, accuracy: float | None,
-              metrics: dict[str, float]) -> dict[str, Any]:
+              metrics: Callable[[], dict[str, float]]) -> dict[str, Any]:
         self.seq += 1
         drop = 0.0
         if accuracy is not None and self.reference:
@@ -323,7 +328,7 @@ class RetrainingPolicy:
                 "outcomes_seen": outcomes_seen,
                 "window": {"start": self.window_start, "end": ts},
             },
-            "metrics": {**metrics, "accuracy": accuracy, "accuracy_reference": self.reference},
+            "metrics": {**metrics(), "accuracy": accuracy, "accuracy_reference": self.reference},
         }
         self.last_fired = ts
         self.window_start = ts

@@ -599,7 +599,7 @@ REASON = {"kind": "feature_drift", "feature": "amount", "statistic": "psi", "val
 def test_data_drift_fires_without_outcomes_and_respects_the_cooldown() -> None:
     policy = RetrainingPolicy(PolicyConfig(min_outcomes=1000, cooldown_seconds=100.0),
                               "m", "1")
-    kw: dict[str, Any] = {"outcomes_seen": 0, "predictions_seen": 12_000, "metrics": {}}
+    kw: dict[str, Any] = {"outcomes_seen": 0, "predictions_seen": 12_000, "metrics": dict}
     assert policy.data_drift(ts=5.0, reasons=[], **kw) is None
     event = policy.data_drift(ts=10.0, reasons=[REASON], **kw)
     assert event == {
@@ -620,12 +620,12 @@ def test_data_drift_fires_without_outcomes_and_respects_the_cooldown() -> None:
 def test_data_drift_event_ids_continue_the_version_sequence() -> None:
     policy = RetrainingPolicy(PolicyConfig(min_outcomes=1, cooldown_seconds=10.0), "m", "7")
     kw: dict[str, Any] = {"outcomes_seen": 5, "predictions_seen": 5, "drift": None,
-                          "metrics": {}}
+                          "metrics": dict}
     assert policy.update(ts=0.0, accuracy=0.9, **kw) is None
     first = policy.update(ts=1.0, accuracy=0.5, **kw)
     assert first is not None and first["id"] == "m:7:000001"
     drift_kw: dict[str, Any] = {"outcomes_seen": 5, "predictions_seen": 9,
-                                "metrics": {"rolling_accuracy": 0.5}}
+                                "metrics": lambda: {"rolling_accuracy": 0.5}}
     assert policy.data_drift(ts=5.0, reasons=[REASON], **drift_kw) is None  # shared cooldown
     event = policy.data_drift(ts=11.0, reasons=[REASON], **drift_kw)
     assert event is not None and event["id"] == "m:7:000002"

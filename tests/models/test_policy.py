@@ -20,9 +20,10 @@ def policy(**config: Any) -> RetrainingPolicy:
 
 def step(p: RetrainingPolicy, ts: float, accuracy: float | None = None,
          drift: DriftSignal | None = None, outcomes: int = 100,
-         **kw: Any) -> dict[str, Any] | None:
+         metrics: dict[str, float] | None = None, **kw: Any) -> dict[str, Any] | None:
+    metrics = metrics or {}
     return p.update(ts=ts, outcomes_seen=outcomes, predictions_seen=outcomes + 20,
-                    drift=drift, accuracy=accuracy, metrics=kw.pop("metrics", {}), **kw)
+                    drift=drift, accuracy=accuracy, metrics=lambda: metrics, **kw)
 
 
 def test_event_has_the_contract_shape() -> None:
