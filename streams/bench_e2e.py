@@ -35,6 +35,8 @@ import time
 import tracemalloc
 import urllib.request
 import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -47,7 +49,7 @@ from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
-__all__ = ["add_arguments", "bench"]
+__all__ = ["WorkerProcess", "add_arguments", "bench", "produce", "stream", "wait_until"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -63,22 +65,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _records(names: TopicNames, n: int, seed: int = 1) -> list[tuple[str, bytes, bytes]]:
     """Predictions and their labels, each label LABEL_LAG predictions behind."""
-    out: list[tuple[str, bytes, bytes]] = []
-    labels: list[tuple[str, bytes, bytes]] = []
-    scenario = WideScenario(n=n, model="bench", seed=seed, start_ts=time.time() - n / 1000)
-    for i, ev in enumerate(simulate_wide(replace(scenario, rate=1000.0))):
+    return list(stream(names, n, seed=seed, start_ts=time.time() - n / 1000))
+
+
+def stream(names: TopicNames, n: int, *, seed: int, start_ts: float, rate: float = 1000.0,
+           unlabelled: float = 0.0) -> Iterator[tuple[str, bytes, bytes]]:
+    """(topic, key, value) of ``n`` predictions at ``rate``/s from ``start_ts`` (event
+    time), each followed LABEL_LAG predictions later by its label (every tenth one wrong)
+    unless it is among the seeded ``unlabelled`` fraction. Generated lazily."""
+    import numpy as np
+
+    never = np.random.default_rng(seed + 1).random(n) < unlabelled
+    labels: deque[tuple[str, bytes, bytes] | None] = deque()
+    scenario = WideScenario(n=n, model="bench", seed=seed, start_ts=start_ts, rate=rate)
+    for i, ev in enumerate(simulate_wide(scenario)):
         key = ev.key.encode()
-        out.append((names.predictions, key, orjson.dumps(ev.value)))
+        yield names.predictions, key, orjson.dumps(ev.value)
         p = ev.value["prediction"]
-        labels.append((names.labels, key, orjson.dumps(
+        labels.append(None if never[i] else (names.labels, key, orjson.dumps(
             {"id": ev.key, "label": 1 - p if i % 10 == 0 else p, "ts": ev.ts + 0.5})))
-        if i >= LABEL_LAG:
-            out.append(labels[i - LABEL_LAG])
-    out.extend(labels[max(0, n - LABEL_LAG):])
-    return out
+        if i >= LABEL_LAG and (label := labels.popleft()) is not None:
+            yield label
+    yield from (label for label in labels if label is not None)
 
 
-async def _produce(settings: Settings, records: list[tuple[str, bytes, bytes]],
+async def produce(settings: Settings, records: Iterable[tuple[str, bytes, bytes]],
                    rate: float = 0.0, sent: list[float] | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
                                 acks="all", max_batch_size=256 * 1024,
@@ -128,12 +139,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Worker:
+class WorkerProcess:
     """A ``python -m streams worker`` subprocess and its metrics endpoint."""
 
-    def __init__(self, settings: Settings, app_id: str) -> None:
+    def __init__(self, settings: Settings, app_id: str, **env: str) -> None:
         self.port, web_port = _free_port(), _free_port()
-        env = {**os.environ, "DRIFTWARDEN_BROKER": settings.broker,
+        env = {**os.environ, **env, "DRIFTWARDEN_BROKER": settings.broker,
                "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
                "DRIFTWARDEN_DATA_DIR": f".local/bench/{app_id}"}
@@ -156,14 +167,21 @@ class _Worker:
 
     async def settled(self) -> None:
         """Wait until the worker is up and its group has settled, before a clock starts."""
-        await asyncio.to_thread(_wait, lambda: self.sample("driftwarden_broker_up") == 1, 180,
+        await asyncio.to_thread(wait_until, lambda: self.sample("driftwarden_broker_up") == 1, 180,
                                 "the worker")
         await asyncio.sleep(10.0)
 
     def peak_rss(self) -> int:
+        return self._status("VmHWM")
+
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
+    def _status(self, field: str) -> int:
+        """A memory figure of /proc/<pid>/status, in bytes."""
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
         return 0
 
@@ -176,7 +194,7 @@ class _Worker:
                 self.proc.kill()
 
 
-def _wait(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
+def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> float:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -187,11 +205,11 @@ def _wait(check: Any, timeout: float, what: str, interval: float = 0.1) -> float
 
 def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int]:
     """Events/s of one worker over the whole input, and its peak RSS."""
-    worker = _Worker(settings, f"bench-{run}")
+    worker = WorkerProcess(settings, f"bench-{run}")
     try:
-        started = _wait(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
+        started = wait_until(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
                         "the worker's first event", interval=0.02)
-        done = _wait(lambda: worker.sample("driftwarden_outcomes_total") >= n, 1800,
+        done = wait_until(lambda: worker.sample("driftwarden_outcomes_total") >= n, 1800,
                      f"{n} outcomes", interval=0.1)
         return 2 * n / (done - started), worker.peak_rss()
     finally:
@@ -203,7 +221,7 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
     n = int(rate * seconds / 2)
     names = TopicNames.from_settings(settings)
     records = _records(names, n, seed=2)
-    worker = _Worker(settings, "bench-latency")
+    worker = WorkerProcess(settings, "bench-latency")
     sent: list[float] = []
     absorbed: list[tuple[float, float]] = []  # (time, outcomes)
     try:
@@ -216,7 +234,7 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
                 await asyncio.sleep(0.05)
 
         scraping = asyncio.create_task(scrape())
-        await _produce(settings, records, rate=rate, sent=sent)
+        await produce(settings, records, rate=rate, sent=sent)
         await asyncio.wait_for(scraping, timeout=600)
     finally:
         worker.stop()
@@ -264,13 +282,13 @@ async def _detection(settings: Settings, change_at: int, rate: float) -> tuple[i
         if adwin.drift_detected and i >= change_at:
             standalone = i + 1 - change_at
             break
-    worker = _Worker(settings, "bench-drift")
+    worker = WorkerProcess(settings, "bench-drift")
     try:
         await worker.settled()
-        await _produce(settings, [(topic[e.topic], e.key.encode(), orjson.dumps(e.value))
+        await produce(settings, [(topic[e.topic], e.key.encode(), orjson.dumps(e.value))
                                   for e in events], rate=rate)
         await asyncio.to_thread(
-            _wait, lambda: worker.sample("driftwarden_retraining_events_total") >= 1, 300,
+            wait_until, lambda: worker.sample("driftwarden_retraining_events_total") >= 1, 300,
             "the retraining event")
     finally:
         worker.stop()
@@ -292,7 +310,7 @@ def bench(a: argparse.Namespace) -> int:
     partitions = asyncio.run(ensure_topics(settings))
     print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
-    asyncio.run(_produce(settings, _records(names, a.events)))
+    asyncio.run(produce(settings, _records(names, a.events)))
     total = 2 * a.events
     ceilings, rates, rss = [], [], []
     for run in range(a.repeat):

@@ -5,7 +5,8 @@ simulate   publish a seeded prediction/label stream with an optional change
 tail       print retraining events as they arrive
 demo       local end to end: worker + simulated drifting traffic + the retraining events
 reference  ``reference build DATA --model M --version V``: publish a reference profile
-bench      ``bench drift``: per-event cost of data-drift monitoring (in-process)
+bench      end-to-end benchmark against the broker; ``bench drift``: drift cost in-process
+soak       worker RSS over a long run at a steady rate (30 minutes by default)
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from models.errors import ConfigError
 from models.simulation import Scenario, simulate
-from streams import bench
+from streams import bench, soak
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["main"]
 
-_OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench")
+_OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench", "soak")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(func=lambda a: asyncio.run(_reference_build(a)))
 
     bench.add_parser(sub)
+    soak.add_parser(sub)
 
     demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
     _scenario_args(demo, n=80_000, change_at=50_000)
