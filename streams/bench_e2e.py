@@ -5,7 +5,9 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
 1. **input**: N predictions (20 features: 16 numeric, 4 categorical; scores) and a label
    for each (published 500 predictions later, every tenth one wrong);
 2. **ceiling**: a raw aiokafka consumer, ``getmany`` plus ``orjson.loads`` of every value,
-   reads all of it; events/s;
+   reads all of it; events/s. Then the **Faust floor**: a Faust worker built like
+   driftwarden's whose agent does nothing (:mod:`streams.bench_floor`): what Faust's
+   per-event machinery alone allows;
 3. **worker**: ``python -m streams worker`` (join, performance, data drift, metrics: all
    on) over the same input, from its first consumed event to its last absorbed outcome;
    events/s, and its peak RSS (VmHWM). Steps 2 and 3 run ``--repeat`` times; medians;
@@ -36,7 +38,7 @@ import tracemalloc
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -142,15 +144,16 @@ def _free_port() -> int:
 class WorkerProcess:
     """A ``python -m streams worker`` subprocess and its metrics endpoint."""
 
-    def __init__(self, settings: Settings, app_id: str, **env: str) -> None:
+    def __init__(self, settings: Settings, app_id: str,
+                 command: Sequence[str] = ("streams", "worker", "-l", "warn"),
+                 **env: str) -> None:
         self.port, web_port = _free_port(), _free_port()
         env = {**os.environ, **env, "DRIFTWARDEN_BROKER": settings.broker,
                "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
                "DRIFTWARDEN_DATA_DIR": f".local/bench/{app_id}"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "-l", "warn",
-             "--web-port", str(web_port)],
+            [sys.executable, "-m", *command, "--web-port", str(web_port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def sample(self, name: str) -> float:
@@ -212,6 +215,24 @@ def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int]:
         done = wait_until(lambda: worker.sample("driftwarden_outcomes_total") >= n, 1800,
                      f"{n} outcomes", interval=0.1)
         return 2 * n / (done - started), worker.peak_rss()
+    finally:
+        worker.stop()
+
+
+def _floor_run(settings: Settings, n: int, run: int) -> float:
+    """Events/s of a Faust worker whose agent does nothing (:mod:`streams.bench_floor`)."""
+    out = f".local/bench/floor-{run}.out"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(out):
+        os.remove(out)
+    worker = WorkerProcess(settings, f"bench-floor-{run}",
+                           command=("streams.bench_floor", str(2 * n), out))
+    try:
+        wait_until(lambda: os.path.exists(out), 1800,
+                   "the Faust floor worker", interval=0.1)
+        with open(out) as f:
+            events, seconds = f.read().split()
+        return int(events) / float(seconds)
     finally:
         worker.stop()
 
@@ -312,15 +333,16 @@ def bench(a: argparse.Namespace) -> int:
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
     asyncio.run(produce(settings, _records(names, a.events)))
     total = 2 * a.events
-    ceilings, rates, rss = [], [], []
+    ceilings, floors, rates, rss = [], [], [], []
     for run in range(a.repeat):
         ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
+        floors.append(_floor_run(settings, a.events, run))
         rate, peak = _worker_run(settings, a.events, run)
         rates.append(rate)
         rss.append(peak)
-        print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s",
-              flush=True)
-    ceiling, rate = statistics.median(ceilings), statistics.median(rates)
+        print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, Faust floor "
+              f"{floors[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s", flush=True)
+    ceiling, floor, rate = (statistics.median(x) for x in (ceilings, floors, rates))
     ratios = [r / c for r, c in zip(rates, ceilings, strict=True)]
 
     latency_settings = replace(settings, topic_prefix=settings.topic_prefix + "lat.")
@@ -338,8 +360,11 @@ def bench(a: argparse.Namespace) -> int:
 
     rows = [
         ("raw aiokafka ceiling (getmany + orjson)", f"{ceiling:,.0f} events/s"),
+        ("Faust floor: agent that does nothing", f"{floor:,.0f} events/s"),
         ("worker, everything on", f"{rate:,.0f} events/s"),
+        ("Faust floor / ceiling", f"{floor / ceiling:.1%}"),
         ("worker / ceiling", f"{statistics.median(ratios):.1%}"),
+        ("worker / Faust floor", f"{rate / floor:.1%}"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p50", f"{p50 * 1000:,.0f} ms"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p99", f"{p99 * 1000:,.0f} ms"),
         ("worker peak RSS", f"{statistics.median(rss) / 2**20:,.0f} MiB"),
@@ -357,11 +382,13 @@ def bench(a: argparse.Namespace) -> int:
             "events": total, "partitions": partitions, "repeat": a.repeat,
             "events_per_second": rate, "ceiling_events_per_second": ceiling,
             "ratio_to_ceiling": statistics.median(ratios),
+            "faust_floor_events_per_second": floor,
             "p50_latency_seconds": p50, "p99_latency_seconds": p99,
             "latency_rate_events_per_second": rate / 2,
             "peak_rss_bytes": statistics.median(rss),
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
-            "runs": {"ceiling": ceilings, "worker": rates, "peak_rss_bytes": rss},
+            "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
+                     "peak_rss_bytes": rss},
         }).decode())
     return 0
