@@ -149,8 +149,12 @@ class FeatureProfile:
         ``class_key(value)`` in ``categories``, else ``len(categories)`` ("other").
         """
         if self.kind == "numeric":
+            if type(value) is float:  # the common case, without _as_float's checks
+                return bisect.bisect_right(self.edges, value) if value == value else None
             number = _as_float(value)
             return None if number is None else bisect.bisect_right(self.edges, number)
+        if type(value) is str:  # the common case: a string is never missing
+            return self._index.get(value, len(self.categories))
         if _is_missing(value):
             return None
         return self._index.get(class_key(value), len(self.categories))
