@@ -14,7 +14,9 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
 4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99;
 5. **state**: bytes the join stores per pending prediction (key + value, as on the
-   changelog), and the Python heap they take (tracemalloc), in-process;
+   changelog), and the Python heap they take (tracemalloc), in-process; and the cost of
+   ``models/`` per input event (join, model stage) over the step-1 input in-process:
+   what the worker would cost with Faust and Kafka taken away;
 6. **detection delay**: a worker fed a labelled stream (one partition, so that it sees
    the labels in publication order) whose error rate steps from 10% to 30% at outcome K;
    the retraining event's ``outcomes_seen - K``, beside river's ADWIN fed the same error
@@ -46,7 +48,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.join import JoinPartition
+from models import codec
+from models.join import JoinPartition, ModelRecord
+from models.monitor import ModelState
 from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
@@ -268,8 +272,46 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
     return out
 
 
+def _stages(records: list[tuple[str, bytes, bytes]], names: TopicNames,
+            batch: int = 1000) -> tuple[float, float]:
+    """Seconds per input event spent in ``models/`` by (the join, the model stage),
+    in-process, in batches as the worker takes them: the worker's cost without Faust
+    and Kafka. The model stage's input goes through orjson as on the records topic."""
+    settings = Settings()
+    logical = {names.predictions: "predictions", names.labels: "labels"}
+    part = JoinPartition({}, 0, settings.label_ttl_seconds)
+    states: dict[str, ModelState] = {}
+    offsets = {"predictions": 0, "labels": 0}
+    join = model = 0.0
+    for start in range(0, len(records), batch):
+        t0 = time.perf_counter()
+        for topic, key, value in records[start:start + batch]:
+            name = logical[topic]
+            part.absorb(name, value, offsets[name], time.time(), key)
+            offsets[name] += 1
+        part.expire()
+        by_model: dict[str, list[list[Any]]] = {}
+        for r in part.drain().records:
+            by_model.setdefault(r.model, []).append(
+                [r.kind, r.version, r.source, *r.position, r.item])
+        messages = {m: orjson.dumps(items) for m, items in by_model.items()}
+        t1 = time.perf_counter()
+        for m, raw in messages.items():
+            state = states.setdefault(m, ModelState(m, settings.policies()))
+            for kind, version, source, offset, sub, item in orjson.loads(raw):
+                state.absorb(ModelRecord(kind, m, version, source, (offset, sub), item))
+            codec.dumps(state)
+        join += t1 - t0
+        model += time.perf_counter() - t1
+    return join / len(records), model / len(records)
+
+
 def _state_bytes(n: int = 20_000) -> tuple[float, float]:
-    """(stored bytes, Python heap bytes) per pending prediction of the join."""
+    """(stored bytes, Python heap bytes) per pending prediction of the join.
+
+    Drained every 1,000 events as the worker does, so the heap figure is what the join
+    keeps between batches: the entry (key and value objects, the table's dict slot) and
+    its expiry-heap item."""
     names = TopicNames.from_settings(Settings())
     values = [v for t, _, v in _records(names, n + LABEL_LAG) if t == names.predictions][:n]
     store: dict[str, bytes] = {}
@@ -278,7 +320,9 @@ def _state_bytes(n: int = 20_000) -> tuple[float, float]:
     before = tracemalloc.get_traced_memory()[0]
     for offset, raw in enumerate(values):
         part.absorb("predictions", raw, offset, time.time())
-    part.records.clear()
+        if offset % 1000 == 999:
+            part.drain()
+    part.drain()
     heap = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     entries = [(k, v) for k, v in store.items() if not k.startswith("\x00")]
@@ -331,7 +375,8 @@ def bench(a: argparse.Namespace) -> int:
     partitions = asyncio.run(ensure_topics(settings))
     print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
-    asyncio.run(produce(settings, _records(names, a.events)))
+    records = _records(names, a.events)
+    asyncio.run(produce(settings, records))
     total = 2 * a.events
     ceilings, floors, rates, rss = [], [], [], []
     for run in range(a.repeat):
@@ -351,6 +396,9 @@ def bench(a: argparse.Namespace) -> int:
     p50 = latencies[len(latencies) // 2]
     p99 = latencies[int(len(latencies) * 0.99)]
     stored, heap = _state_bytes()
+    stage_runs = [_stages(records, names) for _ in range(a.repeat)]
+    join_cost = statistics.median(j for j, _ in stage_runs)
+    model_cost = statistics.median(m for _, m in stage_runs)
     # One partition: the worker then sees the labels in publication order, the order the
     # standalone detector is fed, so any difference is the service's own.
     drift_settings = replace(settings, topic_prefix=settings.topic_prefix + "drift.",
@@ -365,6 +413,10 @@ def bench(a: argparse.Namespace) -> int:
         ("Faust floor / ceiling", f"{floor / ceiling:.1%}"),
         ("worker / ceiling", f"{statistics.median(ratios):.1%}"),
         ("worker / Faust floor", f"{rate / floor:.1%}"),
+        ("models/ in-process per event: join", f"{join_cost * 1e6:.1f} us"),
+        ("models/ in-process per event: model stage", f"{model_cost * 1e6:.1f} us"),
+        ("models/ in-process alone (no Faust, no Kafka)",
+         f"{1 / (join_cost + model_cost):,.0f} events/s"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p50", f"{p50 * 1000:,.0f} ms"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p99", f"{p99 * 1000:,.0f} ms"),
         ("worker peak RSS", f"{statistics.median(rss) / 2**20:,.0f} MiB"),
@@ -383,12 +435,13 @@ def bench(a: argparse.Namespace) -> int:
             "events_per_second": rate, "ceiling_events_per_second": ceiling,
             "ratio_to_ceiling": statistics.median(ratios),
             "faust_floor_events_per_second": floor,
+            "models_seconds_per_event": {"join": join_cost, "model_stage": model_cost},
             "p50_latency_seconds": p50, "p99_latency_seconds": p99,
             "latency_rate_events_per_second": rate / 2,
             "peak_rss_bytes": statistics.median(rss),
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
-                     "peak_rss_bytes": rss},
+                     "peak_rss_bytes": rss, "models_seconds_per_event": stage_runs},
         }).decode())
     return 0
