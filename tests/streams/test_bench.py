@@ -22,7 +22,8 @@ from tests.streams.harness import ROOT
 
 
 def _run(broker: str, prefix: str, *args: str, timeout: float) -> tuple[int, dict[str, Any]]:
-    env = {**os.environ, "DRIFTWARDEN_BROKER": f"kafka://{broker}", "DRIFTWARDEN_TOPIC_PREFIX": prefix}
+    env = {**os.environ, "DRIFTWARDEN_BROKER": f"kafka://{broker}",
+           "DRIFTWARDEN_TOPIC_PREFIX": prefix}
     done = subprocess.run([sys.executable, "-m", "streams", *args, "--json"], cwd=ROOT,
                           env=env, capture_output=True, timeout=timeout, text=True)
     lines = done.stdout.strip().splitlines()
