@@ -131,12 +131,16 @@ class PerformanceMonitor:
         self._scored = 0
         self._errors: Any = utils.Rolling(stats.Mean, window_size=window)
         self._since_drift = stats.Mean()
+        # The classification metrics share one confusion matrix (river's ``cm``), updated
+        # once per outcome instead of once per metric.
+        self._cm: Any = None
         if task == "classification":
+            cm = self._cm = metrics.ConfusionMatrix()
             self._metrics: dict[str, Any] = {
-                "accuracy": metrics.Accuracy(),
-                "precision": metrics.MacroPrecision(),
-                "recall": metrics.MacroRecall(),
-                "f1": metrics.MacroF1(),
+                "accuracy": metrics.Accuracy(cm=cm),
+                "precision": metrics.MacroPrecision(cm=cm),
+                "recall": metrics.MacroRecall(cm=cm),
+                "f1": metrics.MacroF1(cm=cm),
             }
             self._rolling: Any = utils.Rolling(metrics.Accuracy, window_size=window)
             self._log_loss = metrics.CrossEntropy()
@@ -157,8 +161,11 @@ class PerformanceMonitor:
             Probability the model gave to the true class, when it published scores.
         """
         self.n += 1
-        for metric in self._metrics.values():
-            metric.update(label, prediction)
+        if self._cm is not None:
+            self._cm.update(label, prediction)
+        else:
+            for metric in self._metrics.values():
+                metric.update(label, prediction)
         self._rolling.update(label, prediction)
         if self.task == "classification":
             error: float = float(prediction != label)
@@ -180,6 +187,11 @@ class PerformanceMonitor:
             self._since_drift = stats.Mean()
         self._since_drift.update(error)
         return self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # State stored before the metrics shared a confusion matrix: each has its own.
+        state.setdefault("_cm", None)
+        self.__dict__.update(state)
 
     def _before(self) -> float:
         if isinstance(self.detector, drift.ADWIN):

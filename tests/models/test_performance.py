@@ -116,6 +116,26 @@ def test_classification_metrics_on_a_seeded_stream_are_pinned() -> None:
     assert (monitor.accuracy, monitor.rolling_accuracy) == pytest.approx((0.739, 0.72), abs=1e-12)
 
 
+def test_state_stored_before_the_metrics_shared_a_confusion_matrix_still_counts() -> None:
+    from river import metrics
+
+    from models import codec
+
+    old = PerformanceMonitor(window=2)
+    # What a stored monitor looked like: one confusion matrix per metric, no ``_cm``.
+    old._metrics = {"accuracy": metrics.Accuracy(), "precision": metrics.MacroPrecision(),
+                    "recall": metrics.MacroRecall(), "f1": metrics.MacroF1()}
+    del old.__dict__["_cm"]
+    old = codec.loads(codec.dumps(old))
+    new = codec.loads(codec.dumps(PerformanceMonitor(window=2)))
+    for prediction, label in zip("abbbc", "aabbc", strict=True):
+        old.update(prediction, label)
+        new.update(prediction, label)
+    assert old.report() == new.report()
+    assert new.report()["precision"] == pytest.approx((1 + 2 / 3 + 1) / 3, abs=1e-12)
+    assert new._metrics["f1"].cm is new._metrics["accuracy"].cm  # shared after a round trip
+
+
 def test_macro_precision_recall_f1_by_hand() -> None:
     monitor = PerformanceMonitor(window=2)
     for prediction, label in zip("abbbc", "aabbc", strict=True):
