@@ -30,12 +30,13 @@ class _Utf8(codecs.Codec):
 codecs.register("utf8", _Utf8())
 
 
-class _Worker(faust.Worker):
+class Worker(faust.Worker):
     """Faust's worker without its terminal spinner.
 
     At the default log level (WARN) the spinner sets the root logger to DEBUG so that it
     spins on every record: each debug line of aiokafka (one per message produced) then
-    builds a LogRecord that no handler prints, about 5% of a busy worker's time.
+    builds a LogRecord that no handler prints, about 5% of a busy worker's time. (Named
+    ``Worker`` because Faust's log lines carry the class name: ``[^Worker]: Ready``.)
     """
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
@@ -92,5 +93,5 @@ def create_app(settings: Settings, partitions: int) -> faust.App:
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         key_serializer="raw",
         value_serializer="raw",
-        Worker=_Worker,
+        Worker=Worker,
     )
