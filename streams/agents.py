@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -169,6 +169,9 @@ class Pipeline:
     async def join_batch(self, events: Sequence[faust.EventT]) -> None:
         async with self._join_lock:
             touched: dict[int, JoinPartition] = {}
+            # Counted per batch: a labelled metric costs a lookup and a lock per call.
+            consumed: Counter[str] = Counter()
+            skipped: Counter[str] = Counter()
             for event in events:
                 msg = event.message
                 part = self.joins.get(msg.partition) or await self._open(msg.partition)
@@ -178,12 +181,11 @@ class Pipeline:
                     for rec in await self._missed(expected, msg):
                         part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0,
                                     rec.key)
-                        EVENTS_CONSUMED.labels(topic).inc()
-                skipped = part.skipped
+                        consumed[topic] += 1
+                before = part.skipped
                 part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
-                if part.skipped != skipped:
-                    REPLAYS_SKIPPED.labels(topic).inc()
-                EVENTS_CONSUMED.labels(topic).inc()
+                skipped[topic] += part.skipped - before
+                consumed[topic] += 1
                 self.next_offset[msg.tp] = msg.offset + 1
                 touched[msg.partition] = part
                 if part.held >= _FLUSH_BYTES:
@@ -191,6 +193,11 @@ class Pipeline:
             for part in touched.values():
                 part.expire(budget=_FLUSH_BYTES)
             await self._flush(list(touched.values()))
+            for topic, n in consumed.items():
+                EVENTS_CONSUMED.labels(topic).inc(n)
+            for topic, n in skipped.items():
+                if n:
+                    REPLAYS_SKIPPED.labels(topic).inc(n)
 
     async def _missed(self, expected: int, msg: Any) -> list[Any]:
         """The records of ``msg``'s partition from offset ``expected`` up to ``msg``.
