@@ -7,13 +7,16 @@ of the predictions (``--unlabelled``) never gets a label, and the label TTL is s
 (``--ttl`` seconds), so the join's expiry is part of what is measured: without it the
 buffer would grow with every unlabelled prediction.
 
-Every ``--sample-seconds`` the worker's RSS (VmRSS) is read. After ``--warmup-minutes``
-(the join buffer fills to its steady size: one TTL of entries) the samples are split in
-halves; memory is **flat** when the median of the second half exceeds that of the first
-by at most ``--max-growth`` (a fraction). Also reported: the least-squares slope over the
-steady samples, the peak, and whether the worker kept up (all outcomes absorbed within
-a minute of the last event). Exit status 1 when memory is not flat or the worker fell
-behind. Not part of ``make test``: it runs for half an hour by default.
+Every ``--sample-seconds`` the worker's RSS (VmRSS) is read, and its
+``driftwarden_pending_labels`` (the join buffer: it should stay level too). After
+``--warmup-minutes`` (the join buffer fills to its steady size: one TTL of entries) the
+samples are split in halves; memory is **flat** when the median of the second half
+exceeds that of the first by at most ``--max-growth`` (a fraction). Also reported: the
+least-squares slope over the steady samples, the peak, and whether the worker kept up
+(all outcomes absorbed within a minute of the last event). Exit status 1 when memory is
+not flat or the worker fell behind. Run it on an otherwise idle machine: a worker that
+falls behind for a while buffers more, and the allocator keeps that high-water mark.
+The half-hour default is not part of ``make test`` (a 45-second run is).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def add_parser(sub: Any) -> None:
 
 
 async def _run(settings: Settings, a: argparse.Namespace, worker: WorkerProcess,
-               samples: list[tuple[float, int]]) -> tuple[int, int, float]:
+               samples: list[tuple[float, int, float]]) -> tuple[int, int, float]:
     """Feed the worker for ``a.minutes`` while sampling its RSS; return (events sent,
     labels sent, seconds it took)."""
     names = TopicNames.from_settings(settings)
@@ -72,7 +75,8 @@ async def _run(settings: Settings, a: argparse.Namespace, worker: WorkerProcess,
 
     async def sample() -> None:
         while True:
-            samples.append((time.monotonic() - started, worker.rss()))
+            pending = await asyncio.to_thread(worker.sample, "driftwarden_pending_labels")
+            samples.append((time.monotonic() - started, worker.rss(), pending))
             await asyncio.sleep(a.sample_seconds)
 
     sampling = asyncio.create_task(sample())
@@ -92,7 +96,7 @@ def soak(a: argparse.Namespace) -> int:
     print(f"soak: {a.rate:,.0f} events/s for {a.minutes:g} min, {a.unlabelled:.0%} never "
           f"labelled, label TTL {a.ttl:g} s, topics {settings.topic_prefix}*", flush=True)
     worker = WorkerProcess(settings, "soak", DRIFTWARDEN_LABEL_TTL_SECONDS=str(a.ttl))
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     try:
         asyncio.run(worker.settled())
         events, labels, seconds = asyncio.run(_run(settings, a, worker, samples))
@@ -107,7 +111,8 @@ def soak(a: argparse.Namespace) -> int:
     finally:
         worker.stop()
 
-    steady = [(t, rss) for t, rss in samples if t >= a.warmup_minutes * 60]
+    steady = [(t, rss) for t, rss, _ in samples if t >= a.warmup_minutes * 60]
+    pending = [p for t, _, p in samples if t >= a.warmup_minutes * 60]
     if len(steady) < 4:
         raise SystemExit("soak: too few samples after the warm-up; run longer")
     half = len(steady) // 2
@@ -126,6 +131,7 @@ def soak(a: argparse.Namespace) -> int:
         ("growth (second / first - 1)", f"{growth:+.2%}"),
         ("slope, least squares", f"{slope * 600 / mib:+,.2f} MiB / 10 min"),
         ("peak RSS (VmHWM)", f"{peak / mib:,.1f} MiB"),
+        ("predictions awaiting a label, min / max", f"{min(pending):,.0f} / {max(pending):,.0f}"),
         ("verdict", ("flat" if flat else "GROWING") + ("" if kept_up else ", FELL BEHIND")),
     ]
     width = max(len(k) for k, _ in rows)
@@ -137,6 +143,7 @@ def soak(a: argparse.Namespace) -> int:
             "unlabelled": a.unlabelled, "labels_sent": labels, "outcomes": outcomes,
             "kept_up": kept_up, "rss_first_half_bytes": first, "rss_second_half_bytes": second,
             "growth": growth, "slope_bytes_per_second": slope, "peak_rss_bytes": peak,
-            "flat": flat, "samples": samples,
+            "flat": flat, "pending_min": min(pending), "pending_max": max(pending),
+            "samples": samples,
         }).decode())
     return 0 if flat and kept_up else 1

@@ -64,6 +64,6 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
                  stream(names, n, seed=11, start_ts=0.0, unlabelled=unlabelled))
     assert out["labels_sent"] == labels == out["outcomes"]
     assert out["kept_up"] is True
-    assert len(out["samples"]) >= 20 and all(rss > 0 for _, rss in out["samples"])
+    assert len(out["samples"]) >= 20 and all(rss > 0 for _, rss, _ in out["samples"])
     assert out["flat"] == (out["growth"] <= 0.05)
     assert rc == (0 if out["flat"] else 1)
