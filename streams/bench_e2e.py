@@ -96,7 +96,7 @@ def stream(names: TopicNames, n: int, *, seed: int, start_ts: float, rate: float
 
 
 async def produce(settings: Settings, records: Iterable[tuple[str, bytes, bytes]],
-                   rate: float = 0.0, sent: list[float] | None = None) -> None:
+                  rate: float = 0.0, sent: list[float] | None = None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
                                 acks="all", max_batch_size=256 * 1024,
                                 **settings.aiokafka_security())
@@ -146,7 +146,8 @@ def _free_port() -> int:
 
 
 class WorkerProcess:
-    """A ``python -m streams worker`` subprocess and its metrics endpoint."""
+    """A ``python -m streams worker`` subprocess (or another ``command`` built on the
+    app, such as the Faust floor) and its metrics endpoint."""
 
     def __init__(self, settings: Settings, app_id: str,
                  command: Sequence[str] = ("streams", "worker", "-l", "warn"),
