@@ -65,5 +65,9 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
     assert out["labels_sent"] == labels == out["outcomes"]
     assert out["kept_up"] is True
     assert len(out["samples"]) >= 20 and all(rss > 0 for _, rss, _ in out["samples"])
+    # The join buffer stays level: about 500 predictions whose label is still on its way
+    # (labels follow 500 predictions later) plus the unlabelled ones of the last TTL;
+    # without expiry it would end above 1,600 (every unlabelled prediction kept).
+    assert 400 <= out["pending_min"] <= out["pending_max"] < 1200
     assert out["flat"] == (out["growth"] <= 0.05)
     assert rc == (0 if out["flat"] else 1)
