@@ -62,7 +62,7 @@ Examples
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -79,7 +79,8 @@ from models.events import (
     parse_prediction,
 )
 
-__all__ = ["DeadLetter", "Flush", "JoinPartition", "ModelRecord", "meta_key", "wal_key"]
+__all__ = ["DeadLetter", "Flush", "JoinPartition", "ModelRecord", "decode_records",
+           "encode_records", "meta_key", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -128,6 +129,28 @@ class ModelRecord:
     source: str
     position: tuple[int, int]
     item: list[Any]
+
+
+def encode_records(records: list[ModelRecord]) -> dict[str, bytes]:
+    """Records as the model stage receives them: one orjson message per model, in order.
+
+    >>> raw = encode_records([ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])])
+    >>> raw
+    {'m': b'[["p","1","p0",7,0,[1.0,{},1,null]]]'}
+    >>> list(decode_records("m", raw["m"]))[0].position
+    (7, 0)
+    """
+    by_model: dict[str, list[list[Any]]] = {}
+    for r in records:
+        by_model.setdefault(r.model, []).append([r.kind, r.version, r.source, *r.position,
+                                                 r.item])
+    return {model: orjson.dumps(items) for model, items in by_model.items()}
+
+
+def decode_records(model: str, raw: bytes) -> Iterator[ModelRecord]:
+    """The records of one :func:`encode_records` message, for ``model``."""
+    for kind, version, source, offset, sub, item in orjson.loads(raw):
+        yield ModelRecord(kind, model, version, source, (offset, sub), item)
 
 
 class Flush(NamedTuple):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -30,7 +30,15 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from models import codec
 from models.errors import ConfigError
-from models.join import DeadLetter, Flush, JoinPartition, ModelRecord, wal_key
+from models.join import (
+    DeadLetter,
+    Flush,
+    JoinPartition,
+    ModelRecord,
+    decode_records,
+    encode_records,
+    wal_key,
+)
 from models.monitor import ModelState
 from models.policy import PolicyBook
 from models.reference import ReferenceProfile
@@ -282,13 +290,10 @@ class Pipeline:
 
     async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
         """Send records (one message per model) and dead letters; return once all are acked."""
-        by_model: dict[str, list[list[Any]]] = defaultdict(list)
-        for r in records:
-            by_model[r.model].append([r.kind, r.version, r.source, *r.position, r.item])
         sends = [await self._dead_letter(d) for d in dead]
-        for model, items in by_model.items():
+        for model, raw in encode_records(records).items():
             sends.append(await self.app.producer.send(
-                self.names.model_records, model.encode(), orjson.dumps(items), None, None, None))
+                self.names.model_records, model.encode(), raw, None, None, None))
         await asyncio.gather(*sends)
 
     async def _dead_letter(self, d: DeadLetter) -> Any:
@@ -396,8 +401,8 @@ class Pipeline:
             for fingerprint, profile in self.references.get(model, {}).values():
                 state.use_reference(profile, fingerprint)
             skipped = state.replays_skipped
-            for kind, version, source, offset, sub, item in orjson.loads(event.value):
-                fired = state.absorb(ModelRecord(kind, model, version, source, (offset, sub), item))
+            for record in decode_records(model, event.value):
+                fired = state.absorb(record)
                 if fired is not None:
                     retraining.append(fired)
             if state.replays_skipped != skipped:

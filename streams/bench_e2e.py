@@ -49,13 +49,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import codec
-from models.join import JoinPartition, ModelRecord
+from models.join import JoinPartition, decode_records, encode_records
 from models.monitor import ModelState
 from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
-__all__ = ["WorkerProcess", "add_arguments", "bench", "produce", "stream", "wait_until"]
+__all__ = ["WorkerProcess", "add_arguments", "bench", "print_table", "produce", "stream",
+           "wait_until"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -137,6 +138,13 @@ async def _ceiling(settings: Settings, names: TopicNames, total: int) -> float:
         return time.perf_counter() - started
     finally:
         await consumer.stop()
+
+
+def print_table(rows: list[tuple[str, str]], value_width: int) -> None:
+    """Print ``(measure, value)`` rows, measures left-aligned, values right-aligned."""
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value:>{value_width}}")
 
 
 def _free_port() -> int:
@@ -291,16 +299,12 @@ def _stages(records: list[tuple[str, bytes, bytes]], names: TopicNames,
             part.absorb(name, value, offsets[name], time.time(), key)
             offsets[name] += 1
         part.expire()
-        by_model: dict[str, list[list[Any]]] = {}
-        for r in part.drain().records:
-            by_model.setdefault(r.model, []).append(
-                [r.kind, r.version, r.source, *r.position, r.item])
-        messages = {m: orjson.dumps(items) for m, items in by_model.items()}
+        messages = encode_records(part.drain().records)
         t1 = time.perf_counter()
         for m, raw in messages.items():
             state = states.setdefault(m, ModelState(m, settings.policies()))
-            for kind, version, source, offset, sub, item in orjson.loads(raw):
-                state.absorb(ModelRecord(kind, m, version, source, (offset, sub), item))
+            for record in decode_records(m, raw):
+                state.absorb(record)
             codec.dumps(state)
         join += t1 - t0
         model += time.perf_counter() - t1
@@ -426,10 +430,8 @@ def bench(a: argparse.Namespace) -> int:
         ("detection delay, service (outcomes)", f"{service}"),
         ("detection delay, standalone river ADWIN", f"{standalone}"),
     ]
-    width = max(len(k) for k, _ in rows)
     print(f"driftwarden bench, median of {a.repeat} runs (ceiling and worker)")
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value:>16}")
+    print_table(rows, 16)
     if a.json:
         print(orjson.dumps({
             "events": total, "partitions": partitions, "repeat": a.repeat,

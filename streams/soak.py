@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from streams.bench_e2e import WorkerProcess, produce, stream, wait_until
+from streams.bench_e2e import WorkerProcess, print_table, produce, stream, wait_until
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
@@ -111,8 +111,9 @@ def soak(a: argparse.Namespace) -> int:
     finally:
         worker.stop()
 
-    steady = [(t, rss) for t, rss, _ in samples if t >= a.warmup_minutes * 60]
-    pending = [p for t, _, p in samples if t >= a.warmup_minutes * 60]
+    after = [s for s in samples if s[0] >= a.warmup_minutes * 60]
+    steady = [(t, rss) for t, rss, _ in after]
+    pending = [p for _, _, p in after]
     if len(steady) < 4:
         raise SystemExit("soak: too few samples after the warm-up; run longer")
     half = len(steady) // 2
@@ -134,9 +135,7 @@ def soak(a: argparse.Namespace) -> int:
         ("predictions awaiting a label, min / max", f"{min(pending):,.0f} / {max(pending):,.0f}"),
         ("verdict", ("flat" if flat else "GROWING") + ("" if kept_up else ", FELL BEHIND")),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key:<{width}}  {value:>20}")
+    print_table(rows, 20)
     if a.json:
         print(orjson.dumps({
             "rate_events_per_second": events / seconds, "seconds": seconds, "ttl_seconds": a.ttl,
