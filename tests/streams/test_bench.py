@@ -40,7 +40,9 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     # One run: the ratio is that run's worker rate over that run's ceiling.
     assert out["ratio_to_ceiling"] == out["events_per_second"] / out["ceiling_events_per_second"]
     assert out["runs"]["worker"] == [out["events_per_second"]]
-    assert 0 < out["events_per_second"] <= out["faust_floor_events_per_second"]
+    # Both rates are positive; which is higher is not asserted: on 6,000 events the floor's
+    # clock is dominated by batch waits (CI once measured it at 3,348 events/s).
+    assert out["events_per_second"] > 0 and out["faust_floor_events_per_second"] > 0
     assert out["latency_rate_events_per_second"] == out["events_per_second"] / 2
     assert 0 < out["p50_latency_seconds"] <= out["p99_latency_seconds"]
     assert out["peak_rss_bytes"] > 0
