@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import itertools
 import os
 import socket
 import statistics
@@ -147,10 +148,35 @@ def print_table(rows: list[tuple[str, str]], value_width: int) -> None:
         print(f"  {key:<{width}}  {value:>{value_width}}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_PORT_TRIES = itertools.count()
+
+
+def free_port() -> int:
+    """A local TCP port that is free now and that no outgoing connection can take.
+
+    ``bind(0)`` hands out a port from the kernel's ephemeral range, the range every
+    outgoing connection draws its local port from. The Kafka clients of a test run open
+    many, and one of them took such a port between the check and the worker's bind
+    (``OSError: [Errno 98] ... address already in use`` in CI). Ports just below the
+    range are never handed to outgoing connections; each call takes the next one that
+    binds, starting at an offset set by the process id so that two processes rarely meet.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    span = min(10_000, low - 1024)
+    start = os.getpid() * 7
+    for _ in range(span):
+        port = low - 1 - (start + next(_PORT_TRIES)) % span
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low - span}..{low - 1}")
 
 
 class WorkerProcess:
@@ -160,7 +186,7 @@ class WorkerProcess:
     def __init__(self, settings: Settings, app_id: str,
                  command: Sequence[str] = ("streams", "worker", "-l", "warn"),
                  **env: str) -> None:
-        self.port, web_port = _free_port(), _free_port()
+        self.port, web_port = free_port(), free_port()
         env = {**os.environ, **env, "DRIFTWARDEN_BROKER": settings.broker,
                "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),

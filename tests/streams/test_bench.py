@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from streams.bench_e2e import stream
+from streams.bench_e2e import free_port, stream
 from streams.settings import Settings
 from streams.topics import TopicNames
 from tests.streams.harness import ROOT
@@ -73,3 +73,13 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
     assert 400 <= out["pending_min"] <= out["pending_max"] < 1200
     assert out["flat"] == (out["growth"] <= 0.05)
     assert rc == (0 if out["flat"] else 1)
+
+
+def test_worker_ports_come_from_outside_the_ephemeral_range() -> None:
+    """A worker's metrics and web ports must not be takeable by an outgoing connection's
+    local port (the Kafka clients open many) between the choice and the worker's bind."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = (int(x) for x in f.read().split())
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(1024 <= p < low for p in ports), (ports, low, high)
