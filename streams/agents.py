@@ -114,6 +114,7 @@ class Pipeline:
 
         @app.timer(5.0)
         async def lag() -> None:
+            self.narrow_producer_metadata()
             await self.check_broker()
             await self.measure_lag()
             await self.open_assigned()
@@ -123,6 +124,30 @@ class Pipeline:
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
         app.on_rebalance_complete.connect(self._on_recovered)  # type: ignore[arg-type]
+
+    def producer_topics(self) -> list[str]:
+        """The topics this worker's producer writes to."""
+        n = self.names
+        return sorted({n.model_records, n.retraining, n.dead_letters,
+                       *(t.changelog_topic.get_topic_name()
+                         for t in (self.tables.join, self.tables.models))})
+
+    def narrow_producer_metadata(self) -> asyncio.Future[Any] | None:
+        """Have the producer keep metadata for :meth:`producer_topics` only.
+
+        aiokafka's producer learns every topic of the cluster when it bootstraps, so it
+        never adds the topics it sends to its own list, and with an empty list its
+        refresh (every ``metadata.max.age.ms``, five minutes) fetches the whole cluster's
+        metadata again: on a cluster of 8,858 partitions that rebuilt as many objects
+        each time and raised the worker's RSS by about 20 MiB over the first runs (the
+        soak's one-time step). A topic left out is added back by aiokafka when it is
+        first sent to. Returns the metadata update's future once narrowed, else None.
+        """
+        # Faust and aiokafka keep no public view of the producer's client or its list.
+        client = getattr(getattr(self.app.producer, "_producer", None), "client", None)
+        if client is None or client._topics:
+            return None
+        return cast("asyncio.Future[Any]", client.set_topics(self.producer_topics()))
 
     def _is_regression(self, model: str) -> bool:
         return self.policies.for_model(model).task == "regression"

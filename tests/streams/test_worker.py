@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import urllib.error
@@ -124,3 +125,48 @@ def test_default_log_level_does_not_build_debug_records():
     finally:
         root.setLevel(level)
         root.handlers[:] = handlers
+
+
+def test_the_producer_refreshes_metadata_of_its_own_topics_only(kafka_broker, prefix, tmp_path):
+    # aiokafka's producer bootstraps with the whole cluster's metadata and, never adding
+    # a topic it already knows, would refresh all of it every five minutes: on a shared
+    # cluster of thousands of partitions that is memory and broker load per worker.
+    from streams.agents import Pipeline
+    from streams.app import create_app
+    from streams.metrics import Snapshot
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+    from streams.topics import ensure_topics
+
+    settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix,
+                        data_dir=tmp_path)
+    run(create_topics(kafka_broker, {prefix + "someone-elses": 3}))
+    partitions = run(ensure_topics(settings))
+    app = create_app(settings, partitions)
+    pipeline = Pipeline(app, settings, declare_tables(app, partitions), Snapshot(max_models=10))
+
+    async def known_topics() -> tuple[set[str], set[str]]:
+        await app.producer.start()
+        try:
+            client = app.producer._producer.client
+            # What Faust's topic declaration does at start-up (faust-streaming #499): with
+            # no topics of its own yet, the producer's client fetches the whole cluster.
+            for _ in range(60):  # until the broker serves the topic made just before
+                await client.force_metadata_update()
+                if prefix + "someone-elses" in client.cluster.topics():
+                    break
+                await asyncio.sleep(0.5)
+            before = set(client.cluster.topics())
+            await pipeline.narrow_producer_metadata()
+            assert pipeline.narrow_producer_metadata() is None  # once only
+            return before, set(client.cluster.topics())
+        finally:
+            await app.producer.stop()
+
+    before, after = run(known_topics())
+    assert {prefix + "someone-elses", prefix + "predictions"} <= before
+    # The changelog topics are made when the worker starts; here they do not exist yet.
+    assert after == {prefix + "retraining", prefix + "dead-letters",
+                     prefix + "driftwarden-model-records"}
+    assert set(pipeline.producer_topics()) == after | {
+        prefix + "driftwarden-join-changelog", prefix + "driftwarden-models-changelog"}
