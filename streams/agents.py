@@ -138,10 +138,10 @@ class Pipeline:
         aiokafka's producer learns every topic of the cluster when it bootstraps, so it
         never adds the topics it sends to its own list, and with an empty list its
         refresh (every ``metadata.max.age.ms``, five minutes) fetches the whole cluster's
-        metadata again: on a cluster of 8,858 partitions that rebuilt as many objects
-        each time and raised the worker's RSS by about 20 MiB over the first runs (the
-        soak's one-time step). A topic left out is added back by aiokafka when it is
-        first sent to. Returns the metadata update's future once narrowed, else None.
+        metadata again (8,858 partitions on the development broker): memory, time and
+        broker load that grow with everything else on the cluster. A topic left out is
+        added back by aiokafka when it is first sent to. Returns the metadata update's
+        future once narrowed, else None.
         """
         # Faust and aiokafka keep no public view of the producer's client or its list.
         client = getattr(getattr(self.app.producer, "_producer", None), "client", None)
