@@ -10,13 +10,21 @@ buffer would grow with every unlabelled prediction.
 Every ``--sample-seconds`` the worker's RSS (VmRSS) is read, and its
 ``driftwarden_pending_labels`` (the join buffer: it should stay level too). After
 ``--warmup-minutes`` (the join buffer fills to its steady size: one TTL of entries) the
-samples are split in halves; memory is **flat** when the median of the second half
-exceeds that of the first by at most ``--max-growth`` (a fraction). Also reported: the
-least-squares slope over the steady samples, the peak, and whether the worker kept up
-(all outcomes absorbed within a minute of the last event). Exit status 1 when memory is
-not flat or the worker fell behind. Run it on an otherwise idle machine: a worker that
-falls behind for a while buffers more, and the allocator keeps that high-water mark.
-The half-hour default is not part of ``make test`` (a 45-second run is).
+samples are split in halves. Memory is **flat** when the second half has no upward
+trend: its least-squares slope is at most ``--max-trend`` of its median per 10 minutes.
+A leak is a trend; what the verdict does not count is a one-time step, and there is one
+whenever prediction ids and offsets gain a decimal digit: every new key and join entry
+then falls in a larger size class of CPython's small-object allocator, the old class's
+pools drain over one label TTL, and the arenas that held them stay pinned by
+longer-lived neighbours (at the millionth prediction: +14 arenas of 1 MiB for +2.9 MB of
+live data; the next such step is ten times as many events later). So the growth from
+the first half to the second is reported beside the verdict, not hidden by it; the
+default half hour at 3,000 events/s puts the 10**5 offset and 10**6 id steps in the
+first half. Also reported: the peak, and whether the worker kept up (all outcomes
+absorbed within a minute of the last event). Exit status 1 when memory is not flat or
+the worker fell behind. Run it on an otherwise idle machine: a worker that falls behind
+for a while buffers more, and the allocator keeps that high-water mark. The half-hour
+default is not part of ``make test`` (a 45-second run is).
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ttl", type=float, default=60.0, help="DRIFTWARDEN_LABEL_TTL_SECONDS")
     p.add_argument("--sample-seconds", type=float, default=10.0)
     p.add_argument("--warmup-minutes", type=float, default=3.0)
-    p.add_argument("--max-growth", type=float, default=0.05)
+    p.add_argument("--max-trend", type=float, default=0.01,
+                   help="largest second-half slope, as a fraction of its median per 10 min")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.set_defaults(func=soak)
 
@@ -121,7 +130,10 @@ def soak(a: argparse.Namespace) -> int:
     second = statistics.median(rss for _, rss in steady[half:])
     growth = second / first - 1.0
     slope = float(np.polyfit([t for t, _ in steady], [rss for _, rss in steady], 1)[0])
-    flat = growth <= a.max_growth
+    late = steady[half:]
+    late_slope = float(np.polyfit([t for t, _ in late], [rss for _, rss in late], 1)[0])
+    trend = late_slope * 600 / second
+    flat = trend <= a.max_trend
     mib = 2**20
     rows = [
         ("events/s, as produced", f"{events / seconds:,.0f}"),
@@ -130,7 +142,10 @@ def soak(a: argparse.Namespace) -> int:
         ("RSS median, first half after warm-up", f"{first / mib:,.1f} MiB"),
         ("RSS median, second half", f"{second / mib:,.1f} MiB"),
         ("growth (second / first - 1)", f"{growth:+.2%}"),
-        ("slope, least squares", f"{slope * 600 / mib:+,.2f} MiB / 10 min"),
+        ("slope, least squares, all after warm-up", f"{slope * 600 / mib:+,.2f} MiB / 10 min"),
+        ("slope, second half (the verdict's trend)",
+         f"{late_slope * 600 / mib:+,.2f} MiB / 10 min"),
+        ("trend: that slope / second-half median", f"{trend:+.2%} / 10 min"),
         ("peak RSS (VmHWM)", f"{peak / mib:,.1f} MiB"),
         ("predictions awaiting a label, min / max", f"{min(pending):,.0f} / {max(pending):,.0f}"),
         ("verdict", ("flat" if flat else "GROWING") + ("" if kept_up else ", FELL BEHIND")),
@@ -141,7 +156,9 @@ def soak(a: argparse.Namespace) -> int:
             "rate_events_per_second": events / seconds, "seconds": seconds, "ttl_seconds": a.ttl,
             "unlabelled": a.unlabelled, "labels_sent": labels, "outcomes": outcomes,
             "kept_up": kept_up, "rss_first_half_bytes": first, "rss_second_half_bytes": second,
-            "growth": growth, "slope_bytes_per_second": slope, "peak_rss_bytes": peak,
+            "growth": growth, "slope_bytes_per_second": slope,
+            "late_slope_bytes_per_second": late_slope, "trend_per_10_minutes": trend,
+            "peak_rss_bytes": peak,
             "flat": flat, "pending_min": min(pending), "pending_max": max(pending),
             "samples": samples,
         }).decode())

@@ -71,7 +71,11 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
     # (labels follow 500 predictions later) plus the unlabelled ones of the last TTL;
     # without expiry it would end above 1,600 (every unlabelled prediction kept).
     assert 400 <= out["pending_min"] <= out["pending_max"] < 1200
-    assert out["flat"] == (out["growth"] <= 0.05)
+    # The verdict is the second half's trend; the growth between halves is reported too.
+    assert out["trend_per_10_minutes"] == out["late_slope_bytes_per_second"] * 600 / out[
+        "rss_second_half_bytes"]
+    assert out["flat"] == (out["trend_per_10_minutes"] <= 0.01)
+    assert out["growth"] == out["rss_second_half_bytes"] / out["rss_first_half_bytes"] - 1
     assert rc == (0 if out["flat"] else 1)
 
 
