@@ -96,9 +96,14 @@ async def _run(settings: Settings, a: argparse.Namespace, worker: WorkerProcess,
     return events, labels, time.monotonic() - started
 
 
-def soak(a: argparse.Namespace) -> int:
+def _slope(samples: list[tuple[float, int]]) -> float:
+    """Least-squares slope of (seconds, bytes) samples, in bytes per second."""
     import numpy as np
 
+    return float(np.polyfit([t for t, _ in samples], [rss for _, rss in samples], 1)[0])
+
+
+def soak(a: argparse.Namespace) -> int:
     base = Settings.from_env()
     settings = replace(base, topic_prefix=f"{base.topic_prefix}soak-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(settings))
@@ -129,9 +134,7 @@ def soak(a: argparse.Namespace) -> int:
     first = statistics.median(rss for _, rss in steady[:half])
     second = statistics.median(rss for _, rss in steady[half:])
     growth = second / first - 1.0
-    slope = float(np.polyfit([t for t, _ in steady], [rss for _, rss in steady], 1)[0])
-    late = steady[half:]
-    late_slope = float(np.polyfit([t for t, _ in late], [rss for _, rss in late], 1)[0])
+    slope, late_slope = _slope(steady), _slope(steady[half:])
     trend = late_slope * 600 / second
     flat = trend <= a.max_trend
     mib = 2**20
