@@ -27,6 +27,7 @@ import faust
 import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
+from faust.types import Message
 
 from models import codec
 from models.errors import ConfigError
@@ -42,6 +43,7 @@ from models.join import (
 from models.monitor import ModelState
 from models.policy import PolicyBook
 from models.reference import ReferenceProfile
+from streams.app import App
 from streams.metrics import EVENTS_CONSUMED, INVALID_REFERENCES, REPLAYS_SKIPPED, Snapshot
 from streams.settings import Settings
 from streams.tables import Tables, write
@@ -60,7 +62,7 @@ _FLUSH_BYTES = 1 << 20
 class Pipeline:
     """Agents, their in-memory caches and the metrics snapshot of one worker."""
 
-    def __init__(self, app: faust.App, settings: Settings, tables: Tables,
+    def __init__(self, app: App, settings: Settings, tables: Tables,
                  snapshot: Snapshot) -> None:
         self.app = app
         self.settings = settings
@@ -98,10 +100,15 @@ class Pipeline:
         inputs = app.topic(names.predictions, names.labels)
         records = app.topic(names.model_records)
 
+        # The agent subscribes the inputs (and so co-partitions the join table with
+        # them); their records reach join_batch a fetch at a time through the app's
+        # batch route (streams.app.BatchConsumer), not through this stream.
         @app.agent(inputs, concurrency=1, name="join")
         async def join(stream: faust.StreamT) -> None:
             async for events in self._batches(stream):
-                await self.join_batch(events)
+                await self.join_batch([event.message for event in events])
+
+        app.route_batches({names.predictions, names.labels}, self.join_batch)
 
         @app.agent(records, concurrency=1, name="monitor")
         async def monitor(stream: faust.StreamT) -> None:
@@ -199,14 +206,13 @@ class Pipeline:
 
     # -- join ---------------------------------------------------------------------------
 
-    async def join_batch(self, events: Sequence[faust.EventT]) -> None:
+    async def join_batch(self, messages: Sequence[Message]) -> None:
         async with self._join_lock:
             touched: dict[int, JoinPartition] = {}
             # Counted per batch: a labelled metric costs a lookup and a lock per call.
             consumed: Counter[str] = Counter()
             skipped: Counter[str] = Counter()
-            for event in events:
-                msg = event.message
+            for msg in messages:
                 part = self.joins.get(msg.partition) or await self._open(msg.partition)
                 topic = self.logical[msg.topic]
                 expected = part.expected(topic)
@@ -216,7 +222,7 @@ class Pipeline:
                                     rec.key)
                         consumed[topic] += 1
                 before = part.skipped
-                part.absorb(topic, event.value, msg.offset, msg.timestamp, msg.key)
+                part.absorb(topic, msg.value, msg.offset, msg.timestamp, msg.key)
                 skipped[topic] += part.skipped - before
                 consumed[topic] += 1
                 self.next_offset[msg.tp] = msg.offset + 1
