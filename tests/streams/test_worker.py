@@ -170,3 +170,24 @@ def test_the_producer_refreshes_metadata_of_its_own_topics_only(kafka_broker, pr
                      prefix + "driftwarden-model-records"}
     assert set(pipeline.producer_topics()) == after | {
         prefix + "driftwarden-join-changelog", prefix + "driftwarden-models-changelog"}
+
+
+def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
+    # Faust's stream hands events over one at a time at ~67 us each, more than the join
+    # itself costs: the inputs must go to join_batch through the consumer's batch route.
+    # (Commits after such batches: the kill -9 test waits for the group's lag to be 0.)
+    from streams.agents import Pipeline
+    from streams.app import BatchConsumer, create_app
+    from streams.metrics import Snapshot
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
+    app = create_app(settings, 8)
+    pipeline = Pipeline(app, settings, declare_tables(app, 8), Snapshot(max_models=10))
+    pipeline.register()
+    assert type(app.consumer) is BatchConsumer
+    assert app.batch_topics == {prefix + "predictions", prefix + "labels"}
+    assert app.batch_handler == pipeline.join_batch
+    # The model stage keeps Faust's path: its input is one message per model per batch.
+    assert prefix + "driftwarden-model-records" not in app.batch_topics
