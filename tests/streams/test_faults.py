@@ -1,7 +1,9 @@
 """Fault injection on the real broker: SIGKILLed workers, compared with an oracle.
 
-Two workers share 8 partitions; one of them is killed with SIGKILL every 10 s (+-3 s) and
-restarted 2 s later until the input is consumed. Afterwards the counts they export and
+Two workers share 8 partitions while the input is published over about a minute (as live
+traffic: workers faster than the producer must still be killed mid-stream); one of them
+is killed with SIGKILL every 10 s (+-3 s) and restarted 2 s later until the input is
+published and consumed. Afterwards the counts they export and
 the retraining events they published must equal what ``models/`` computes in-process
 from the same seeded input (``tests/streams/oracle.py``): nothing lost, nothing twice.
 """
@@ -12,6 +14,7 @@ import random
 import time
 import urllib.error
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
@@ -22,6 +25,7 @@ from tests.streams.oracle import merged, oracle, records
 START = float(int(time.time()))
 MODELS = [f"m{k}" for k in range(4)]
 BUDGET = 900.0  # seconds for the whole fault phase; the test fails past it
+RATE = 6_500.0  # records/s published: about 60 s for the 390,000 records
 
 
 def scenarios(n_per_model: int) -> list[Scenario]:
@@ -75,19 +79,24 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
 
     env = {"DRIFTWARDEN_PARTITIONS": "8"}
     workers = [start_worker(**env), start_worker(**env)]
-    run(produce(kafka_broker, records(prefix, events)))
+    publisher = ThreadPoolExecutor(1)
+    published = publisher.submit(run, produce(kafka_broker, records(prefix, events),
+                                              throttle=RATE))
+
+    def done() -> bool:
+        return published.done() and consumed(kafka_broker, prefix)
 
     rng = random.Random(6)
     kills = 0
     deadline = time.monotonic() + BUDGET
     started = time.monotonic()
-    while not consumed(kafka_broker, prefix):
+    while not done():
         assert time.monotonic() < deadline, (
             f"input not consumed after {BUDGET:.0f}s and {kills} kills")
         next_kill = time.monotonic() + 10.0 + rng.uniform(-3.0, 3.0)
-        while time.monotonic() < next_kill and not consumed(kafka_broker, prefix):
+        while time.monotonic() < next_kill and not done():
             time.sleep(0.5)
-        if consumed(kafka_broker, prefix):
+        if done():
             break
         victim = rng.randrange(2)
         proc = workers[victim].proc
@@ -98,6 +107,8 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
         time.sleep(2.0)
         workers[victim] = start_worker(wait=False, **env)
 
+    publisher.shutdown()
+    assert published.result() == len(events)  # re-raises what the publisher raised
     assert kills >= 3, f"only {kills} kills before the input was consumed"
     print(f"input consumed after {time.monotonic() - started:.0f}s and {kills} kills")
     # Settle: both workers up, the model stage caught up, each model exported once.
