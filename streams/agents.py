@@ -108,7 +108,9 @@ class Pipeline:
             async for events in self._batches(stream):
                 await self.join_batch([event.message for event in events])
 
-        app.route_batches({names.predictions, names.labels}, self.join_batch)
+        # Predictions first: a label read in the same fetch then finds its prediction
+        # rather than waiting for it as an entry of its own.
+        app.route_batches((names.predictions, names.labels), self.join_batch)
 
         @app.agent(records, concurrency=1, name="monitor")
         async def monitor(stream: faust.StreamT) -> None:

@@ -6,10 +6,11 @@ co-partitioned input topics, whose count ``streams.topics.ensure_topics`` reads 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from time import monotonic
 from typing import Any, cast
-from weakref import WeakSet
 
 import faust
 from faust.serializers import codecs
@@ -20,7 +21,7 @@ from streams.settings import Settings
 
 __all__ = ["App", "BatchConsumer", "create_app"]
 
-#: Takes the messages of one fetch, in Faust's round-robin order; returns once they are
+#: Takes the messages of one fetch, topic by topic; returns once they are
 #: processed and their results written (the consumer acknowledges them after).
 BatchHandler = Callable[[list[Message]], Awaitable[None]]
 
@@ -65,10 +66,15 @@ class BatchConsumer(kafka_driver.Consumer):
     Faust's own acks do, so commits, rebalances and recovery work as before. Records of
     every other topic take Faust's usual path.
 
-    While a batch is in flight its messages count as unacknowledged, so a rebalance
-    waits for the batch before it commits and revokes (``Consumer.wait_empty``); a batch
-    is never cut short by flow control as a Faust stream's buffered events are.
+    A rebalance waits for the batch in flight before it commits and revokes (as Faust's
+    ``Consumer.wait_empty`` waits for unacknowledged stream events); a batch is never cut
+    short by flow control as a Faust stream's buffered events are.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch_idle = asyncio.Event()
+        self._batch_idle.set()
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         app = cast(App, self.app)
@@ -77,6 +83,7 @@ class BatchConsumer(kafka_driver.Consumer):
                 yield item
             return
         records, active = await self._wait_next_records(timeout)
+        generation = app.consumer_generation_id
         if records is None or self.should_stop:
             return
         if not self.flow_active:  # what Faust does: read again from the committed offsets
@@ -85,20 +92,20 @@ class BatchConsumer(kafka_driver.Consumer):
             except Exception as exc:
                 self.log.warning("exception performing seek when flow not active %r", exc)
             return
-        batch: list[Message] = []
-        rest: list[tuple[TP, Any]] = []
+        by_topic: dict[str, list[Message]] = {topic: [] for topic in app.batch_topics}
+        rest: dict[TP, Any] = {}
         to_message = self._to_message
-        for tp, record in self.scheduler.iterate(records):
+        for tp, tp_records in records.items():
             if not (active is None or tp in active or tp in self._buffered_partitions):
                 continue
-            if tp.topic in app.batch_topics:
-                batch.append(to_message(tp, record))
+            if tp.topic in by_topic:
+                by_topic[tp.topic] += [to_message(tp, record) for record in tp_records]
             else:
-                rest.append((tp, record))
+                rest[tp] = tp_records
+        batch = [message for messages in by_topic.values() for message in messages]
         if batch:
             await self._deliver(app.batch_handler, batch)
-        generation = app.consumer_generation_id
-        for tp, record in rest:  # Faust's own path, as its getmany does it
+        for tp, record in self.scheduler.iterate(rest):  # Faust's own path, as in its getmany
             if not self.flow_active or app.consumer_generation_id != generation:
                 break
             yield tp, to_message(tp, record)
@@ -118,23 +125,37 @@ class BatchConsumer(kafka_driver.Consumer):
             fresh.append(message)
         if not fresh:
             return
-        unacked = cast("WeakSet[Message]", self._unacked_messages)  # Faust makes a WeakSet
-        unacked.update(fresh)
-        await handler(fresh)
-        for message in fresh:
-            self.ack(message)
-        unacked.difference_update(fresh)  # ack keeps those below a commit
+        self._batch_idle.clear()
+        try:
+            await handler(fresh)
+            for message in fresh:
+                self.ack(message)
+        finally:
+            self._batch_idle.set()
+        # What a Faust stream's sensor records per event; without it Faust's livelock
+        # check logs "Stream has not started processing" for every input partition.
+        monitor = self.app.monitor
+        if monitor is not None:
+            now = monotonic()
+            for tp in {message.tp for message in fresh}:
+                monitor.stream_inbound_time[tp] = now
+
+    async def wait_empty(self) -> None:
+        """A rebalance or a stop first lets the batch in flight finish and be acknowledged."""
+        await self._batch_idle.wait()
+        await super().wait_empty()
 
 
 class App(faust.App):
     """Faust's app with one batch route: :class:`BatchConsumer` hands every fetch of
-    ``batch_topics`` to ``batch_handler`` (set by :meth:`route_batches`)."""
+    ``batch_topics`` to ``batch_handler`` (set by :meth:`route_batches`), the records of
+    the first topic first."""
 
-    batch_topics: frozenset[str] = frozenset()
+    batch_topics: tuple[str, ...] = ()
     batch_handler: BatchHandler | None = None
 
-    def route_batches(self, topics: set[str], handler: BatchHandler) -> None:
-        self.batch_topics = frozenset(topics)
+    def route_batches(self, topics: Sequence[str], handler: BatchHandler) -> None:
+        self.batch_topics = tuple(topics)
         self.batch_handler = handler
 
     def _new_transport(self) -> TransportT:

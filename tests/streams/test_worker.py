@@ -187,7 +187,7 @@ def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
     pipeline = Pipeline(app, settings, declare_tables(app, 8), Snapshot(max_models=10))
     pipeline.register()
     assert type(app.consumer) is BatchConsumer
-    assert app.batch_topics == {prefix + "predictions", prefix + "labels"}
+    assert app.batch_topics == (prefix + "predictions", prefix + "labels")
     assert app.batch_handler == pipeline.join_batch
     # The model stage keeps Faust's path: its input is one message per model per batch.
     assert prefix + "driftwarden-model-records" not in app.batch_topics
