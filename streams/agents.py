@@ -1,7 +1,8 @@
 """The two stateful agents: ``join`` (keyed by prediction id) and ``monitor`` (by model).
 
-Each takes a batch of events, calls ``models/``, then writes, awaiting the acks of each
-step before the next:
+Each takes a batch of events (the join a whole fetch, handed over by the consumer's batch
+route, :class:`streams.app.BatchConsumer`; the monitor a Faust stream's ``take_events``
+batch), calls ``models/``, then writes, awaiting the acks of each step before the next:
 
 - join, per partition (``models.join`` explains why this order): the ``p`` records and
   the dead letters of unparseable events; the write-ahead entry; the ``o`` records and
@@ -9,8 +10,9 @@ step before the next:
 - monitor: retraining events, then each changed model's state (one message per model);
 - then the metrics snapshot.
 
-Faust commits a consumer offset only after flushing the producer, so a committed offset
-implies written state; state written without a committed offset is re-read after a crash
+Events are acknowledged only after their batch's writes are acked, and Faust commits a
+consumer offset only after flushing the producer, so a committed offset implies written
+state; state written without a committed offset is re-read after a crash
 and skipped by the offsets recorded in the state (DESIGN.md section 5). Both agents run
 with ``concurrency=1`` (faust-streaming issue 606).
 """
