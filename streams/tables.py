@@ -17,7 +17,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from faust.types import AppT
 
-__all__ = ["Tables", "declare_tables", "kafka_producer", "write"]
+__all__ = ["Tables", "declare_tables", "write"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ async def write(table: faust.Table, partition: int,
     Each returned future resolves once its batch is acknowledged.
     """
     topic = table.changelog_topic.get_topic_name()
-    producer = kafka_producer(table.app)
+    producer = _kafka_producer(table.app)
     acks: list[Awaitable[Any]] = []
     batch = producer.create_batch()
     for key, value in changes.items():
@@ -72,9 +72,10 @@ async def write(table: faust.Table, partition: int,
     return acks
 
 
-def kafka_producer(app: AppT) -> AIOKafkaProducer:
+def _kafka_producer(app: AppT) -> AIOKafkaProducer:
     """The aiokafka producer under Faust's (Faust keeps no public handle on it)."""
     producer = getattr(app.producer, "_producer", None)
     if producer is None:
+        # Agents write only while the app runs, and Faust starts its producer first.
         raise RuntimeError("the Faust producer has not started")
     return cast(AIOKafkaProducer, producer)
