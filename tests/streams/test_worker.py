@@ -12,7 +12,15 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.streams.harness import ROOT, create_topics, labelled, produce, run, wait_until
+from tests.streams.harness import (
+    ROOT,
+    create_topics,
+    labelled,
+    produce,
+    read_topic,
+    run,
+    wait_until,
+)
 
 
 def test_worker_consumes_a_prediction(start_worker, kafka_broker, prefix):
@@ -229,3 +237,39 @@ def test_a_fetch_reaches_the_join_once_in_order_and_marks_its_partitions_live(pr
     # Faust's livelock check reads this; unset, it logs "Stream has not started
     # processing" for every input partition after stream_processing_timeout.
     assert tp in app.monitor.stream_inbound_time
+
+
+def test_changelog_writes_arrive_whole_in_order_on_their_partition(kafka_broker, prefix,
+                                                                   tmp_path):
+    # write() packs a batch's changes into aiokafka record batches of ~16 KiB; recovery
+    # rebuilds the tables from exactly these records, so every key, value and deletion
+    # must land, in order, on the changelog partition of the input partition.
+    from models.join import wal_key
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables, write
+
+    settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix,
+                        data_dir=tmp_path)
+    app = create_app(settings, 4)
+    tables = declare_tables(app, 4)
+    topic = tables.join.changelog_topic.get_topic_name()
+    run(create_topics(kafka_broker, {topic: 4}))
+    changes: dict[str, bytes | None] = {f"id-{i:05d}": b"v" * (i % 300) for i in range(3000)}
+    changes["id-00007"] = None  # a deletion travels as a tombstone
+    changes[wal_key(2)] = b"w" * 600_000  # a write-ahead entry alone exceeds a batch
+
+    async def send() -> int:
+        await app.producer.start()
+        try:
+            acks = await write(tables.join, 2, changes)
+            await asyncio.gather(*acks)
+            return len(acks)
+        finally:
+            await app.producer.stop()
+
+    batches = run(send())
+    records = run(read_topic(kafka_broker, topic))
+    assert [(r.partition, r.key.decode(), r.value) for r in records] == [
+        (2, key, value) for key, value in changes.items()]
+    assert 2 < batches < len(changes)  # batched, and split where a batch is full
