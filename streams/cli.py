@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -69,7 +70,25 @@ def _worker(argv: list[str]) -> None:
             "river": _version("river"), "partitions": str(partitions), "store": settings.store,
         })
     sys.argv = ["driftwarden", *argv]
+    keep_gc_off_the_event_path()
     app.main()
+
+
+def keep_gc_off_the_event_path() -> None:
+    """Freeze what start-up made and let the young generation grow to 10,000 objects.
+
+    faust, aiokafka, river, numpy, scipy and pandas leave ~150,000 tracked objects that
+    live as long as the worker, and every full collection walked them all: about 95 ms
+    each, 15 of them over the bench's 200,000 events, 14% of the worker's CPU time. Frozen
+    (``gc.freeze``), the collector skips them; reference counting still frees whatever
+    becomes garbage, only cycles among start-up objects would stay. A young generation of
+    10,000 instead of 700 lets a batch's temporaries die by reference count before a
+    collection looks at them. Measured over 100,000 predictions: GC 1.70 -> 0.08 s,
+    worker CPU 10.35 -> 9.17 s.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _version(dist: str) -> str:
