@@ -45,6 +45,7 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     assert out["events_per_second"] > 0 and out["faust_floor_events_per_second"] > 0
     assert out["latency_rate_events_per_second"] == out["events_per_second"] / 2
     assert 0 < out["p50_latency_seconds"] <= out["p99_latency_seconds"]
+    assert out["runs"]["p99_latency_seconds"] == [out["p99_latency_seconds"]]
     assert out["peak_rss_bytes"] > 0
     assert set(out["models_seconds_per_event"]) == {"join", "model_stage"}
     # Targets of issue 7 that do not depend on the machine's speed.
