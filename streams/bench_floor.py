@@ -1,8 +1,9 @@
 """The Faust floor: a worker whose agent does nothing with the events it is handed.
 
-``python -m streams.bench_floor EVENTS OUT`` runs a Faust worker built exactly like
-driftwarden's (:func:`streams.app.create_app`, same settings, same ``take_events`` batches
-over the co-partitioned ``predictions`` and ``labels`` topics) whose agent only counts.
+``python -m streams.bench_floor EVENTS OUT`` runs a Faust worker built like driftwarden's
+(:func:`streams.app.create_app`, same settings, same GC tuning) whose agent takes
+``take_events`` batches of the co-partitioned ``predictions`` and ``labels`` topics
+through a Faust stream and only counts them.
 Once it has seen ``EVENTS`` events it writes to the file ``OUT`` how many events came
 after its first batch and the seconds they took, and exits. The bench runs it to show
 what Faust's per-event machinery alone costs: no worker that consumes through a Faust
@@ -20,6 +21,7 @@ from typing import cast
 import faust
 
 from streams.app import create_app
+from streams.cli import keep_gc_off_the_event_path
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
@@ -48,6 +50,7 @@ def main(argv: list[str]) -> None:
                 os._exit(0)  # the measurement is written; a clean Faust shutdown adds nothing
 
     sys.argv = ["driftwarden-floor", "worker", "-l", "warn", *argv[2:]]
+    keep_gc_off_the_event_path()  # as the worker does: the floor gets the same GC
     app.main()
 
 
