@@ -47,6 +47,8 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,7 @@ __all__ = [
 #: Statistics each kind of distribution reports, besides ``missing``.
 STATISTICS = {"numeric": ("psi", "js", "ks"), "categorical": ("psi", "js", "chi2", "unseen")}
 FLOOR = 1e-4
+_NONE = type(None)
 
 
 def psi(p: np.ndarray, q: np.ndarray, floor: float = FLOOR) -> float:
@@ -180,6 +183,12 @@ class FeatureWindow:
             self.missing += 1
         else:
             self.counts[i] += 1
+
+    def add_many(self, values: Sequence[Any], types: AbstractSet[type] | None = None) -> None:
+        """:meth:`add` of each value, counted in bulk (``types``: ``set(map(type, values))``)."""
+        counts, missing = self.profile.bin_counts(values, types)
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.missing += missing
 
     def evaluate(self) -> dict[str, float]:
         """Statistics of the window so far; then the window starts afresh."""
@@ -295,6 +304,74 @@ class DataDriftMonitor:
                 or ts - self.window_start >= self.config.window_seconds):
             return self._close()
         return []
+
+    def add_predictions(self, ts: Sequence[float], features: Sequence[dict[str, Any]],
+                        predictions: Sequence[Any]) -> list[tuple[int, list[dict[str, Any]]]]:
+        """:meth:`add_prediction` of each prediction in order, binned a window's worth at a
+        time; returns ``(i, reasons)`` for each window that prediction ``i`` closed with
+        drift reasons. The counts, windows and reasons are those of one call per prediction.
+
+        >>> import random
+        >>> from models.reference import build_profile
+        >>> import pandas as pd
+        >>> rng = random.Random(0)
+        >>> ref = build_profile(pd.DataFrame({"x": [rng.gauss(0, 1) for _ in range(5000)]}),
+        ...                     "m", "1", features=["x"])
+        >>> mon = DataDriftMonitor(DriftConfig(window=1000, consecutive=2), reference=ref)
+        >>> xs = [{"x": rng.gauss(1.0 if i >= 3000 else 0.0, 1)} for i in range(6000)]
+        >>> [(i + 1, [r["feature"] for r in reasons]) for i, reasons in
+        ...  mon.add_predictions([float(i) for i in range(6000)], xs, [None] * 6000)]
+        [(5000, ['x'])]
+        """
+        closed: list[tuple[int, list[dict[str, Any]]]] = []
+        i, n = 0, len(ts)
+        while i < n:
+            if self.reference is None:  # bootstrapping: the builder takes one at a time
+                reasons = self.add_prediction(ts[i], features[i], predictions[i])
+                if reasons:
+                    closed.append((i, reasons))
+                i += 1
+                continue
+            last = self._window_end(ts, i)
+            end = n if last is None else last + 1
+            self._add_chunk(ts, features, predictions, i, end)
+            if last is not None:
+                reasons = self._close()
+                if reasons:
+                    closed.append((last, reasons))
+            i = end
+        return closed
+
+    def _window_end(self, ts: Sequence[float], i: int) -> int | None:
+        """The first prediction from ``i`` on that closes the current window, or None."""
+        start = ts[i] if self.window_start is None else self.window_start
+        room = max(1, self.config.window - self.window_n)  # by count: prediction i + room - 1
+        stop = min(len(ts), i + room)
+        seconds = self.config.window_seconds
+        if max(ts[i:stop]) - start >= seconds:  # by event time, sooner (the same test)
+            for k in range(i, stop):
+                if ts[k] - start >= seconds:
+                    return k
+        return stop - 1 if stop - i == room else None
+
+    def _add_chunk(self, ts: Sequence[float], features: Sequence[dict[str, Any]],
+                   predictions: Sequence[Any], i: int, end: int) -> None:
+        chunk = features[i:end]
+        absent = 0
+        for name, window in self.features.items():
+            values = [f.get(name) for f in chunk]
+            types = set(map(type, values))
+            if _NONE in types:  # None: a null value (present) or no value (absent)
+                absent += sum(1 for f, v in zip(chunk, values, strict=True)
+                              if v is None and name not in f)
+            window.add_many(values, types)
+        # Features the reference does not track (a capped or a new feature) are counted.
+        self.untracked += sum(map(len, chunk)) - (len(chunk) * len(self.features) - absent)
+        if self.prediction is not None:
+            self.prediction.add_many(predictions[i:end])
+        self.window_n += end - i
+        if self.window_start is None:
+            self.window_start = ts[i]
 
     def add_label(self, label: Any) -> None:
         """Absorb the label of an outcome (judged when the prediction window closes)."""

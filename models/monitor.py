@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from models.datadrift import DataDriftMonitor
@@ -31,6 +32,8 @@ from models.reference import ReferenceProfile
 
 __all__ = ["DELAY_BUCKETS", "ModelState", "VersionMonitor"]
 
+#: Fewer predictions than this are added one at a time: numpy's cost per call is more.
+_BULK = 16
 #: Upper bounds (seconds) of the label-delay histogram; +Inf is implied.
 DELAY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 604800.0)
 
@@ -87,6 +90,34 @@ class VersionMonitor:
         if event is not None:
             self.events_emitted += 1
         return event
+
+    def add_predictions(self, items: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """:meth:`add_prediction` of each ``[ts, features, prediction, confidence]`` in
+        order, the data drift binned in bulk; returns the RetrainingEvents fired."""
+        if len(items) < _BULK:
+            return [event for item in items if (event := self.add_prediction(*item))]
+        ts = [item[0] for item in items]
+        closed = self.data.add_predictions(ts, [item[1] for item in items],
+                                           [item[2] for item in items])
+        events: list[dict[str, Any]] = []
+        done = 0
+        for last, reasons in [*closed, (len(items) - 1, None)]:
+            # Up to the prediction that closed a window: what the policy sees when it fires.
+            for item in items[done:last + 1]:
+                if item[3] is not None:
+                    self.estimate.update(item[3])
+            self.predictions_seen += last + 1 - done
+            if done <= last:
+                self._seen(max(ts[done:last + 1]))
+            done = last + 1
+            if reasons:
+                event = self.policy.data_drift(
+                    ts=ts[last], reasons=reasons, outcomes_seen=self.outcomes_seen,
+                    predictions_seen=self.predictions_seen, metrics=self._metrics)
+                if event is not None:
+                    self.events_emitted += 1
+                    events.append(event)
+        return events
 
     def _metrics(self) -> dict[str, float]:
         metrics = self.performance.report()
@@ -173,17 +204,45 @@ class ModelState:
 
     def absorb(self, record: ModelRecord) -> dict[str, Any] | None:
         """Absorb one record unless already absorbed; return a RetrainingEvent or None."""
-        last = self.positions.get(record.source)
-        if last is not None and tuple(record.position) <= last:
-            self.replays_skipped += 1
-            return None
-        self.positions[record.source] = tuple(record.position)  # type: ignore[assignment]
+        fired = self.absorb_many((record,))
+        return fired[0] if fired else None
+
+    def absorb_many(self, records: Iterable[ModelRecord]) -> list[dict[str, Any]]:
+        """Absorb records in order, each unless already absorbed; return the
+        RetrainingEvents fired. Consecutive predictions of a version go to
+        :meth:`VersionMonitor.add_predictions` together: the same result as one
+        :meth:`absorb` each, with the drift histograms updated in bulk."""
+        fired: list[dict[str, Any]] = []
+        run: list[list[Any]] = []  # items of consecutive "p" records of run_version
+        run_version = ""
+        positions = self.positions
+        for record in records:
+            position = tuple(record.position)
+            last = positions.get(record.source)
+            if last is not None and position <= last:
+                self.replays_skipped += 1
+                continue
+            positions[record.source] = position  # type: ignore[assignment]
+            if record.kind == "p":
+                if run and record.version != run_version:
+                    fired += self.version(run_version).add_predictions(run)
+                    run = []
+                run.append(record.item)
+                run_version = record.version
+                continue
+            if run:
+                fired += self.version(run_version).add_predictions(run)
+                run = []
+            event = self._outcome(record)
+            if event is not None:
+                fired.append(event)
+        if run:
+            fired += self.version(run_version).add_predictions(run)
+        return fired
+
+    def _outcome(self, record: ModelRecord) -> dict[str, Any] | None:
         monitor = self.version(record.version)
-        item = record.item
-        if record.kind == "p":
-            ts, features, prediction, confidence = item
-            return monitor.add_prediction(ts, features, prediction, confidence)
-        ts, prediction, label, p_label, _confidence, delay = item
+        ts, prediction, label, p_label, _confidence, delay = record.item
         if self.config.task == "regression":
             if not (isinstance(prediction, float) and isinstance(label, float)):
                 # The join dead-letters these; a record from before a policy change is

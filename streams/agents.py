@@ -436,10 +436,7 @@ class Pipeline:
             for fingerprint, profile in self.references.get(model, {}).values():
                 state.use_reference(profile, fingerprint)
             skipped = state.replays_skipped
-            for record in decode_records(model, event.value):
-                fired = state.absorb(record)
-                if fired is not None:
-                    retraining.append(fired)
+            retraining += state.absorb_many(decode_records(model, event.value))
             if state.replays_skipped != skipped:
                 REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
             touched[model] = entry

@@ -326,12 +326,14 @@ def _stages(records: list[tuple[str, bytes, bytes]], names: TopicNames,
             part.absorb(name, value, offsets[name], time.time(), key)
             offsets[name] += 1
         part.expire()
-        messages = encode_records(part.drain().records)
+        flush = part.drain()
+        # As the worker sends them: the p records, then (after the write-ahead entry) the rest.
+        messages = [encode_records(flush.early()[0]), encode_records(flush.outbox()[0])]
         t1 = time.perf_counter()
-        for m, raw in messages.items():
+        for m, raw in ((m, raw) for message in messages for m, raw in message.items()):
             state = states.setdefault(m, ModelState(m, settings.policies()))
-            for record in decode_records(m, raw):
-                state.absorb(record)
+            state.absorb_many(decode_records(m, raw))
+        for state in states.values():
             codec.dumps(state)
         join += t1 - t0
         model += time.perf_counter() - t1

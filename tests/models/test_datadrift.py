@@ -9,6 +9,7 @@ same window: the reference and window values binned here with ``np.searchsorted`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from collections import Counter
@@ -751,3 +752,86 @@ def test_values_of_features_the_reference_does_not_track_are_counted() -> None:
     # "new" and "other" on the first row, "g" on the third; a missing "f" is not extra.
     assert monitor.untracked == 3
     assert monitor.features["f"].missing == 2
+
+
+# -- bulk adds ---------------------------------------------------------------------------
+
+
+def mixed_rows(rng: np.random.Generator, n: int) -> list[dict[str, Any]]:
+    """Rows of window_frame (infinities included) spiked with what bin_counts must route to
+    bin_index: nulls, absent and untracked features, bools, strings and ints in numeric
+    features, numbers and bools in categorical ones, a NaN."""
+    rows = rows_of(window_frame(rng, n, shift=0.3, unseen=0.05))
+    odd: list[Any] = [None, True, "7.5", 3, float("nan"), 0]
+    for i, row in enumerate(rows):
+        if rng.random() < 0.05:
+            row[str(rng.choice(["score", "amount", "country"]))] = odd[i % len(odd)]
+        if rng.random() < 0.03:
+            del row[str(rng.choice(["visits", "channel"]))]
+        if rng.random() < 0.02:
+            row["extra"] = 1.0
+    return rows
+
+
+def drift_state(monitor: DataDriftMonitor) -> dict[str, Any]:
+    return {"windows": monitor.windows, "window_n": monitor.window_n,
+            "window_start": monitor.window_start, "untracked": monitor.untracked,
+            "last": monitor.last, "reference": monitor.reference,
+            "features": {name: (w.counts, w.missing, w.streak, w.latched)
+                         for name, w in monitor.features.items()},
+            "prediction": (monitor.prediction.counts, monitor.prediction.missing)
+            if monitor.prediction else None}
+
+
+def test_bulk_adds_equal_one_call_per_prediction() -> None:
+    """add_predictions in chunks of every size (1 to 3,000) gives the per-prediction
+    result exactly: windows closed by count and by event time, the same reasons at the
+    same predictions, counts, missing and untracked values, and a reference adopted in
+    the middle of a chunk."""
+    ref = build_profile(reference_frame(), "m", "1", prediction="pred", label="label")
+    later = build_profile(reference_frame(seed=21), "m", "1", prediction="pred", label="label")
+    rng = np.random.default_rng(31)
+    rows = mixed_rows(rng, 12_000)
+    predictions = [class_key(p) for p in rng.integers(0, 2, len(rows))]
+    predictions[5] = None
+    # Event time mostly 1 s apart, with gaps that close a window by time before its count.
+    ts = np.cumsum(np.where(rng.random(len(rows)) < 0.002, 400.0, 1.0)).tolist()
+    config = DriftConfig(window=700, window_seconds=750.0, consecutive=1, threshold=0.05)
+    one, bulk = (DataDriftMonitor(config, reference=ref) for _ in range(2))
+    expected = []
+    for i in range(len(rows)):
+        if i == 5_000:
+            one.use(later)
+        reasons = one.add_prediction(ts[i], rows[i], predictions[i])
+        if reasons:
+            expected.append((i, reasons))
+    got, i = [], 0
+    for size in itertools.cycle([1, 3, 250, 699, 700, 701, 3_000, 17]):
+        if i >= len(rows):
+            break
+        if i <= 5_000 < i + size:  # adopt the later reference where the loop above did
+            got += [(i + j, r) for j, r in bulk.add_predictions(
+                ts[i:5_000], rows[i:5_000], predictions[i:5_000])]
+            bulk.use(later)
+            size, i = i + size - 5_000, 5_000
+        got += [(i + j, r) for j, r in bulk.add_predictions(
+            ts[i:i + size], rows[i:i + size], predictions[i:i + size])]
+        i += size
+    assert got == expected
+    assert len(expected) >= 3 and one.windows == 28  # 6 closed by count, 22 by event time
+    assert drift_state(bulk) == drift_state(one)
+    assert one.untracked > 0 and one.features["visits"].missing > 0
+
+
+def test_bin_counts_equal_bin_index_for_every_mix_of_types() -> None:
+    numeric = FeatureProfile("numeric", counts=(1, 1, 1), missing=0, edges=(0.5, 2.0))
+    colour = FeatureProfile("categorical", counts=(1, 1, 1), missing=0,
+                            categories=("red", "1"))
+    for values in ([0.5, 2.0, -np.inf, np.inf, 1, None], [True, "x", 2.0, float("nan")],
+                   ["red", "blue", "1"], ["red", 1, 1.0, True, None, float("nan")], []):
+        for profile in (numeric, colour):
+            counts = [0, 0, 0]
+            for v in values:
+                if (b := profile.bin_index(v)) is not None:
+                    counts[b] += 1
+            assert profile.bin_counts(values) == (counts, len(values) - sum(counts))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections import Counter
+
 import orjson
 import pytest
 
+from models import codec
 from models.join import JoinPartition, ModelRecord
 from models.monitor import DELAY_BUCKETS, ModelState
 from models.policy import PolicyBook, PolicyConfig
@@ -182,3 +187,35 @@ def test_regression_outcome_with_a_non_numeric_label_does_not_raise(label: str) 
     before = state.versions["1"].performance.report()
     state.absorb(o_rec(1, prediction=2.0, label=label))
     assert state.versions["1"].performance.report() == before
+
+
+def test_absorb_many_equals_one_absorb_per_record() -> None:
+    """Predictions go to the drift histograms in bulk, runs cut by outcomes and by
+    version; the events fired, their order and the whole state equal one absorb per
+    record, replays included."""
+    records = pipeline_records(
+        Scenario(n=12_000, seed=7, error_before=0.1, error_after=0.3, change_at=6000))
+    # A second version on every third prediction (its outcomes stay on version 1).
+    records = [dataclasses.replace(r, version="2") if r.kind == "p" and r.position[0] % 3 == 0
+               else r for r in records]
+    policy = PolicyBook.from_toml(
+        "[default]\nwindow = 500\nmin_outcomes = 1000\ncooldown_seconds = 60\n"
+        "reference_size = 1000\ndrift_window = 300\ndrift_threshold = 0.06\n"
+        "drift_consecutive = 1")
+    one = ModelState("demo", policy)
+    expected = [event for r in records if (event := one.absorb(r)) is not None]
+    bulk = ModelState("demo", policy)
+    got, i = [], 0
+    for size in itertools.cycle([1, 7, 300, 2_000, 2]):
+        if i >= len(records):
+            break
+        got += bulk.absorb_many(records[i:i + size])
+        got += bulk.absorb_many(records[max(0, i - 5):i + size])  # a replay: nothing new
+        i += size
+    kinds = Counter(reason["kind"] for event in expected for reason in event["reasons"])
+    assert kinds == {"feature_drift": 8, "concept_drift": 1}
+    assert Counter(event["version"] for event in expected) == {"1": 7, "2": 2}
+    assert got == expected
+    assert codec.dumps(bulk.versions) == codec.dumps(one.versions)
+    assert bulk.positions == one.positions
+    assert bulk.replays_skipped > 0 and one.replays_skipped == 0
