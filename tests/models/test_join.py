@@ -8,7 +8,16 @@ import orjson
 import pytest
 
 from models.errors import StateError
-from models.join import DeadLetter, Flush, JoinPartition, ModelRecord, meta_key, wal_key
+from models.join import (
+    DeadLetter,
+    Flush,
+    JoinPartition,
+    ModelRecord,
+    decode_records,
+    encode_records,
+    meta_key,
+    wal_key,
+)
 from models.simulation import Scenario, simulate
 
 TTL = 60.0
@@ -584,3 +593,23 @@ def test_a_pending_prediction_costs_hundreds_of_bytes_of_memory_not_kilobytes() 
         tracemalloc.stop()
     assert part.pending() == 5000
     assert per_pending < 1000, per_pending  # was 4,700 bytes
+
+
+def test_records_reach_the_model_stage_as_the_join_made_them() -> None:
+    """encode_records / decode_records: a prediction travels as its event's own bytes
+    (whitespace, unknown fields and all), an outcome as its item; both come back equal."""
+    part, feed = new()
+    spaced = (b' {"id": "b", "model": "m", "version": "2", "ts": 101.5, "extra": [1, {"y": 2}],'
+              b' "features": {"x": 0.30000000000000004, "c": "DE", "n": null, "f": false},'
+              b' "prediction": "yes"}\n')
+    feed("predictions", prediction("a", 100.0, scores={"0": 0.25, "1": 0.75}))
+    feed("predictions", spaced)
+    feed("labels", label("a", 130.0, value=0))
+    sent = part.drain().records
+    assert [r.kind for r in sent] == ["p", "p", "o"] and sent[1].raw == spaced
+    message = encode_records(sent)["m"]
+    assert spaced in message and message.count(b'["e",') == 2
+    received = list(decode_records("m", message))
+    assert received == sent
+    assert received[1].item == [101.5, {"x": 0.30000000000000004, "c": "DE", "n": None,
+                                        "f": False}, "yes", None]
