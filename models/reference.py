@@ -170,8 +170,9 @@ class FeatureProfile:
         counted, without a Python call per value in the common cases.
 
         ``types`` is ``set(map(type, values))`` when the caller has it. Numbers (with
-        None) go through ``np.searchsorted`` and strings through one dict lookup each;
-        any other mix takes :meth:`bin_index` value by value.
+        None) go through ``np.searchsorted``; categories through a dict lookup each
+        (other than strings, each distinct value is binned once); a mix with bools
+        takes :meth:`bin_index` value by value.
 
         >>> numeric = FeatureProfile("numeric", counts=(2, 5, 3), missing=1, edges=(0.5, 2.0))
         >>> numeric.bin_counts([0.1, 0.5, 2, None, 7.5, 1.0])
@@ -191,6 +192,12 @@ class FeatureProfile:
             index, other = self._index, len(self.categories)
             return np.bincount([index.get(v, other) for v in values],
                                minlength=size).tolist(), 0
+        if self.kind == "categorical" and bool not in types:
+            # Few distinct values (classes as numbers): each binned once. Without bools,
+            # equal values (1, 1.0) have equal class keys; a NaN misses the memo: missing.
+            memo = {v: self.bin_index(v) for v in set(values)}
+            bins = [b for b in map(memo.get, values) if b is not None]
+            return np.bincount(bins, minlength=size).tolist(), len(values) - len(bins)
         counts, missing = [0] * size, 0
         for value in values:
             i = self.bin_index(value)
