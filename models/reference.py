@@ -196,8 +196,8 @@ class FeatureProfile:
             # Few distinct values (classes as numbers): each binned once. Without bools,
             # equal values (1, 1.0) have equal class keys; a NaN misses the memo: missing.
             memo = {v: self.bin_index(v) for v in set(values)}
-            bins = [b for b in map(memo.get, values) if b is not None]
-            return np.bincount(bins, minlength=size).tolist(), len(values) - len(bins)
+            known = [b for b in map(memo.get, values) if b is not None]
+            return np.bincount(known, minlength=size).tolist(), len(values) - len(known)
         counts, missing = [0] * size, 0
         for value in values:
             i = self.bin_index(value)
