@@ -48,7 +48,7 @@ from models.reference import ReferenceProfile
 from streams.app import App
 from streams.metrics import EVENTS_CONSUMED, INVALID_REFERENCES, REPLAYS_SKIPPED, Snapshot
 from streams.settings import Settings
-from streams.tables import Tables, write
+from streams.tables import Tables, entries, write
 from streams.topics import TopicNames
 
 __all__ = ["Pipeline"]
@@ -274,7 +274,7 @@ class Pipeline:
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
         part = self.joins[partition] = JoinPartition(
-            self.tables.join.data, partition, self.settings.label_ttl_seconds,
+            entries(self.tables.join), partition, self.settings.label_ttl_seconds,
             regression=self._is_regression, max_versions=self.settings.max_model_versions)
         flush = part.recovered
         if flush is not None:
