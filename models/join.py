@@ -79,8 +79,8 @@ from models.events import (
     parse_prediction,
 )
 
-__all__ = ["DeadLetter", "Flush", "JoinPartition", "ModelRecord", "decode_records",
-           "encode_records", "meta_key", "wal_key"]
+__all__ = ["RECORDS_MESSAGE_BYTES", "DeadLetter", "Flush", "JoinPartition", "ModelRecord",
+           "decode_records", "encode_records", "meta_key", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -136,24 +136,33 @@ class ModelRecord:
     raw: bytes | None = field(default=None, compare=False, repr=False)
 
 
-def encode_records(records: list[ModelRecord]) -> dict[str, bytes]:
-    """Records as the model stage receives them: one orjson message per model, in order.
+#: Most bytes of one records message (:func:`encode_records` splits a model's records
+#: into several beyond it): under the broker's default ``message.max.bytes`` (1 MiB),
+#: which the records topic keeps.
+RECORDS_MESSAGE_BYTES = 900_000
+
+
+def encode_records(records: list[ModelRecord],
+                   limit: int = RECORDS_MESSAGE_BYTES) -> list[tuple[str, bytes]]:
+    """Records as the model stage receives them: orjson messages ``(model, value)``, each
+    model's in order, a message at most ``limit`` bytes unless one record alone is more.
 
     A ``"p"`` record with its event's bytes travels as kind ``"e"``, the event in place
     of the features: embedding the validated bytes (``orjson.Fragment``) costs a tenth
     of encoding the features again (their floats dominate).
 
-    >>> raw = encode_records([ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])])
-    >>> raw
-    {'m': b'[["p","1","p0",7,0,[1.0,{},1,null]]]'}
-    >>> list(decode_records("m", raw["m"]))[0].position
+    >>> record = ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])
+    >>> [(model, raw)] = encode_records([record])
+    >>> model, raw
+    ('m', b'[["p","1","p0",7,0,[1.0,{},1,null]]]')
+    >>> list(decode_records(model, raw))[0].position
     (7, 0)
     >>> event = b'{"id":"a","model":"m","features":{"x":0.1},"prediction":1}'
-    >>> raw = encode_records([ModelRecord("p", "m", "1", "p0", (8, 0), [2.0, {"x": 0.1}, 1, None],
-    ...                                   raw=event)])
-    >>> raw["m"]
+    >>> record = ModelRecord("p", "m", "1", "p0", (8, 0), [2.0, {"x": 0.1}, 1, None], raw=event)
+    >>> [(_, raw)] = encode_records([record])
+    >>> raw
     b'[["e","1","p0",8,0,[2.0,{"id":"a","model":"m","features":{"x":0.1},"prediction":1},1,null]]]'
-    >>> list(decode_records("m", raw["m"]))[0].item
+    >>> list(decode_records("m", raw))[0].item
     [2.0, {'x': 0.1}, 1, None]
     """
     by_model: dict[str, list[list[Any]]] = {}
@@ -165,7 +174,17 @@ def encode_records(records: list[ModelRecord]) -> dict[str, bytes]:
         else:
             entry = [r.kind, r.version, r.source, *r.position, r.item]
         by_model.setdefault(r.model, []).append(entry)
-    return {model: orjson.dumps(items) for model, items in by_model.items()}
+    out: list[tuple[str, bytes]] = []
+    for model, items in by_model.items():
+        pending = [items]
+        while pending:  # halves until each message fits, first half first
+            part = pending.pop()
+            raw = orjson.dumps(part)
+            if len(raw) <= limit or len(part) == 1:
+                out.append((model, raw))
+            else:
+                pending += [part[len(part) // 2:], part[:len(part) // 2]]
+    return out
 
 
 def decode_records(model: str, raw: bytes) -> Iterator[ModelRecord]:

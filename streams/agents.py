@@ -326,7 +326,7 @@ class Pipeline:
     async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
         """Send records (one message per model) and dead letters; return once all are acked."""
         sends = [await self._dead_letter(d) for d in dead]
-        for model, raw in encode_records(records).items():
+        for model, raw in encode_records(records):
             sends.append(await self.app.producer.send(
                 self.names.model_records, model.encode(), raw, None, None, None))
         await asyncio.gather(*sends)

@@ -330,7 +330,7 @@ def _stages(records: list[tuple[str, bytes, bytes]], names: TopicNames,
         # As the worker sends them: the p records, then (after the write-ahead entry) the rest.
         messages = [encode_records(flush.early()[0]), encode_records(flush.outbox()[0])]
         t1 = time.perf_counter()
-        for m, raw in ((m, raw) for message in messages for m, raw in message.items()):
+        for m, raw in (pair for message in messages for pair in message):
             state = states.setdefault(m, ModelState(m, settings.policies()))
             state.absorb_many(decode_records(m, raw))
         for state in states.values():

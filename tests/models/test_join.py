@@ -607,9 +607,27 @@ def test_records_reach_the_model_stage_as_the_join_made_them() -> None:
     feed("labels", label("a", 130.0, value=0))
     sent = part.drain().records
     assert [r.kind for r in sent] == ["p", "p", "o"] and sent[1].raw == spaced
-    message = encode_records(sent)["m"]
+    [(model, message)] = encode_records(sent)
+    assert model == "m"
     assert spaced in message and message.count(b'["e",') == 2
     received = list(decode_records("m", message))
     assert received == sent
     assert received[1].item == [101.5, {"x": 0.30000000000000004, "c": "DE", "n": None,
                                         "f": False}, "yes", None]
+
+
+def test_a_model_s_records_split_into_messages_under_the_limit_in_order() -> None:
+    part, feed = new()
+    for i in range(300):
+        feed("predictions", prediction(f"id-{i}", 100.0 + i, model="big" if i % 3 else "m"))
+    for i in range(0, 300, 2):
+        feed("labels", label(f"id-{i}", 200.0 + i))
+    sent = part.drain().records
+    messages = encode_records(sent, limit=4_000)
+    assert all(len(raw) <= 4_000 for _, raw in messages)
+    assert [m for m, _ in messages].count("big") > 5 and [m for m, _ in messages].count("m") > 5
+    for model in ("big", "m"):
+        received = [r for m, raw in messages if m == model for r in decode_records(m, raw)]
+        assert received == [r for r in sent if r.model == model]
+    alone = encode_records(sent[:1], limit=10)  # a record over the limit still goes, alone
+    assert [list(decode_records(m, raw)) for m, raw in alone] == [sent[:1]]
