@@ -47,6 +47,7 @@ class Settings:
     store: str = "memory://"
     batch_size: int = 1000
     batch_seconds: float = 0.05
+    fetch_bytes: int = 4 * 1024 * 1024
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str | None = None
@@ -80,6 +81,7 @@ class Settings:
             store=get.text("STORE", cls.store),
             batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
             batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
+            fetch_bytes=get.integer("FETCH_BYTES", cls.fetch_bytes, 64 * 1024, 256 * 1024 * 1024),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),
