@@ -311,17 +311,16 @@ class DataDriftMonitor:
         time; returns ``(i, reasons)`` for each window that prediction ``i`` closed with
         drift reasons. The counts, windows and reasons are those of one call per prediction.
 
-        >>> import random
-        >>> from models.reference import build_profile
-        >>> import pandas as pd
-        >>> rng = random.Random(0)
-        >>> ref = build_profile(pd.DataFrame({"x": [rng.gauss(0, 1) for _ in range(5000)]}),
-        ...                     "m", "1", features=["x"])
-        >>> mon = DataDriftMonitor(DriftConfig(window=1000, consecutive=2), reference=ref)
-        >>> xs = [{"x": rng.gauss(1.0 if i >= 3000 else 0.0, 1)} for i in range(6000)]
-        >>> [(i + 1, [r["feature"] for r in reasons]) for i, reasons in
-        ...  mon.add_predictions([float(i) for i in range(6000)], xs, [None] * 6000)]
-        [(5000, ['x'])]
+        >>> from models.reference import FeatureProfile, ReferenceProfile
+        >>> f = FeatureProfile("categorical", counts=(50, 50, 0), missing=0, categories=("a", "b"))
+        >>> mon = DataDriftMonitor(DriftConfig(window=4, consecutive=1),
+        ...                        reference=ReferenceProfile("m", "1", "data", 100, {"f": f}))
+        >>> rows = [{"f": "a"}] * 6 + [{"f": "b"}] * 2  # windows: a a a a (drifts), a a b b
+        >>> [(i, [r["feature"] for r in reasons]) for i, reasons in
+        ...  mon.add_predictions([float(i) for i in range(8)], rows, [None] * 8)]
+        [(3, ['f'])]
+        >>> mon.windows, mon.features["f"].counts
+        (2, [0, 0, 0])
         """
         closed: list[tuple[int, list[dict[str, Any]]]] = []
         i, n = 0, len(ts)
