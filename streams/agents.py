@@ -324,7 +324,8 @@ class Pipeline:
         await asyncio.gather(*acks)
 
     async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
-        """Send records (one message per model) and dead letters; return once all are acked."""
+        """Send records (a model's in one message or, past RECORDS_MESSAGE_BYTES, several)
+        and dead letters; return once all are acked."""
         sends = [await self._dead_letter(d) for d in dead]
         for model, raw in encode_records(records):
             sends.append(await self.app.producer.send(
