@@ -76,6 +76,8 @@ _SOURCES = ("data", "bootstrap")
 # Value types FeatureProfile.bin_counts bins without a call per value (bool is not int here).
 _NUMERIC_TYPES = frozenset({float, int, type(None)})
 _STR_TYPES = frozenset({str})
+# True == 1, but their class keys differ ("true", "1"): values to bin one at a time.
+_BOOL_TYPES = frozenset({bool, np.bool_})
 
 
 def _as_float(value: Any) -> float | None:
@@ -192,7 +194,7 @@ class FeatureProfile:
             index, other = self._index, len(self.categories)
             return np.bincount([index.get(v, other) for v in values],
                                minlength=size).tolist(), 0
-        if self.kind == "categorical" and bool not in types:
+        if self.kind == "categorical" and not types & _BOOL_TYPES:
             # Few distinct values (classes as numbers): each binned once. Without bools,
             # equal values (1, 1.0) have equal class keys; a NaN misses the memo: missing.
             memo = {v: self.bin_index(v) for v in set(values)}

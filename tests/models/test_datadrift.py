@@ -829,7 +829,8 @@ def test_bin_counts_equal_bin_index_for_every_mix_of_types() -> None:
                             categories=("red", "1"))
     for values in ([0.5, 2.0, -np.inf, np.inf, 1, None], [True, "x", 2.0, float("nan")],
                    ["red", "blue", "1"], ["red", 1, 1.0, True, None, float("nan")],
-                   [1, 1.0, None, float("nan"), float("nan"), "red", 2, 1], []):
+                   [1, 1.0, None, float("nan"), float("nan"), "red", 2, 1],
+                   [np.True_, 1, np.float64(1.0), np.int64(1)], []):
         for profile in (numeric, colour):
             counts = [0, 0, 0]
             for v in values:
