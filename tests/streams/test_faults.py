@@ -124,8 +124,12 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
     try:
         seen = wait_until(settled, 180, "every expected outcome, each model exported once")
     except AssertionError as exc:
+        # The live workers' log tails: which of them owns what, and whether a model
+        # stage or a rebalance went wrong (seen once: one model's state exported by none).
+        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
+                          for i, w in enumerate(workers))
         raise AssertionError(f"{exc}; exported: {exported(workers)}, expected outcomes: "
-                             f"{dict(expected.outcomes)}") from None
+                             f"{dict(expected.outcomes)}\n{logs}") from None
     for m in MODELS:
         assert seen[m]["outcomes"] == expected.outcomes[m], (m, seen[m])
         assert seen[m]["predictions"] == expected.predictions[m], (m, seen[m])
