@@ -86,6 +86,8 @@ class Pipeline:
         # (Faust's recovery.completed stays set once the first recovery ends, so it cannot
         # tell whether the tables being read now are complete.)
         self._recovered = False
+        # True between a revocation and the assignment that follows it.
+        self._rebalancing = False
         # The join agent and the timer that opens recovered partitions take turns.
         self._join_lock = asyncio.Lock()
         # Reads input records Faust skipped (see _missed).
@@ -171,19 +173,39 @@ class Pipeline:
         # Tables are recovered from their changelogs after a rebalance; the caches over
         # them are rebuilt lazily, and series of what moved away stop being exported.
         self._recovered = False
+        self._rebalancing = True
         self.joins.clear()
         self.states.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
 
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
-        self._recovered = False
+        self._recovered = self._rebalancing = False
         self.joins.clear()
         self.states.clear()
         self._stale_snapshot = True
 
     async def _on_recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
+        """The tables are complete for the current assignment, unless this signal ends a
+        recovery that a newer rebalance overtook.
+
+        Faust sends ``on_rebalance_complete`` when a recovery ends, before it checks
+        whether the consumer's generation moved on meanwhile; it then starts the newer
+        generation's recovery. Believing the stale signal would open join partitions and
+        rebuild the exported snapshot from tables still being recovered: a model whose
+        records partition had just moved here would be missing from them and, with no
+        new records, stay unexported (the likeliest cause of one CI failure under
+        repeated kill -9, where one model's state was exported by no worker).
+        """
+        recovery = cast(Any, self.app.tables).recovery  # TableManager, not its interface
+        generation = getattr(recovery, "_generation_id", None)  # no public view in Faust
+        if (self._rebalancing or recovery.signal_recovery_start.is_set()
+                or generation != self.app.consumer_generation_id):
+            log.info("end of an overtaken table recovery (generation %s, consumer at %s): "
+                     "waiting for the current one", generation, self.app.consumer_generation_id)
+            return
         self._recovered = True
+        self._stale_snapshot = True
 
     def rebuild_snapshot(self) -> None:
         """After a rebalance, export what the recovered tables hold, not only what the
