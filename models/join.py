@@ -62,7 +62,7 @@ Examples
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -80,7 +80,7 @@ from models.events import (
 )
 
 __all__ = ["RECORDS_MESSAGE_BYTES", "DeadLetter", "Flush", "JoinPartition", "ModelRecord",
-           "decode_records", "encode_records", "meta_key", "wal_key"]
+           "decode_records", "encode_records", "expiry_heaps", "meta_key", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -278,6 +278,9 @@ class JoinPartition:
     max_versions
         Most distinct model versions this partition follows; predictions of further ones
         are dead-lettered as ``too_many_models`` (a flood of names must not grow state).
+    heaps
+        This partition's part of :func:`expiry_heaps`, when the caller opens several
+        partitions over one store; by default the store is read for it.
 
     Attributes
     ----------
@@ -303,6 +306,7 @@ class JoinPartition:
         limits: Limits = DEFAULT_LIMITS,
         regression: Callable[[str], bool] = lambda model: False,
         max_versions: int = 1000,
+        heaps: dict[str, list[tuple[float, str]]] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
@@ -321,6 +325,9 @@ class JoinPartition:
         raw_meta = store.get(meta_key(partition))
         self._meta = _Meta.decode(raw_meta) if raw_meta is not None else _Meta()
         self.recovered: Flush | None = None
+        # One heap per entry kind, (ts, id); items whose entry changed are skipped on pop.
+        self._heaps = {"P": [], "L": [], "D": [], **(
+            heaps if heaps is not None else expiry_heaps(store, {partition}).get(partition, {}))}
         raw_wal = store.get(wal_key(partition))
         if raw_wal is not None:
             batch, flush = _decode_wal(raw_wal)
@@ -328,12 +335,13 @@ class JoinPartition:
                 for key, value in flush.writes.items():
                     if value is None:
                         store.pop(key, None)
-                    else:
-                        store[key] = value
+                        continue
+                    store[key] = value
+                    if not key.startswith("\x00"):
+                        entry = orjson.loads(value)
+                        heapq.heappush(self._heaps[entry[0]], (entry[1], key))
                 self._meta = _Meta.decode(store[meta_key(partition)])
                 self.recovered = flush
-        # One heap per entry kind, (ts, id); items whose entry changed are skipped on pop.
-        self._heaps: dict[str, list[tuple[float, str]]] = self._rebuild_heaps()
 
     # -- public surface ---------------------------------------------------------------
 
@@ -569,17 +577,39 @@ class JoinPartition:
         # The meta entry is encoded once per drain, not per event.
         self.dirty.add(meta_key(self.partition))
 
-    def _rebuild_heaps(self) -> dict[str, list[tuple[float, str]]]:
-        heaps: dict[str, list[tuple[float, str]]] = {"P": [], "L": [], "D": []}
-        for key, raw in self.store.items():
-            if key.startswith("\x00") or raw is None:
-                continue
-            entry = orjson.loads(raw)
-            if entry[2] == self.partition:
-                heaps[entry[0]].append((entry[1], key))
-        for heap in heaps.values():
+
+
+def expiry_heaps(store: MutableMapping[str, bytes],
+                 partitions: Collection[int]) -> dict[int, dict[str, list[tuple[float, str]]]]:
+    """The expiry heaps of the entries of ``partitions``, in one pass over the store.
+
+    The store is shared by every partition a worker owns: opening each partition with a
+    pass of its own would decode every entry once per partition (after a rebalance, 8
+    partitions over 400,000 pending entries took 1.37 s). A partition without entries is
+    absent from the result.
+
+    >>> store = {}
+    >>> for p in (0, 1):
+    ...     part = JoinPartition(store, partition=p, ttl=60.0)
+    ...     part.absorb("labels", b'{"id": "%d", "label": 1, "ts": 5}' % p, offset=0, kafka_ts=5.0)
+    >>> expiry_heaps(store, {1, 2})
+    {1: {'P': [], 'L': [(5.0, '1')], 'D': []}}
+    """
+    wanted = set(partitions)
+    heaps: dict[int, dict[str, list[tuple[float, str]]]] = {}
+    for key, raw in store.items():
+        if key.startswith("\x00") or raw is None:
+            continue
+        entry = orjson.loads(raw)
+        if entry[2] in wanted:
+            of = heaps.get(entry[2])
+            if of is None:
+                of = heaps[entry[2]] = {"P": [], "L": [], "D": []}
+            of[entry[0]].append((entry[1], key))
+    for of in heaps.values():
+        for heap in of.values():
             heapq.heapify(heap)
-        return heaps
+    return heaps
 
 
 def _entry_bytes(entry: list[Any]) -> bytes:

@@ -40,6 +40,7 @@ from models.join import (
     ModelRecord,
     decode_records,
     encode_records,
+    expiry_heaps,
     wal_key,
 )
 from models.monitor import ModelState
@@ -75,6 +76,10 @@ class Pipeline:
         self.logical = {self.names.predictions: "predictions", self.names.labels: "labels"}
         # Caches over the tables; dropped on every rebalance and rebuilt from the tables.
         self.joins: dict[int, JoinPartition] = {}
+        # Expiry heaps of the assigned join partitions not opened yet, read in one pass
+        # over the table when the first one opens after a rebalance (models.join.expiry_heaps).
+        self._heaps: dict[int, dict[str, list[tuple[float, str]]]] = {}
+        self._heaps_cover: set[int] = set()
         self.states: dict[str, tuple[int, ModelState]] = {}
         # Published reference profiles: model -> {version: (fingerprint, profile)}. Every
         # worker reads the whole compacted topic, whichever models it owns.
@@ -175,6 +180,7 @@ class Pipeline:
         self._recovered = False
         self._rebalancing = True
         self.joins.clear()
+        self._heaps, self._heaps_cover = {}, set()
         self.states.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
@@ -182,6 +188,7 @@ class Pipeline:
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         self._recovered = self._rebalancing = False
         self.joins.clear()
+        self._heaps, self._heaps_cover = {}, set()
         self.states.clear()
         self._stale_snapshot = True
 
@@ -295,9 +302,18 @@ class Pipeline:
 
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
+        store = entries(self.tables.join)
+        if not self.joins and not self._heaps_cover:  # the first since the rebalance
+            self._heaps_cover = {tp.partition for tp in self.app.consumer.assignment()
+                                 if tp.topic == self.names.predictions} | {partition}
+            self._heaps = expiry_heaps(store, self._heaps_cover)
+        heaps = None  # not covered: the partition reads the table itself
+        if partition in self._heaps_cover:
+            self._heaps_cover.discard(partition)
+            heaps = self._heaps.pop(partition, {})
         part = self.joins[partition] = JoinPartition(
-            entries(self.tables.join), partition, self.settings.label_ttl_seconds,
-            regression=self._is_regression, max_versions=self.settings.max_model_versions)
+            store, partition, self.settings.label_ttl_seconds, regression=self._is_regression,
+            max_versions=self.settings.max_model_versions, heaps=heaps)
         flush = part.recovered
         if flush is not None:
             log.warning("join partition %d: re-sending %d records of a batch a crash "

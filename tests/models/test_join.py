@@ -15,6 +15,7 @@ from models.join import (
     ModelRecord,
     decode_records,
     encode_records,
+    expiry_heaps,
     meta_key,
     wal_key,
 )
@@ -378,6 +379,33 @@ def test_a_crash_while_storing_a_batch_recovers_it_from_the_write_ahead_entry() 
     # Once the batch's keys are stored the write-ahead entry is spent.
     durable(changelog, flush)
     assert JoinPartition(changelog, partition=0, ttl=TTL).recovered is None
+
+
+def test_partitions_opened_from_one_pass_over_the_store_expire_as_if_each_read_it() -> None:
+    changelog: dict[str, bytes] = {}
+    part, feed = new({})
+    feed("predictions", prediction("a", 100.0))
+    feed("predictions", prediction("b", 100.0))
+    durable(changelog, part.drain())
+    feed("labels", label("a", 110.0))
+    feed("predictions", prediction("c", 112.0))
+    durable(changelog, part.drain(), stored=0)  # "c" is in the write-ahead entry only
+    other, feed1 = new(changelog, partition=1)
+    feed1("predictions", prediction("z", 100.0))
+    other.drain()
+
+    heaps = expiry_heaps(changelog, {0, 1, 2})  # before partition 0 applies its entry
+    assert sorted(heaps) == [0, 1]
+    expired = []
+    for partition in (0, 1):
+        for given in (heaps[partition], None):  # the index, or a pass of its own
+            store = dict(changelog)
+            reopened = JoinPartition(store, partition, TTL, heaps=given)
+            reopened.absorb("labels", label(f"late{partition}", 1_000.0), 9, 1_000.0)
+            reopened.expire()
+            expired.append((partition, reopened.counts["expired"], reopened.pending()))
+    assert expired == [(0, {"m|1": 2}, 0), (0, {"m|1": 2}, 0),
+                       (1, {"m|1": 1}, 0), (1, {"m|1": 1}, 0)]
 
 
 def test_a_crash_before_the_write_ahead_entry_may_pair_differently_with_the_same_positions(
