@@ -28,11 +28,11 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from river import drift, metrics, stats, utils
 
-__all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor"]
+__all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor", "RollingCount"]
 
 
 class _PageHinkley(drift.PageHinkley):
@@ -72,6 +72,46 @@ DETECTORS: dict[str, tuple[Any, bool]] = {
     "HDDM_W": (_one_sided(drift.binary.HDDMW, "two_sided_test", False), True),
     "PageHinkley": (_one_sided(_PageHinkley, "mode", "up"), False),
 }
+
+
+class RollingCount:
+    """How many of the last ``window`` outcomes were wrong: an exact rolling error rate.
+
+    river's ``utils.Rolling`` calls the wrapped metric twice per outcome (``update``, and
+    ``revert`` of the outcome leaving the window) and stores each outcome as an argument
+    tuple; a classifier's rolling accuracy and error rate through it cost ~1.2 us per
+    outcome and a ~30 KB pickle of the model state per 1,000-outcome window. Wrong or
+    right is one bit: a ring of bytes and an integer count give the same accuracy (the
+    same division of two whole numbers) and an error rate without rounding drift.
+
+    >>> window = RollingCount(3)
+    >>> for wrong in (1, 0, 0, 1, 1):
+    ...     window.update(wrong)
+    >>> window.n, window.ones, window.get()  # the last three: 0, 1, 1
+    (3, 2, 0.6666666666666666)
+    """
+
+    __slots__ = ("_next", "_ring", "n", "ones", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.n = 0
+        self.ones = 0
+        self._ring = bytearray(window)
+        self._next = 0
+
+    def update(self, one: bool | int) -> None:
+        """Absorb the next outcome: 1 (or True) if wrong."""
+        i = self._next
+        self.ones += one - self._ring[i]
+        self._ring[i] = one
+        self._next = i + 1 if i + 1 < self.window else 0
+        if self.n < self.window:
+            self.n += 1
+
+    def get(self) -> float:
+        """Share of ones in the window (0.0 when empty)."""
+        return self.ones / self.n if self.n else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +169,6 @@ class PerformanceMonitor:
         self.n = 0
         self.drift: DriftSignal | None = None
         self._scored = 0
-        self._errors: Any = utils.Rolling(stats.Mean, window_size=window)
         self._since_drift = stats.Mean()
         # The classification metrics share one confusion matrix (river's ``cm``), updated
         # once per outcome instead of once per metric.
@@ -142,10 +181,13 @@ class PerformanceMonitor:
                 "recall": metrics.MacroRecall(cm=cm),
                 "f1": metrics.MacroF1(cm=cm),
             }
-            self._rolling: Any = utils.Rolling(metrics.Accuracy, window_size=window)
+            # Wrong outcomes over the window: rolling accuracy and error rate both.
+            self._errors: Any = RollingCount(window)
+            self._rolling: Any = None
             self._log_loss = metrics.CrossEntropy()
         else:
             self._metrics = {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
+            self._errors = utils.Rolling(stats.Mean, window_size=window)
             self._rolling = utils.Rolling(metrics.MAE, window_size=window)
 
     def update(
@@ -161,21 +203,25 @@ class PerformanceMonitor:
             Probability the model gave to the true class, when it published scores.
         """
         self.n += 1
-        if self._cm is not None:
-            self._cm.update(label, prediction)
-        else:
-            for metric in self._metrics.values():
-                metric.update(label, prediction)
-        self._rolling.update(label, prediction)
+        before = self._before()
         if self.task == "classification":
-            error: float = float(prediction != label)
+            if self._cm is not None:
+                self._cm.update(label, prediction)
+            else:  # stored before the metrics shared a confusion matrix
+                for metric in self._metrics.values():
+                    metric.update(label, prediction)
+            wrong = prediction != label
+            self._errors.update(wrong)
+            error = float(wrong)
             if p_label is not None:
                 self._log_loss.update(label, {label: p_label})
                 self._scored += 1
         else:
+            for metric in self._metrics.values():
+                metric.update(label, prediction)
+            self._rolling.update(label, prediction)
             error = abs(float(prediction) - float(label))
-        before = self._before()
-        self._errors.update(error)
+            self._errors.update(error)
         self.detector.update(error)
         self.drift = None
         if self.detector.drift_detected:
@@ -191,6 +237,13 @@ class PerformanceMonitor:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # State stored before the metrics shared a confusion matrix: each has its own.
         state.setdefault("_cm", None)
+        errors = state["_errors"]
+        if state["task"] == "classification" and isinstance(errors, utils.Rolling):
+            # Stored before RollingCount: river windows of errors and of (label, prediction).
+            window = RollingCount(errors.window_size)
+            for args, _ in errors.window:
+                window.update(int(args[0]))
+            state["_errors"], state["_rolling"] = window, None
         self.__dict__.update(state)
 
     def _before(self) -> float:
@@ -211,7 +264,10 @@ class PerformanceMonitor:
     @property
     def rolling_accuracy(self) -> float | None:
         """Accuracy over the last ``window`` outcomes (classification)."""
-        return self._rolling.get() if self.task == "classification" and self.n else None
+        if self.task != "classification" or not self.n:
+            return None
+        window = self._errors
+        return (window.n - window.ones) / window.n
 
     @property
     def error_rate(self) -> float:
@@ -223,8 +279,10 @@ class PerformanceMonitor:
         if not self.n:
             return {}
         out = {name: float(metric.get()) for name, metric in self._metrics.items()}
-        key = "rolling_accuracy" if self.task == "classification" else "rolling_mae"
-        out[key] = float(self._rolling.get())
+        if self.task == "classification":
+            out["rolling_accuracy"] = cast(float, self.rolling_accuracy)
+        else:
+            out["rolling_mae"] = float(self._rolling.get())
         out["rolling_error_rate"] = self.error_rate
         if self.task == "classification" and self._scored:
             out["log_loss"] = float(self._log_loss.get())

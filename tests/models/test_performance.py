@@ -228,3 +228,44 @@ def test_empty_monitor_reports_nothing() -> None:
 def test_bad_parameters_fail_in_the_constructor(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PerformanceMonitor(**kwargs)  # type: ignore[arg-type]
+
+
+def test_rolling_accuracy_equals_river_s_rolling_accuracy_and_the_error_rate_is_exact() -> None:
+    from river import metrics, utils
+
+    monitor = PerformanceMonitor(window=300)
+    river_rolling = utils.Rolling(metrics.Accuracy, window_size=300)
+    recent: list[bool] = []
+    for i, (prediction, label) in enumerate(outcomes(11, 5_000, 0.1, 0.35, change_at=2_500)):
+        monitor.update(prediction, label)
+        river_rolling.update(label, prediction)
+        recent = [*recent, prediction != label][-300:]
+        if i % 97 == 0 or i > 4_990:
+            assert monitor.rolling_accuracy == river_rolling.get()  # the same float
+            assert monitor.error_rate == sum(recent) / len(recent)
+    assert monitor.report()["rolling_error_rate"] == sum(recent) / 300
+
+
+def test_state_stored_with_river_rolling_windows_continues_with_the_same_window() -> None:
+    from river import metrics, stats, utils
+
+    from models import codec
+
+    stream = list(outcomes(3, 700, 0.2))
+    old, new = PerformanceMonitor(window=250), PerformanceMonitor(window=250)
+    # What a stored classifier's monitor held: river windows of errors and of outcomes.
+    old._errors = utils.Rolling(stats.Mean, window_size=250)
+    old._rolling = utils.Rolling(metrics.Accuracy, window_size=250)
+    for prediction, label in stream[:400]:
+        old._cm.update(label, prediction)
+        old._rolling.update(label, prediction)
+        old._errors.update(float(prediction != label))
+        old.n += 1
+        new.update(prediction, label)
+    old = codec.loads(codec.dumps(old))
+    for prediction, label in stream[400:]:
+        old.update(prediction, label)
+        new.update(prediction, label)
+    assert old.rolling_accuracy == new.rolling_accuracy
+    assert old.error_rate == new.error_rate
+    assert old.report()["accuracy"] == new.report()["accuracy"]
