@@ -20,6 +20,9 @@ Examples
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from river import stats, utils
@@ -29,6 +32,11 @@ __all__ = ["ConfidenceEstimate"]
 
 class ConfidenceEstimate:
     """Cumulative and rolling mean of top-class probabilities.
+
+    The rolling mean is read far less often than a prediction arrives (when a policy
+    fires, when metrics are exported), so the window keeps the values and sums them on
+    read (``math.fsum``: correctly rounded), rather than river's ``utils.Rolling``
+    updating and reverting a running mean per prediction (~0.7 us each).
 
     Parameters
     ----------
@@ -40,12 +48,28 @@ class ConfidenceEstimate:
         if window < 1:
             raise ValueError("window must be a positive integer")
         self._all = stats.Mean()
-        self._rolling: Any = utils.Rolling(stats.Mean, window_size=window)
+        self._window: deque[float] = deque(maxlen=window)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rolling = state.pop("_rolling", None)
+        if isinstance(rolling, utils.Rolling):  # stored before the window kept the values
+            state["_window"] = deque((args[0] for args, _ in rolling.window),
+                                     maxlen=rolling.window_size)
+        self.__dict__.update(state)
 
     def update(self, confidence: float) -> ConfidenceEstimate:
         """Absorb the top-class probability of one prediction."""
         self._all.update(confidence)
-        self._rolling.update(confidence)
+        self._window.append(confidence)
+        return self
+
+    def update_many(self, confidences: Iterable[float]) -> ConfidenceEstimate:
+        """:meth:`update` with each confidence in turn."""
+        confidences = list(confidences)
+        update = self._all.update
+        for confidence in confidences:
+            update(confidence)
+        self._window.extend(confidences)
         return self
 
     @property
@@ -59,4 +83,4 @@ class ConfidenceEstimate:
 
     def rolling(self) -> float:
         """Estimated accuracy over the last ``window`` predictions."""
-        return float(self._rolling.get())
+        return math.fsum(self._window) / len(self._window) if self._window else 0.0

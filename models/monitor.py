@@ -103,9 +103,8 @@ class VersionMonitor:
         done = 0
         for last, reasons in [*closed, (len(items) - 1, None)]:
             # Up to the prediction that closed a window: what the policy sees when it fires.
-            for item in items[done:last + 1]:
-                if item[3] is not None:
-                    self.estimate.update(item[3])
+            self.estimate.update_many(
+                item[3] for item in items[done:last + 1] if item[3] is not None)
             self.predictions_seen += last + 1 - done
             if done <= last:
                 self._seen(max(ts[done:last + 1]))

@@ -75,3 +75,27 @@ def test_simulated_prediction_is_always_the_top_class_of_its_scores() -> None:
     assert len(not_top) == 0, (
         f"{len(not_top)} of 2000 predictions are not the top class of their scores, "
         f"e.g. {not_top[:3]}")
+
+
+def test_update_many_equals_one_update_each_and_old_state_keeps_its_window() -> None:
+    from river import stats, utils
+
+    from models import codec
+
+    confidences = [0.5 + (i * 37 % 50) / 100 for i in range(300)]
+    one, many = ConfidenceEstimate(window=100), ConfidenceEstimate(window=100)
+    for c in confidences:
+        one.update(c)
+    many.update_many(confidences[:150]).update_many(confidences[150:])
+    assert (many.n, many.get(), many.rolling()) == (one.n, one.get(), one.rolling())
+    assert one.rolling() == pytest.approx(sum(confidences[-100:]) / 100, abs=1e-15)
+    # Stored before the window kept its values: a river rolling mean.
+    old = ConfidenceEstimate(window=100)
+    old.__dict__.pop("_window")
+    old._rolling = utils.Rolling(stats.Mean, window_size=100)  # type: ignore[attr-defined]
+    for c in confidences[:200]:
+        old._all.update(c)
+        old._rolling.update(c)  # type: ignore[attr-defined]
+    old = codec.loads(codec.dumps(old))
+    old.update_many(confidences[200:])
+    assert (old.n, old.rolling()) == (one.n, one.rolling())
