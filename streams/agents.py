@@ -23,13 +23,13 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import faust
 import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
-from faust.types import Message
+from faust.types import TP, Message
 
 from models import codec
 from models.errors import ConfigError
@@ -60,6 +60,25 @@ _PARTITIONER = DefaultPartitioner()
 # A join partition is drained early once it holds this many bytes of input, so that its
 # write-ahead entry stays well inside the changelog's message size limit.
 _FLUSH_BYTES = 1 << 20
+
+
+class _Record(NamedTuple):
+    """What the join reads of an input record (aiokafka's ``ConsumerRecord`` has more)."""
+
+    offset: int
+    timestamp: int  # milliseconds
+    key: bytes | None
+    value: bytes | None
+
+
+def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[_Record]]]:
+    """Faust messages as the batch route hands records over: runs by partition."""
+    out: list[tuple[TP, list[_Record]]] = []
+    for msg in messages:
+        if not out or out[-1][0] != msg.tp:
+            out.append((msg.tp, []))
+        out[-1][1].append(_Record(msg.offset, round(msg.timestamp * 1000), msg.key, msg.value))
+    return out
 
 
 class Pipeline:
@@ -114,8 +133,8 @@ class Pipeline:
         # batch route (streams.app.BatchConsumer), not through this stream.
         @app.agent(inputs, concurrency=1, name="join")
         async def join(stream: faust.StreamT) -> None:
-            async for events in self._batches(stream):
-                await self.join_batch([event.message for event in events])
+            async for events in self._batches(stream):  # should any come this way
+                await self.join_batch(_groups([event.message for event in events]))
 
         # Predictions first: a label read in the same fetch then finds its prediction
         # rather than waiting for it as an entry of its own.
@@ -239,29 +258,31 @@ class Pipeline:
 
     # -- join ---------------------------------------------------------------------------
 
-    async def join_batch(self, messages: Sequence[Message]) -> None:
+    async def join_batch(self, batch: Sequence[tuple[TP, Sequence[Any]]]) -> None:
+        """Join a fetch: ``(input partition, its aiokafka records)``, predictions first."""
         async with self._join_lock:
             touched: dict[int, JoinPartition] = {}
             # Counted per batch: a labelled metric costs a lookup and a lock per call.
             consumed: Counter[str] = Counter()
             skipped: Counter[str] = Counter()
-            for msg in messages:
-                part = self.joins.get(msg.partition) or await self._open(msg.partition)
-                topic = self.logical[msg.topic]
-                expected = part.expected(topic)
-                if expected is not None and msg.offset > expected:  # rare: no await per event
-                    for rec in await self._missed(expected, msg):
-                        part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0,
-                                    rec.key)
-                        consumed[topic] += 1
+            for tp, records in batch:
+                part = self.joins.get(tp.partition) or await self._open(tp.partition)
+                topic = self.logical[tp.topic]
+                touched[tp.partition] = part
                 before = part.skipped
-                part.absorb(topic, msg.value, msg.offset, msg.timestamp, msg.key)
+                for rec in records:
+                    expected = part.expected(topic)
+                    if expected is not None and rec.offset > expected:  # rare: no await per event
+                        for missed in await self._missed(expected, tp, rec.offset):
+                            part.absorb(topic, missed.value, missed.offset,
+                                        missed.timestamp / 1000.0, missed.key)
+                            consumed[topic] += 1
+                    part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0, rec.key)
+                    if part.held >= _FLUSH_BYTES:
+                        await self._flush([part])
                 skipped[topic] += part.skipped - before
-                consumed[topic] += 1
-                self.next_offset[msg.tp] = msg.offset + 1
-                touched[msg.partition] = part
-                if part.held >= _FLUSH_BYTES:
-                    await self._flush([part])
+                consumed[topic] += len(records)
+                self.next_offset[tp] = records[-1].offset + 1
             for part in touched.values():
                 part.expire(budget=_FLUSH_BYTES)
             await self._flush(list(touched.values()))
@@ -271,8 +292,8 @@ class Pipeline:
                 if n:
                     REPLAYS_SKIPPED.labels(topic).inc(n)
 
-    async def _missed(self, expected: int, msg: Any) -> list[Any]:
-        """The records of ``msg``'s partition from offset ``expected`` up to ``msg``.
+    async def _missed(self, expected: int, tp: TP, offset: int) -> list[Any]:
+        """The records of ``tp`` from offset ``expected`` up to ``offset``.
 
         faust-streaming drops events it has fetched but not handed to the agent when a
         rebalance suspends the flow, and may commit past them as a gap (seen as 23
@@ -285,19 +306,19 @@ class Pipeline:
                 bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
                 group_id=None, **self.settings.aiokafka_security())
             await self._probe.start()
-        probe, tp = self._probe, msg.tp
+        probe = self._probe
         probe.assign([tp])
         probe.seek(tp, expected)
         missed: list[Any] = []
         while True:
             batch = (await probe.getmany(tp, timeout_ms=5000)).get(tp, [])
-            missed += [r for r in batch if r.offset < msg.offset]
-            if not batch or batch[-1].offset >= msg.offset - 1:
+            missed += [r for r in batch if r.offset < offset]
+            if not batch or batch[-1].offset >= offset - 1:
                 break
         if missed:
             log.warning("join: %d events of %s[%d] before offset %d never reached the agent; "
-                        "read them from the broker", len(missed), msg.topic, msg.partition,
-                        msg.offset)
+                        "read them from the broker", len(missed), tp.topic, tp.partition,
+                        offset)
         return missed
 
     async def _open(self, partition: int) -> JoinPartition:

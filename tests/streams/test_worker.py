@@ -203,6 +203,7 @@ def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
 
 
 def test_a_fetch_reaches_the_join_once_in_order_and_marks_its_partitions_live(prefix, tmp_path):
+    from aiokafka.structs import ConsumerRecord
     from faust.types import TP
     from faust.types.tuples import ConsumerMessage
 
@@ -210,27 +211,35 @@ def test_a_fetch_reaches_the_join_once_in_order_and_marks_its_partitions_live(pr
     from streams.settings import Settings
 
     app = create_app(Settings(topic_prefix=prefix, data_dir=tmp_path), 8)
-    tp = TP(prefix + "predictions", 0)
+    tp, other = TP(prefix + "predictions", 0), TP(prefix + "predictions", 1)
 
-    def message(offset: int) -> ConsumerMessage:
-        return ConsumerMessage(tp.topic, 0, offset, 1.0, 0, [], b"k", b"v", None, 1, 1, tp)
+    def record(offset: int) -> ConsumerRecord:
+        return ConsumerRecord(tp.topic, 0, offset, 1000, 0, b"k", b"v", None, 1, 1, ())
 
-    handed: list[list[int]] = []
+    handed: list[list[tuple[TP, list[int]]]] = []
 
-    async def handler(batch: list[ConsumerMessage]) -> None:
-        handed.append([m.offset for m in batch])
+    async def handler(batch: list[tuple[TP, list[ConsumerRecord]]]) -> None:
+        handed.append([(p, [r.offset for r in records]) for p, records in batch])
 
     async def deliver() -> Any:
         consumer = app.consumer  # made inside the loop: Faust's services take the running one
+        app.topics._acking_topics.add(tp.topic)  # as subscribing the topic does
         consumer._read_offset[tp] = 4  # the last offset read before this fetch
-        await consumer._deliver(handler, [message(3), message(5), message(6), message(9)])
-        await consumer._deliver(handler, [message(6)])  # read already: not handed again
-        await asyncio.wait_for(consumer.wait_empty(), 5)  # no batch in flight
+        await consumer._deliver(handler, [(tp, [record(3), record(5), record(6), record(9)])])
+        await consumer._deliver(handler, [(tp, [record(6)])])  # read already: not handed again
+        assert consumer._batch_idle.is_set()  # no batch in flight: wait_empty returns
+        # The batch's acknowledgement is the bookkeeping of Faust's ack() per message.
+        for offset in (5, 6, 9):
+            consumer.ack(ConsumerMessage(other.topic, 1, offset, 1.0, 0, [], b"k", b"v",
+                                         None, 1, 1, other))
         return consumer
 
     consumer = run(deliver())
     consumer._thread.thread_loop.close()  # made for the consumer's thread, never started
-    assert handed == [[5, 6, 9]]
+    assert handed == [[(tp, [5, 6, 9])]]
+    assert consumer._acked[tp] == consumer._acked[other] == [5, 6, 9]
+    assert consumer._acked_index[tp] == consumer._acked_index[other] == {5, 6, 9}
+    assert consumer._n_acked == 6
     # 7 and 8 never came (transaction markers, compaction): commits may pass them, as
     # Faust's own fetch loop allows.
     assert sorted((i.begin, i.end) for i in consumer._gap[tp]) == [(7, 10)]
