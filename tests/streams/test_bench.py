@@ -47,6 +47,7 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     assert 0 < out["p50_latency_seconds"] <= out["p99_latency_seconds"]
     assert out["runs"]["p99_latency_seconds"] == [out["p99_latency_seconds"]]
     assert out["peak_rss_bytes"] > 0
+    assert out["runs"]["model_stage_trail_seconds"] == [out["model_stage_trail_seconds"]]
     assert set(out["models_seconds_per_event"]) == {"join", "model_stage"}
     # Targets of issue 7 that do not depend on the machine's speed.
     assert out["state_bytes_per_pending"] <= 200
