@@ -271,13 +271,13 @@ def wait_count(worker: WorkerProcess, metric: str, n: float, started: float,
 
 def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float]:
     """Events/s of one worker over the whole input, its peak RSS, and the seconds from
-    the join's last input event to the model stage's last outcome."""
+    the join's last input event (prediction or label) to the model stage's last outcome."""
     worker = WorkerProcess(settings, f"bench-{run}")
     try:
         started = wait_until(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
                         "the worker's first event", interval=0.02)
-        joined = wait_count(worker, "driftwarden_events_consumed_total", n, started, 1800,
-                            topic="labels")
+        joined = max(wait_count(worker, "driftwarden_events_consumed_total", n, started, 1800,
+                                topic=topic) for topic in ("predictions", "labels"))
         done = wait_count(worker, "driftwarden_outcomes_total", n, started, 1800)
         return 2 * n / (done - started), worker.peak_rss(), done - joined
     finally:
