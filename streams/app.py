@@ -204,13 +204,18 @@ class BatchConsumer(kafka_driver.Consumer):
                     continue
                 committed = self._committed_offset[tp]
                 index = self._acked_index[tp]
-                acked = self._acked[tp]
-                for record in records:
-                    offset = record.offset
-                    if (committed is None or offset >= committed) and offset not in index:
-                        index.add(offset)
-                        acked.append(offset)
-                        self._n_acked += 1
+                offsets = [record.offset for record in records]  # increasing
+                if (committed is None or offsets[0] >= committed) and index.isdisjoint(offsets):
+                    fresh = offsets  # the usual case: all new
+                else:
+                    fresh = []
+                    for offset in offsets:
+                        if (committed is None or offset >= committed) and offset not in index:
+                            fresh.append(offset)
+                            index.add(offset)
+                index.update(fresh)
+                self._acked[tp].extend(fresh)
+                self._n_acked += len(fresh)
             notify(self._waiting_for_ack)
 
     async def wait_empty(self) -> None:
