@@ -47,7 +47,7 @@ class Settings:
     store: str = "memory://"
     batch_size: int = 1000
     batch_seconds: float = 0.05
-    fetch_bytes: int = 2 * 1024 * 1024
+    fetch_bytes: int = 1024 * 1024
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str | None = None
