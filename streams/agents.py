@@ -98,7 +98,6 @@ class Pipeline:
         # Expiry heaps of the assigned join partitions not opened yet, read in one pass
         # over the table when the first one opens after a rebalance (models.join.expiry_heaps).
         self._heaps: dict[int, dict[str, list[tuple[float, str]]]] = {}
-        self._heaps_cover: set[int] = set()
         self.states: dict[str, tuple[int, ModelState]] = {}
         # Published reference profiles: model -> {version: (fingerprint, profile)}. Every
         # worker reads the whole compacted topic, whichever models it owns.
@@ -199,7 +198,7 @@ class Pipeline:
         self._recovered = False
         self._rebalancing = True
         self.joins.clear()
-        self._heaps, self._heaps_cover = {}, set()
+        self._heaps = {}
         self.states.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
@@ -207,7 +206,7 @@ class Pipeline:
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
         self._recovered = self._rebalancing = False
         self.joins.clear()
-        self._heaps, self._heaps_cover = {}, set()
+        self._heaps = {}
         self.states.clear()
         self._stale_snapshot = True
 
@@ -324,14 +323,13 @@ class Pipeline:
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
         store = entries(self.tables.join)
-        if not self.joins and not self._heaps_cover:  # the first since the rebalance
-            self._heaps_cover = {tp.partition for tp in self.app.consumer.assignment()
-                                 if tp.topic == self.names.predictions} | {partition}
-            self._heaps = expiry_heaps(store, self._heaps_cover)
-        heaps = None  # not covered: the partition reads the table itself
-        if partition in self._heaps_cover:
-            self._heaps_cover.discard(partition)
-            heaps = self._heaps.pop(partition, {})
+        if not self.joins and not self._heaps:  # the first since the rebalance
+            assigned = {tp.partition for tp in self.app.consumer.assignment()
+                        if tp.topic == self.names.predictions} | {partition}
+            # Every assigned partition gets heaps, empty ones too.
+            self._heaps = {p: {} for p in assigned} | expiry_heaps(store, assigned)
+        # None (not assigned when the table was read): the partition reads it itself.
+        heaps = self._heaps.pop(partition, None)
         part = self.joins[partition] = JoinPartition(
             store, partition, self.settings.label_ttl_seconds, regression=self._is_regression,
             max_versions=self.settings.max_model_versions, heaps=heaps)

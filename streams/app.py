@@ -207,12 +207,9 @@ class BatchConsumer(kafka_driver.Consumer):
                 offsets = [record.offset for record in records]  # increasing
                 if (committed is None or offsets[0] >= committed) and index.isdisjoint(offsets):
                     fresh = offsets  # the usual case: all new
-                else:
-                    fresh = []
-                    for offset in offsets:
-                        if (committed is None or offset >= committed) and offset not in index:
-                            fresh.append(offset)
-                            index.add(offset)
+                else:  # offsets increase, so none repeats within the batch
+                    fresh = [offset for offset in offsets if offset not in index
+                             and (committed is None or offset >= committed)]
                 index.update(fresh)
                 self._acked[tp].extend(fresh)
                 self._n_acked += len(fresh)
