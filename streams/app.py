@@ -126,6 +126,7 @@ class BatchConsumer(kafka_driver.Consumer):
         self._batch_idle.set()
         # Batches handed over whose results are still being written, oldest first.
         self._writing: list[asyncio.Future[None]] = []
+        self._crashing: asyncio.Future[None] | None = None
 
     def _new_consumer_thread(self) -> kafka_driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -221,7 +222,7 @@ class BatchConsumer(kafka_driver.Consumer):
             self._ack_all(batch)
         else:  # as when the fetch loop raises: the consumer crashes, the worker stops
             self.log.error("writing a batch's results failed: %r", exc)
-            asyncio.ensure_future(self.crash(exc))
+            self._crashing = asyncio.ensure_future(self.crash(exc))
 
     def _idle_if_done(self) -> None:
         if not self._writing:
