@@ -10,9 +10,7 @@ batch), calls ``models/``, then writes, awaiting the acks of each step before th
 - monitor: retraining events, then each changed model's state (one message per model);
 - then the metrics snapshot.
 
-The join hands its writes over (one batch's in flight at a time, each waiting for the
-one before) and joins the next fetch while they are sent. Events are acknowledged only
-after their batch's writes are acked, and Faust commits a
+Events are acknowledged only after their batch's writes are acked, and Faust commits a
 consumer offset only after flushing the producer, so a committed offset implies written
 state; state written without a committed offset is re-read after a crash
 and skipped by the offsets recorded in the state (DESIGN.md section 5). Both agents run
@@ -118,9 +116,6 @@ class Pipeline:
         self._rebalancing = False
         # The join agent and the timer that opens recovered partitions take turns.
         self._join_lock = asyncio.Lock()
-        # The join's latest batch of writes in flight; each batch's wait for the one
-        # before it (see _flush).
-        self._writes: asyncio.Future[None] | None = None
         # Reads input records Faust skipped (see _missed).
         self._probe: AIOKafkaConsumer | None = None
         # The records of the records messages this worker sent and its model stage has not
@@ -147,9 +142,7 @@ class Pipeline:
         @app.agent(inputs, concurrency=1, name="join")
         async def join(stream: faust.StreamT) -> None:
             async for events in self._batches(stream):  # should any come this way
-                written = await self.join_batch(_groups([event.message for event in events]))
-                if written is not None:
-                    await written
+                await self.join_batch(_groups([event.message for event in events]))
 
         # Predictions first: a label read in the same fetch then finds its prediction
         # rather than waiting for it as an entry of its own.
@@ -274,14 +267,8 @@ class Pipeline:
 
     # -- join ---------------------------------------------------------------------------
 
-    async def join_batch(self, batch: Sequence[tuple[TP, Sequence[Any]]]
-                         ) -> asyncio.Future[None] | None:
-        """Join a fetch: ``(input partition, its aiokafka records)``, predictions first.
-
-        Returns once the fetch is joined, with the future of its writes (None if there
-        are none in flight): the consumer joins the next fetch while they are sent, and
-        acknowledges this one when the future is done.
-        """
+    async def join_batch(self, batch: Sequence[tuple[TP, Sequence[Any]]]) -> None:
+        """Join a fetch: ``(input partition, its aiokafka records)``, predictions first."""
         async with self._join_lock:
             touched: dict[int, JoinPartition] = {}
             # Counted per batch: a labelled metric costs a lookup and a lock per call.
@@ -301,19 +288,18 @@ class Pipeline:
                             consumed[topic] += 1
                     part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0, rec.key)
                     if part.held >= _FLUSH_BYTES:
-                        self._flush([part])
+                        await self._flush([part])
                 skipped[topic] += part.skipped - before
                 consumed[topic] += len(records)
                 self.next_offset[tp] = records[-1].offset + 1
             for part in touched.values():
                 part.expire(budget=_FLUSH_BYTES)
-            self._flush(list(touched.values()))
+            await self._flush(list(touched.values()))
             for topic, n in consumed.items():
                 EVENTS_CONSUMED.labels(topic).inc(n)
             for topic, n in skipped.items():
                 if n:
                     REPLAYS_SKIPPED.labels(topic).inc(n)
-            return self._writes
 
     async def _missed(self, expected: int, tp: TP, offset: int) -> list[Any]:
         """The records of ``tp`` from offset ``expected`` up to ``offset``.
@@ -359,8 +345,6 @@ class Pipeline:
             max_versions=self.settings.max_model_versions, heaps=heaps)
         flush = part.recovered
         if flush is not None:
-            if self._writes is not None:  # a rebalance waits for them: none are in flight
-                await self._writes
             log.warning("join partition %d: re-sending %d records of a batch a crash "
                         "interrupted", partition, len(flush.records))
             await self._send(*flush.outbox())
@@ -380,26 +364,14 @@ class Pipeline:
                 if tp.topic == self.names.predictions and tp.partition not in self.joins:
                     await self._open(tp.partition)
 
-    def _flush(self, parts: list[JoinPartition]) -> None:
-        """Drain ``parts`` and queue their writes behind the ones in flight.
-
-        Only one batch's writes are ever in flight, in the order ``models.join``
-        prescribes, and each batch's wait for the one before: the write-ahead entry of a
-        partition then never overtakes a batch before it whose changes are not stored,
-        which is what makes replaying from the last stored meta entry exact.
-        """
+    async def _flush(self, parts: list[JoinPartition]) -> None:
         flushes: list[tuple[JoinPartition, Flush]] = []
         for part in parts:
             flush = part.drain()
             if flush.wal is not None:
                 flushes.append((part, flush))
-        if flushes:
-            self._writes = asyncio.ensure_future(self._write_flushes(self._writes, flushes))
-
-    async def _write_flushes(self, before: asyncio.Future[None] | None,
-                             flushes: list[tuple[JoinPartition, Flush]]) -> None:
-        if before is not None:
-            await before  # and fail as it did: what comes after it must not be stored
+        if not flushes:
+            return
         await self._send_all([flush.early() for _, flush in flushes])
         await self._write_all([(part.partition, {wal_key(part.partition): flush.wal})
                                for part, flush in flushes])

@@ -24,11 +24,9 @@ from streams.settings import Settings
 __all__ = ["App", "BatchConsumer", "create_app"]
 
 #: Takes the records of one fetch as ``(partition, aiokafka ConsumerRecords)``, topic by
-#: topic. Returns once they are processed, with None when their results are written too,
-#: else an awaitable that completes when they are: the consumer acknowledges the records
-#: then, and meanwhile hands over the next fetch. A record's ``timestamp`` is in
-#: milliseconds.
-BatchHandler = Callable[[list[tuple[TP, list[Any]]]], Awaitable[Awaitable[None] | None]]
+#: topic; returns once they are processed and their results written (the consumer
+#: acknowledges them after). A record's ``timestamp`` is in milliseconds.
+BatchHandler = Callable[[list[tuple[TP, list[Any]]]], Awaitable[None]]
 
 
 class _Utf8(codecs.Codec):
@@ -112,21 +110,15 @@ class BatchConsumer(kafka_driver.Consumer):
     at once (:meth:`_ack_all`), so commits, rebalances and recovery work as before.
     Records of every other topic take Faust's usual path.
 
-    A handler may return before its batch's results are written (an awaitable for
-    that): the next fetch is then handled while they are, and the batch is acknowledged
-    once they are. A rebalance waits for every batch handed over to be written before it
-    commits and revokes (as Faust's ``Consumer.wait_empty`` waits for unacknowledged
-    stream events); a batch is never cut short by flow control as a Faust stream's
-    buffered events are.
+    A rebalance waits for the batch in flight before it commits and revokes (as Faust's
+    ``Consumer.wait_empty`` waits for unacknowledged stream events); a batch is never cut
+    short by flow control as a Faust stream's buffered events are.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
-        # Batches handed over whose results are still being written, oldest first.
-        self._writing: list[asyncio.Future[None]] = []
-        self._crashing: asyncio.Future[None] | None = None
 
     def _new_consumer_thread(self) -> kafka_driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -188,21 +180,10 @@ class BatchConsumer(kafka_driver.Consumer):
             return
         self._batch_idle.clear()
         try:
-            done = await handler(fresh)
-        except BaseException:
-            self._idle_if_done()
-            raise
-        if done is None:
+            await handler(fresh)
             self._ack_all(fresh)
-            self._idle_if_done()
-        else:
-            # The writes go on while the next fetch is handled; at most one batch's
-            # beyond the one being handled, so a slow broker slows the fetch loop down.
-            written = asyncio.ensure_future(done)
-            written.add_done_callback(lambda fut: self._written(fut, fresh))
-            self._writing.append(written)
-            if len(self._writing) > 1:
-                await asyncio.shield(self._writing[0])
+        finally:
+            self._batch_idle.set()
         # What a Faust stream's sensor records per event; without it Faust's livelock
         # check logs "Stream has not started processing" for every input partition.
         monitor = self.app.monitor
@@ -210,23 +191,6 @@ class BatchConsumer(kafka_driver.Consumer):
             now = monotonic()
             for tp, _ in fresh:
                 monitor.stream_inbound_time[tp] = now
-
-    def _written(self, written: asyncio.Future[None], batch: list[tuple[TP, list[Any]]]) -> None:
-        """A batch's results are written (or failed to be): acknowledge its records."""
-        self._writing.remove(written)
-        self._idle_if_done()
-        if written.cancelled():
-            return
-        exc = written.exception()
-        if exc is None:
-            self._ack_all(batch)
-        else:  # as when the fetch loop raises: the consumer crashes, the worker stops
-            self.log.error("writing a batch's results failed: %r", exc)
-            self._crashing = asyncio.ensure_future(self.crash(exc))
-
-    def _idle_if_done(self) -> None:
-        if not self._writing:
-            self._batch_idle.set()
 
     def _ack_all(self, batch: list[tuple[TP, list[Any]]]) -> None:
         """What Faust's ``Consumer.ack`` records per message, for a batch's records: the

@@ -250,64 +250,6 @@ def test_a_fetch_reaches_the_join_once_in_order_and_marks_its_partitions_live(pr
     assert tp in app.monitor.stream_inbound_time
 
 
-def test_a_fetch_is_acknowledged_once_its_writes_are_done_while_the_next_is_joined(
-        prefix, tmp_path):
-    # The join returns before its writes are acked; the consumer hands over the next
-    # fetch meanwhile, but acknowledges a fetch (so lets Faust commit past it) only once
-    # its writes are done, holds a rebalance until then, and never has more than one
-    # batch's writes outstanding behind the one being joined.
-    from aiokafka.structs import ConsumerRecord
-    from faust.types import TP
-
-    from streams.app import create_app
-    from streams.settings import Settings
-
-    app = create_app(Settings(topic_prefix=prefix, data_dir=tmp_path), 8)
-    tp = TP(prefix + "predictions", 0)
-
-    def records(*offsets: int) -> list[ConsumerRecord]:
-        return [ConsumerRecord(tp.topic, 0, o, 1000, 0, b"k", b"v", None, 1, 1, ())
-                for o in offsets]
-
-    async def scenario() -> tuple[list[Any], Any]:
-        consumer = app.consumer
-        app.topics._acking_topics.add(tp.topic)
-        writes: list[asyncio.Future[None]] = []
-        seen: list[Any] = []
-
-        async def handler(batch: list[tuple[TP, list[ConsumerRecord]]]) -> Any:
-            writes.append(asyncio.get_running_loop().create_future())
-            return writes[-1]
-
-        def look(step: str) -> None:
-            seen.append((step, list(consumer._acked[tp]), consumer._batch_idle.is_set()))
-
-        await consumer._deliver(handler, [(tp, records(0, 1))])
-        look("first joined, its writes in flight")
-        second = asyncio.ensure_future(consumer._deliver(handler, [(tp, records(2))]))
-        await asyncio.sleep(0.01)
-        look("second joined, waiting for the first's writes")
-        assert len(writes) == 2 and not second.done()
-        writes[0].set_result(None)
-        await second
-        look("first written")
-        writes[1].set_exception(RuntimeError("broker gone"))
-        await asyncio.sleep(0.01)
-        look("second failed")
-        await asyncio.sleep(0.01)
-        return seen, consumer
-
-    seen, consumer = run(scenario())
-    consumer._thread.thread_loop.close()
-    assert seen == [
-        ("first joined, its writes in flight", [], False),
-        ("second joined, waiting for the first's writes", [], False),
-        ("first written", [0, 1], False),
-        ("second failed", [0, 1], True),  # never acknowledged: read again after a restart
-    ]
-    assert isinstance(consumer._crash_reason, RuntimeError)  # the worker stops, as before
-
-
 def test_changelog_writes_arrive_whole_in_order_on_their_partition(kafka_broker, prefix,
                                                                    tmp_path):
     # write() packs a batch's changes into aiokafka record batches of ~16 KiB; recovery
