@@ -181,6 +181,38 @@ def test_the_producer_refreshes_metadata_of_its_own_topics_only(kafka_broker, pr
         prefix + "driftwarden-join-changelog", prefix + "driftwarden-models-changelog"}
 
 
+def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka_broker,
+                                                                          prefix, tmp_path):
+    # One model's records share a partition and carry every prediction's event: a fetch
+    # of them (DRIFTWARDEN_FETCH_BYTES) was the model stage's ceiling until the broker
+    # stored them zstd-compressed. Topics the users write keep what their producers chose.
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from streams.settings import Settings
+    from streams.topics import TopicNames, ensure_topics
+
+    settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix,
+                        data_dir=tmp_path)
+    run(ensure_topics(settings))
+    names = TopicNames.from_settings(settings)
+
+    async def compression() -> dict[str, str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker)
+        await admin.start()
+        try:
+            topics = [names.model_records, names.predictions, names.labels, names.retraining]
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+            return {name: dict(e[:2] for e in entries)["compression.type"]
+                    for _, _, _, name, entries in response.resources}
+        finally:
+            await admin.close()
+
+    assert run(compression()) == {names.model_records: "zstd", names.predictions: "producer",
+                                  names.labels: "producer", names.retraining: "producer"}
+
+
 def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
     # Faust's stream hands events over one at a time at ~67 us each, more than the join
     # itself costs: the inputs must go to join_batch through the consumer's batch route.
