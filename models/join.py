@@ -80,8 +80,7 @@ from models.events import (
 )
 
 __all__ = ["RECORDS_MESSAGE_BYTES", "DeadLetter", "Flush", "JoinPartition", "ModelRecord",
-           "decode_records", "encode_record_messages", "encode_records", "expiry_heaps",
-           "meta_key", "wal_key"]
+           "decode_records", "encode_records", "expiry_heaps", "meta_key", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -149,7 +148,6 @@ def encode_records(records: list[ModelRecord],
                    limit: int = RECORDS_MESSAGE_BYTES) -> list[tuple[str, bytes]]:
     """Records as the model stage receives them: orjson messages ``(model, value)``, each
     model's in order, a message at most ``limit`` bytes unless one record alone is more.
-    (:func:`encode_record_messages` tells which records each message holds.)
 
     A ``"p"`` record with its event's bytes travels as kind ``"e"``, the event in place
     of the features: embedding the validated bytes (``orjson.Fragment``) costs a tenth
@@ -169,22 +167,7 @@ def encode_records(records: list[ModelRecord],
     >>> list(decode_records("m", raw))[0].item
     [2.0, {'x': 0.1}, 1, None]
     """
-    return [(model, raw) for model, raw, _ in encode_record_messages(records, limit)]
-
-
-def encode_record_messages(records: list[ModelRecord], limit: int = RECORDS_MESSAGE_BYTES
-                           ) -> list[tuple[str, bytes, list[ModelRecord]]]:
-    """:func:`encode_records`, each message with the records it holds: those that
-    :func:`decode_records` makes of it, but for the event bytes a ``"p"`` record keeps.
-
-    >>> records = [ModelRecord("p", "m", "1", "p0", (i, 0), [1.0, {}, 1, None]) for i in range(3)]
-    >>> [(model, len(held)) for model, _, held in encode_record_messages(records, limit=64)]
-    [('m', 1), ('m', 1), ('m', 1)]
-    >>> [list(decode_records(model, raw)) == held
-    ...  for model, raw, held in encode_record_messages(records, limit=64)]
-    [True, True, True]
-    """
-    by_model: dict[str, tuple[list[list[Any]], list[ModelRecord]]] = {}
+    by_model: dict[str, list[list[Any]]] = {}
     for r in records:
         if r.raw is not None and r.kind == "p":
             ts, _, prediction, confidence = r.item
@@ -192,13 +175,9 @@ def encode_record_messages(records: list[ModelRecord], limit: int = RECORDS_MESS
                      [ts, orjson.Fragment(r.raw), prediction, confidence]]
         else:
             entry = [r.kind, r.version, r.source, *r.position, r.item]
-        of = by_model.get(r.model)
-        if of is None:
-            of = by_model[r.model] = ([], [])
-        of[0].append(entry)
-        of[1].append(r)
-    out: list[tuple[str, bytes, list[ModelRecord]]] = []
-    for model, (items, held) in by_model.items():
+        by_model.setdefault(r.model, []).append(entry)
+    out: list[tuple[str, bytes]] = []
+    for model, items in by_model.items():
         # Each message is encoded once, sized from the bytes per record of the last one
         # (aiming at 90% of the limit); one that comes out too large is encoded again,
         # smaller. Halving a batch's worth until the halves fit encoded it ~3x over.
@@ -208,7 +187,7 @@ def encode_record_messages(records: list[ModelRecord], limit: int = RECORDS_MESS
             raw = orjson.dumps(part)
             count = max(1, len(part) * limit * 9 // (10 * len(raw)))
             if len(raw) <= limit or len(part) == 1:
-                out.append((model, raw, held[start:start + len(part)]))
+                out.append((model, raw))
                 start += len(part)
     return out
 

@@ -39,7 +39,7 @@ from models.join import (
     JoinPartition,
     ModelRecord,
     decode_records,
-    encode_record_messages,
+    encode_records,
     expiry_heaps,
     wal_key,
 )
@@ -60,9 +60,6 @@ _PARTITIONER = DefaultPartitioner()
 # A join partition is drained early once it holds this many bytes of input, so that its
 # write-ahead entry stays well inside the changelog's message size limit.
 _FLUSH_BYTES = 1 << 20
-# Most records kept for the model stage of the records messages sent (Pipeline._sent):
-# about four default batches, a few MiB of feature dicts.
-_KEPT_RECORDS = 4000
 
 
 class _Record(NamedTuple):
@@ -118,12 +115,6 @@ class Pipeline:
         self._join_lock = asyncio.Lock()
         # Reads input records Faust skipped (see _missed).
         self._probe: AIOKafkaConsumer | None = None
-        # The records of the records messages this worker sent and its model stage has not
-        # read yet, by (partition, offset): the model stage takes them rather than decode
-        # its own messages again (a prediction's event was parsed once already, in the
-        # join). At most _KEPT_RECORDS; a message read without them is decoded.
-        self._sent: dict[tuple[int, int], list[ModelRecord]] = {}
-        self._sent_count = 0
         self.logical[self.names.model_records] = "model-records"
         for topic in self.logical.values():  # export zeros before the first event
             EVENTS_CONSUMED.labels(topic)
@@ -210,7 +201,6 @@ class Pipeline:
         self._heaps = {}
         self.states.clear()
         self.next_offset.clear()
-        self._sent, self._sent_count = {}, 0
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
 
     async def _on_assigned(self, sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -394,30 +384,10 @@ class Pipeline:
         """Send records (a model's in one message or, past RECORDS_MESSAGE_BYTES, several)
         and dead letters; return once all are acked."""
         sends = [await self._dead_letter(d) for d in dead]
-        messages = encode_record_messages(records)
-        for model, raw, _ in messages:
+        for model, raw in encode_records(records):
             sends.append(await self.app.producer.send(
                 self.names.model_records, model.encode(), raw, None, None, None))
-        acked = await asyncio.gather(*sends)
-        self._keep(messages, acked[len(dead):])
-
-    def _keep(self, messages: list[tuple[str, bytes, list[ModelRecord]]],
-              acked: list[Any]) -> None:
-        """Keep the records of messages sent to a records partition this worker reads,
-        for its model stage (``_sent``)."""
-        topic = self.names.model_records
-        assigned = self.app.consumer.assignment()
-        if self._sent_count >= _KEPT_RECORDS // 2:  # drop any the model stage went past
-            for partition, offset in [key for key in self._sent
-                                      if key[1] < self.next_offset.get(TP(topic, key[0]), 0)]:
-                self._sent_count -= len(self._sent.pop((partition, offset)))
-        for (_, _, records), meta in zip(messages, acked, strict=True):
-            tp = TP(topic, meta.partition)
-            if (self._sent_count + len(records) > _KEPT_RECORDS or tp not in assigned
-                    or meta.offset < self.next_offset.get(tp, 0)):  # read already
-                continue
-            self._sent[meta.partition, meta.offset] = records
-            self._sent_count += len(records)
+        await asyncio.gather(*sends)
 
     async def _dead_letter(self, d: DeadLetter) -> Any:
         origin = {"predictions": self.names.predictions, "labels": self.names.labels,
@@ -524,11 +494,7 @@ class Pipeline:
             for fingerprint, profile in self.references.get(model, {}).values():
                 state.use_reference(profile, fingerprint)
             skipped = state.replays_skipped
-            kept = self._sent.pop((msg.partition, msg.offset), None)
-            if kept is not None:
-                self._sent_count -= len(kept)
-            retraining += state.absorb_many(
-                decode_records(model, event.value) if kept is None else kept)
+            retraining += state.absorb_many(decode_records(model, event.value))
             if state.replays_skipped != skipped:
                 REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
             touched[model] = entry

@@ -14,7 +14,6 @@ from models.join import (
     JoinPartition,
     ModelRecord,
     decode_records,
-    encode_record_messages,
     encode_records,
     expiry_heaps,
     meta_key,
@@ -660,9 +659,3 @@ def test_a_model_s_records_split_into_messages_under_the_limit_in_order() -> Non
         assert received == [r for r in sent if r.model == model]
     alone = encode_records(sent[:1], limit=10)  # a record over the limit still goes, alone
     assert [list(decode_records(m, raw)) for m, raw in alone] == [sent[:1]]
-    # The worker keeps each message's records to skip decoding its own messages again:
-    # they must be exactly what decoding the message makes, message by message.
-    held = encode_record_messages(sent, limit=4_000)
-    assert [(m, raw) for m, raw, _ in held] == messages
-    assert all(list(decode_records(m, raw)) == records for m, raw, records in held)
-    assert sum(len(records) for _, _, records in held) == len(sent)
