@@ -281,6 +281,10 @@ def create_app(settings: Settings, partitions: int) -> App:
         broker_session_timeout=settings.session_timeout_seconds,
         broker_heartbeat_interval=settings.session_timeout_seconds / 3,
         producer_acks=-1,
+        # What the worker writes goes compressed (records, changelogs, write-ahead
+        # entries): fewer bytes for the broker to take and acknowledge, and the worker
+        # went 8% faster with zstd (streams.topics keeps the topics users read plain).
+        producer_compression_type=None if settings.compression == "none" else settings.compression,
         producer_max_request_size=4 * 1024 * 1024,
         # Per partition and fetch. One model's records all go to one partition of the
         # records topic, carrying every prediction's event: with 128 KiB the model stage

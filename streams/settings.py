@@ -25,6 +25,7 @@ __all__ = ["Settings"]
 
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Settings:
     batch_size: int = 1000
     batch_seconds: float = 0.05
     fetch_bytes: int = 1024 * 1024
+    compression: str = "zstd"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str | None = None
@@ -82,6 +84,7 @@ class Settings:
             batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
             batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
             fetch_bytes=get.integer("FETCH_BYTES", cls.fetch_bytes, 64 * 1024, 256 * 1024 * 1024),
+            compression=get.choice("COMPRESSION", cls.compression, _COMPRESSIONS),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),

@@ -72,8 +72,10 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         wanted = {
             names.predictions: {},
             names.labels: {},
-            names.retraining: {},
-            names.dead_letters: {},
+            # Topics users read are stored uncompressed whatever the worker's producer
+            # sends (DRIFTWARDEN_COMPRESSION): any Kafka client reads them.
+            names.retraining: {"compression.type": "uncompressed"},
+            names.dead_letters: {"compression.type": "uncompressed"},
             # Stored compressed by the broker: one model's records share a partition and
             # every prediction's event travels in them, so a fetch of FETCH_BYTES was the
             # model stage's ceiling (1 MiB fetches: it ended 1.5-2 s behind the join on

@@ -185,7 +185,8 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
                                                                           prefix, tmp_path):
     # One model's records share a partition and carry every prediction's event: a fetch
     # of them (DRIFTWARDEN_FETCH_BYTES) was the model stage's ceiling until the broker
-    # stored them zstd-compressed. Topics the users write keep what their producers chose.
+    # stored them zstd-compressed. Topics the users write keep what their producers chose;
+    # those they read are stored plain, whatever the worker's producer compresses with.
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -210,7 +211,7 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
             await admin.close()
 
     assert run(compression()) == {names.model_records: "zstd", names.predictions: "producer",
-                                  names.labels: "producer", names.retraining: "producer"}
+                                  names.labels: "producer", names.retraining: "uncompressed"}
 
 
 def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
@@ -391,6 +392,13 @@ def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix,
     assert app.conf.consumer_max_fetch_size == 8 * 1024 * 1024
     with pytest.raises(ConfigError, match="DRIFTWARDEN_FETCH_BYTES"):
         Settings.from_env({**env, "DRIFTWARDEN_FETCH_BYTES": "1000"})
+    # The producer compresses with zstd unless told otherwise ("none": not at all).
+    assert create_app(Settings.from_env(env), 8).conf.producer_compression_type == "zstd"
+    for name, expected in (("lz4", "lz4"), ("none", None)):
+        configured = create_app(Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": name}), 8)
+        assert configured.conf.producer_compression_type == expected
+    with pytest.raises(ConfigError, match="DRIFTWARDEN_COMPRESSION must be one of none, "):
+        Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": "brotli"})
 
     async def made() -> tuple[int, int]:
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
