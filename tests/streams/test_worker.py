@@ -202,7 +202,8 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker)
         await admin.start()
         try:
-            topics = [names.model_records, names.predictions, names.labels, names.retraining]
+            topics = [names.model_records, names.predictions, names.labels, names.retraining,
+                      names.dead_letters]
             [response] = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
             return {name: dict(e[:2] for e in entries)["compression.type"]
@@ -211,7 +212,8 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
             await admin.close()
 
     assert run(compression()) == {names.model_records: "zstd", names.predictions: "producer",
-                                  names.labels: "producer", names.retraining: "uncompressed"}
+                                  names.labels: "producer", names.retraining: "uncompressed",
+                                  names.dead_letters: "uncompressed"}
 
 
 def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
