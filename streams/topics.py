@@ -76,11 +76,12 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
             # sends (DRIFTWARDEN_COMPRESSION): any Kafka client reads them.
             names.retraining: {"compression.type": "uncompressed"},
             names.dead_letters: {"compression.type": "uncompressed"},
-            # Stored compressed by the broker: one model's records share a partition and
-            # every prediction's event travels in them, so a fetch of FETCH_BYTES was the
-            # model stage's ceiling (1 MiB fetches: it ended 1.5-2 s behind the join on
-            # 200,000 events; zstd, ~4x smaller here: 0.1-0.2 s). The broker compresses,
-            # not the worker's event loop; the consumer thread decompresses.
+            # Stored compressed: one model's records share a partition and every
+            # prediction's event travels in them, so a fetch of FETCH_BYTES was the model
+            # stage's ceiling (1 MiB fetches: it ended 1.5-2 s behind the join on 200,000
+            # events; zstd, ~4x smaller here: 0.1-0.2 s). The worker's producer already
+            # sends zstd by default; this keeps the topic so under any
+            # DRIFTWARDEN_COMPRESSION (the broker then recompresses).
             names.model_records: {"compression.type": "zstd"},
             names.references: {"cleanup.policy": "compact"},
         }

@@ -377,6 +377,22 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
     assert join == {} and entries(tables.join) is join
 
 
+def test_the_producer_compresses_with_the_configured_codec(prefix, tmp_path):
+    # What the worker writes goes compressed: a quarter of the bytes for the broker.
+    from models.errors import ConfigError
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    env = {"DRIFTWARDEN_TOPIC_PREFIX": prefix, "DRIFTWARDEN_DATA_DIR": str(tmp_path)}
+    # The producer compresses with zstd unless told otherwise ("none": not at all).
+    assert create_app(Settings.from_env(env), 8).conf.producer_compression_type == "zstd"
+    for name, expected in (("lz4", "lz4"), ("none", None)):
+        configured = create_app(Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": name}), 8)
+        assert configured.conf.producer_compression_type == expected
+    with pytest.raises(ConfigError, match="DRIFTWARDEN_COMPRESSION must be one of none, "):
+        Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": "brotli"})
+
+
 def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix, tmp_path):
     # One model's records share a partition of the records topic: with 128 KiB fetches
     # the model stage got one message per fetch, and with Faust's 1,500 ms fetch wait
@@ -394,13 +410,6 @@ def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix,
     assert app.conf.consumer_max_fetch_size == 8 * 1024 * 1024
     with pytest.raises(ConfigError, match="DRIFTWARDEN_FETCH_BYTES"):
         Settings.from_env({**env, "DRIFTWARDEN_FETCH_BYTES": "1000"})
-    # The producer compresses with zstd unless told otherwise ("none": not at all).
-    assert create_app(Settings.from_env(env), 8).conf.producer_compression_type == "zstd"
-    for name, expected in (("lz4", "lz4"), ("none", None)):
-        configured = create_app(Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": name}), 8)
-        assert configured.conf.producer_compression_type == expected
-    with pytest.raises(ConfigError, match="DRIFTWARDEN_COMPRESSION must be one of none, "):
-        Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": "brotli"})
 
     async def made() -> tuple[int, int]:
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
