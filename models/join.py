@@ -68,6 +68,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from models import schema
 from models.errors import InvalidEvent, StateError
 from models.events import (
     DEFAULT_LIMITS,
@@ -371,10 +372,14 @@ class JoinPartition:
         self.held += len(raw)
         event: Prediction | Label
         try:
+            # The msgspec decoders take well-formed events; the rest get the full
+            # validator, which names the reason (models.schema).
             if topic == PREDICTIONS:
-                event = parse_prediction(raw, kafka_ts, self.limits)
+                event = (schema.prediction(raw, kafka_ts, self.limits)
+                         or parse_prediction(raw, kafka_ts, self.limits))
             else:
-                event = parse_label(raw, kafka_ts, self.limits)
+                event = (schema.label(raw, kafka_ts, self.limits)
+                         or parse_label(raw, kafka_ts, self.limits))
         except InvalidEvent as exc:
             self._dead(topic, offset, exc.reason, raw, key, stateful=False)
         else:
