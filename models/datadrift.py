@@ -47,9 +47,10 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -223,6 +224,26 @@ class FeatureWindow:
         return {"statistic": config.statistic, "value": value, "threshold": config.threshold}
 
 
+def _columns(rows: Sequence[dict[str, Any]], names: Collection[str]) -> list[Sequence[Any]]:
+    """The values of each of ``names`` in ``rows``, None where a row lacks it.
+
+    When every row has every name (the usual case), the table is read by
+    ``operator.itemgetter`` and transposed by ``zip``, in C: a third of the time of a
+    ``dict.get`` per value, and the bulk of a prediction's cost in the model stage.
+
+    >>> _columns([{"a": 1, "b": 2}, {"a": 3, "b": 4}], ["a", "b"])
+    [(1, 3), (2, 4)]
+    >>> _columns([{"a": 1, "b": 2}, {"a": 3}], ["a", "b"])
+    [[1, 3], [2, None]]
+    """
+    if len(names) >= 2 and rows:  # itemgetter of one name returns no tuple
+        try:
+            return list(zip(*map(itemgetter(*names), rows), strict=True))
+        except KeyError:
+            pass
+    return [[row.get(name) for row in rows] for name in names]
+
+
 class DataDriftMonitor:
     """Feature, prediction and label drift of one model version.
 
@@ -357,8 +378,8 @@ class DataDriftMonitor:
                    predictions: Sequence[Any], i: int, end: int) -> None:
         chunk = features[i:end]
         absent = 0
-        for name, window in self.features.items():
-            values = [f.get(name) for f in chunk]
+        for name, window, values in zip(self.features, self.features.values(),
+                                        _columns(chunk, self.features), strict=True):
             types = set(map(type, values))
             if _NONE in types:  # None: a null value (present) or no value (absent)
                 absent += sum(1 for f, v in zip(chunk, values, strict=True)
