@@ -11,11 +11,12 @@ validator's for every input, which ``tests/models/test_schema.py`` checks on val
 and hostile events and on seeded random corruptions of them.
 
 Where msgspec reads JSON differently from orjson, the types send the event to the
-validator: an integer outside 64 bits (orjson reads it as a float; feature and version
-integers are bounded), a field the contract does not name (msgspec would skip JSON
-nested deeper than orjson allows), an ISO-8601 ``ts``. Both refuse non-finite numbers
-and lone surrogates. Checked after decoding: ``ts`` within the window of the Kafka
-timestamp, scores in [0, 1] summing to 1, the number of features.
+validator: an integer outside 64 bits (orjson reads it as a float, or refuses it beyond
+a double's range, where msgspec keeps an int; every integer field is bounded), a field
+the contract does not name (msgspec would skip JSON nested deeper than orjson allows),
+an ISO-8601 ``ts``. Both refuse non-finite numbers and lone surrogates. Checked after
+decoding: ``ts`` within the window of the Kafka timestamp, scores in [0, 1] summing to
+1, the number of features, the length of a number version's class key.
 
 Examples
 --------
@@ -43,17 +44,22 @@ _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Integers as orjson keeps them (msgspec bounds must fit an int64; a larger one that
 # orjson would keep goes to the validator, which is as right, only slower).
 _Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
-_Scalar = int | float | bool | str  # an int here is only ever made a float: any size
-_Ts = int | float | str | None
+_Scalar = _Int | float | bool | str
+_Ts = _Int | float | str | None
 _Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]  # an int is read as a float
 
 
 def _decoders(limits: Limits) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
     """The decoders for ``limits`` (the last ones asked for, kept: hashing ``limits`` on
-    every call would cost a tenth of the decoding)."""
+    every call would cost a tenth of the decoding). Limits msgspec cannot express (a
+    negative or huge ``max_string``) make decoders that refuse everything."""
     global _last
     if _last[0] is not limits:
-        _last = (limits, _make_decoders(limits))
+        try:
+            decoders = _make_decoders(limits)
+        except (TypeError, ValueError):
+            decoders = _REFUSE, _REFUSE
+        _last = (limits, decoders)
     return _last[1]
 
 
@@ -79,6 +85,7 @@ def _make_decoders(limits: Limits) -> tuple[msgspec.json.Decoder[Any], msgspec.j
 
 
 _last: tuple[Limits | None, Any] = (None, None)
+_REFUSE = msgspec.json.Decoder(msgspec.defstruct("Nothing", [("_", int)]))
 
 
 def _ts(value: Any, default_ts: float, limits: Limits) -> float | None:
@@ -112,6 +119,8 @@ def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | No
         version = "0"
     elif version.__class__ is not str:
         version = class_key(version)
+        if len(version) > limits.max_string:  # as the validator: a number's class key
+            return None
     scores = doc.scores  # keys are class keys already: class_key(str) is the str
     if scores is not None and (not scores or abs(sum(scores.values()) - 1.0) > 0.01):
         return None

@@ -63,6 +63,9 @@ def test_bad_labels_are_left_to_the_validator(name: str, raw: bytes) -> None:
     assert schema.label(raw, KAFKA_TS, DEFAULT_LIMITS) is None
 
 
+HUGE = "1" + "0" * 309  # 10**309: an integer no double holds
+
+
 def obj(body: str) -> bytes:
     return b'{"id":"a","model":"m",' + body.encode() + b"}"
 
@@ -98,7 +101,16 @@ EDGE_PREDICTIONS = [
     (obj('"features":{"x":18446744073709551615},"prediction":1'), "validator"),
     (obj('"version":123456789012345678901234567890,"features":{},"prediction":1'),
      "validator"),
-    (obj('"features":{},"prediction":18446744073709551616'), "fast"),
+    (obj('"features":{},"prediction":18446744073709551616'), "validator"),
+    # Beyond a double's range orjson refuses the document (non_finite) where msgspec
+    # keeps an int: unbounded, it failed to convert, or a repeated key replaced it and
+    # the event was accepted (found by review).
+    (obj('"features":{},"prediction":' + HUGE), "validator"),
+    (obj('"features":{},"prediction":' + HUGE + ',"prediction":1'), "validator"),
+    (obj('"features":{},"prediction":1,"ts":-' + HUGE + ',"ts":null'), "validator"),
+    (obj('"features":{"x":' + HUGE + ',"x":1},"prediction":1'), "validator"),
+    (obj('"features":{},"prediction":1,"scores":{"1":' + HUGE + ',"1":1}'), "validator"),
+    (obj('"features":{},"prediction":1,"version":' + HUGE + ',"version":"v"'), "validator"),
     (obj('"features":{},"prediction":1,"ts":null,"version":null,"scores":null'), "fast"),
 ]
 
@@ -112,7 +124,10 @@ EDGE_LABELS = [
     (label(ts=KAFKA_TS + 1), "fast"),
     (label(extra=[1]), "validator"),
     (b'{"id":"a","label":1,"label":2}', "fast"),
-    (b'{"id":"a","label":123456789012345678901234567890}', "fast"),
+    (b'{"id":"a","label":123456789012345678901234567890}', "validator"),
+    (b'{"id":"a","label":' + HUGE.encode() + b"}", "validator"),
+    (b'{"id":"a","label":' + HUGE.encode() + b',"label":1}', "validator"),
+    (b'{"id":"a","label":1,"ts":' + HUGE.encode() + b',"ts":null}', "validator"),
 ]
 
 
@@ -135,6 +150,18 @@ def test_custom_limits_are_the_validators() -> None:
                 pred(model="m", ts=KAFKA_TS + 61)):
         assert check("prediction", raw, limits) == "validator"
     assert check("label", label(ts=KAFKA_TS - 61), limits) == "validator"
+    # A number version is judged by its class key's length (found by review).
+    assert check("prediction", pred(model="m", version=12), limits) == "fast"
+    assert check("prediction", pred(model="m", version=0.1234), limits) == "validator"
+    assert check("prediction", pred(version=1e300), Limits(max_string=256)) == "validator"
+
+
+@pytest.mark.parametrize("max_string", [-1, 2**63])
+def test_limits_msgspec_cannot_express_leave_every_event_to_the_validator(
+        max_string: int) -> None:
+    limits = Limits(max_string=max_string)
+    assert schema.prediction(pred(), KAFKA_TS, limits) is None
+    assert schema.label(label(), KAFKA_TS, limits) is None
 
 
 def _events(n: int) -> tuple[list[bytes], list[bytes]]:
