@@ -46,7 +46,7 @@ class Settings:
     session_timeout_seconds: float = 10.0
     app_id: str = "driftwarden"
     store: str = "memory://"
-    batch_size: int = 1000
+    batch_size: int = 3000
     batch_seconds: float = 0.05
     fetch_bytes: int = 1024 * 1024
     compression: str = "zstd"

@@ -54,11 +54,11 @@ def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_b
     assert event["id"] == "demo:1:000001"
     assert event["reasons"][0]["kind"] in {"concept_drift", "performance"}
     # In label publication order the event fires at outcome 50,112. The join takes a
-    # fetch (at most DRIFTWARDEN_BATCH_SIZE = 1,000 records) partition by partition, so
-    # outcomes from different partitions reach the detector in another order within a
-    # fetch: fed in-process in batches of 1 to 1,000 labels grouped by partition (40
-    # seeded trials), it fired between 49,856 and 50,208. (CI once saw 49,984 against a
-    # lower bound of 50,000.)
+    # fetch partition by partition, so outcomes from different partitions reach the
+    # detector in another order within a fetch: fed in-process in batches of 1 to 1,000
+    # labels grouped by partition (40 seeded trials), it fired between 49,856 and 50,208.
+    # (CI once saw 49,984 against a lower bound of 50,000.) Published at 3,000 events/s
+    # here, a fetch holds at most a few hundred, far below DRIFTWARDEN_BATCH_SIZE (3,000).
     assert 49_500 <= event["evidence"]["outcomes_seen"] <= 52_000
     assert event["evidence"]["predictions_seen"] >= event["evidence"]["outcomes_seen"]
     # The first full window of 1,000 outcomes, in arrival order: 0.9 give or take noise.
