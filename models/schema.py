@@ -88,6 +88,16 @@ _last: tuple[Limits | None, Any] = (None, None)
 _REFUSE = msgspec.json.Decoder(msgspec.defstruct("Nothing", [("_", int)]))
 
 
+def _decode(raw: bytes, limits: Limits, which: int) -> Any:
+    """The document as decoder ``which`` (0 predictions, 1 labels) reads it, or None."""
+    if len(raw) > limits.max_bytes:
+        return None
+    try:
+        return _decoders(limits)[which].decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # the latter: invalid UTF-8
+        return None
+
+
 def _ts(value: Any, default_ts: float, limits: Limits) -> float | None:
     if value is None:
         return default_ts
@@ -105,11 +115,8 @@ def _scalar(value: Any) -> str | float:
 def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | None:
     """The Prediction ``models.events.parse_prediction`` would return, or None to say
     "ask it" (the event is invalid, or uncommon in a way this path leaves to it)."""
-    if len(raw) > limits.max_bytes:
-        return None
-    try:
-        doc = _decoders(limits)[0].decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # the latter: invalid UTF-8
+    doc = _decode(raw, limits, 0)
+    if doc is None:
         return None
     ts = _ts(doc.ts, default_ts, limits)
     if ts is None or len(doc.features) > limits.max_features:
@@ -131,11 +138,8 @@ def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | No
 
 def label(raw: bytes, default_ts: float, limits: Limits) -> Label | None:
     """The Label ``models.events.parse_label`` would return, or None to say "ask it"."""
-    if len(raw) > limits.max_bytes:
-        return None
-    try:
-        doc = _decoders(limits)[1].decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # the latter: invalid UTF-8
+    doc = _decode(raw, limits, 1)
+    if doc is None:
         return None
     ts = _ts(doc.ts, default_ts, limits)
     if ts is None:
