@@ -228,8 +228,9 @@ def _columns(rows: Sequence[dict[str, Any]], names: Collection[str]) -> list[Seq
     """The values of each of ``names`` in ``rows``, None where a row lacks it.
 
     When every row has every name (the usual case), the table is read by
-    ``operator.itemgetter`` and transposed by ``zip``, in C: a third of the time of a
-    ``dict.get`` per value, and the bulk of a prediction's cost in the model stage.
+    ``operator.itemgetter`` and transposed by ``zip``, in C, rather than by a ``dict.get``
+    per value in Python (the model stage's largest cost per prediction: 3.2 -> 2.8 us for
+    20 features).
 
     >>> _columns([{"a": 1, "b": 2}, {"a": 3, "b": 4}], ["a", "b"])
     [(1, 3), (2, 4)]
