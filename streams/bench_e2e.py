@@ -10,7 +10,9 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
    per-event machinery alone allows;
 3. **worker**: ``python -m streams worker`` (join, performance, data drift, metrics: all
    on) over the same input, from its first consumed event to its last absorbed outcome;
-   events/s, and its peak RSS (VmHWM). Steps 2 and 3 run ``--repeat`` times; medians;
+   events/s, its peak RSS (VmHWM), and the CPU its main thread, the whole worker and the
+   machine used meanwhile (``/proc``: whether the worker waits, or is the wall). Steps 2
+   and 3 run ``--repeat`` times; medians;
 4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99,
    ``--repeat`` times (fresh topics and worker each time); medians;
@@ -45,7 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -58,8 +60,8 @@ from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
-__all__ = ["WorkerProcess", "add_arguments", "bench", "print_table", "produce", "stream",
-           "wait_until"]
+__all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "cpu_use", "print_table",
+           "produce", "stream", "wait_until"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -269,17 +271,56 @@ def wait_count(worker: WorkerProcess, metric: str, n: float, started: float,
         time.sleep(min(1.0, max(0.05, (n - count) / rate / 2 if rate else 0.5)))
 
 
-def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float]:
-    """Events/s of one worker over the whole input, its peak RSS, and the seconds from
-    the join's last input event (prediction or label) to the model stage's last outcome."""
+class CpuTimes(NamedTuple):
+    """CPU seconds so far (user + system): a process's main thread, the whole process,
+    and the machine (busy, and busy + idle: the wall clock times its cores)."""
+
+    main: float
+    process: float
+    machine_busy: float
+    machine_all: float
+
+    @classmethod
+    def read(cls, pid: int) -> CpuTimes:
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def used(path: str) -> float:  # utime + stime of a /proc stat file
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        with open("/proc/stat") as f:  # user nice system idle iowait irq softirq steal
+            jiffies = [int(x) for x in f.readline().split()[1:9]]
+        busy = sum(jiffies) - jiffies[3] - jiffies[4]
+        return cls(used(f"/proc/{pid}/task/{pid}/stat"), used(f"/proc/{pid}/stat"),
+                   busy / tick, sum(jiffies) / tick)
+
+
+def cpu_use(before: CpuTimes, after: CpuTimes, seconds: float, events: int) -> dict[str, float]:
+    """What a run used, per second of wall clock (cores) and per event."""
+    d = CpuTimes(*(b - a for a, b in zip(before, after, strict=True)))
+    return {"main_thread_busy": d.main / seconds,
+            "main_thread_seconds_per_event": d.main / events,
+            "process_cores": d.process / seconds,
+            "machine_busy_cores": d.machine_busy / seconds,
+            "machine_cores": d.machine_all / seconds}
+
+
+def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float,
+                                                              dict[str, float]]:
+    """Events/s of one worker over the whole input, its peak RSS, the seconds from the
+    join's last input event (prediction or label) to the model stage's last outcome, and
+    the CPU it and the machine used meanwhile (:func:`cpu_use`)."""
     worker = WorkerProcess(settings, f"bench-{run}")
     try:
         started = wait_until(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
                         "the worker's first event", interval=0.02)
+        before = CpuTimes.read(worker.proc.pid)
         joined = max(wait_count(worker, "driftwarden_events_consumed_total", n, started, 1800,
                                 topic=topic) for topic in ("predictions", "labels"))
         done = wait_count(worker, "driftwarden_outcomes_total", n, started, 1800)
-        return 2 * n / (done - started), worker.peak_rss(), done - joined
+        cpu = cpu_use(before, CpuTimes.read(worker.proc.pid), done - started, 2 * n)
+        return 2 * n / (done - started), worker.peak_rss(), done - joined, cpu
     finally:
         worker.stop()
 
@@ -453,16 +494,19 @@ def bench(a: argparse.Namespace) -> int:
     asyncio.run(produce(settings, records))
     total = 2 * a.events
     ceilings, floors, rates, rss, trails = [], [], [], [], []
+    cpus: list[dict[str, float]] = []
     for run in range(a.repeat):
         ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
         floors.append(_floor_run(settings, a.events, run))
-        rate, peak, trail = _worker_run(settings, a.events, run)
+        rate, peak, trail, cpu = _worker_run(settings, a.events, run)
         rates.append(rate)
         rss.append(peak)
         trails.append(trail)
+        cpus.append(cpu)
         print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, Faust floor "
               f"{floors[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s", flush=True)
     ceiling, floor, rate = (statistics.median(x) for x in (ceilings, floors, rates))
+    cpu = {key: statistics.median(c[key] for c in cpus) for key in cpus[0]}
     ratios = [r / c for r, c in zip(rates, ceilings, strict=True)]
 
     p50s, p99s = [], []
@@ -494,6 +538,12 @@ def bench(a: argparse.Namespace) -> int:
         ("Faust floor / ceiling", f"{floor / ceiling:.1%}"),
         ("worker / ceiling", f"{statistics.median(ratios):.1%}"),
         ("worker / Faust floor", f"{rate / floor:.1%}"),
+        ("worker main thread busy (CPU / wall clock)", f"{cpu['main_thread_busy']:.0%}"),
+        ("worker main thread CPU per event",
+         f"{cpu['main_thread_seconds_per_event'] * 1e6:.1f} us"),
+        ("worker CPU, all threads", f"{cpu['process_cores']:.2f} cores"),
+        ("machine busy meanwhile (all processes)",
+         f"{cpu['machine_busy_cores']:.2f} of {cpu['machine_cores']:.0f} cores"),
         ("models/ in-process per event: join", f"{join_cost * 1e6:.1f} us"),
         ("models/ in-process per event: model stage", f"{model_cost * 1e6:.1f} us"),
         ("models/ in-process alone (no Faust, no Kafka)",
@@ -519,11 +569,13 @@ def bench(a: argparse.Namespace) -> int:
             "latency_rate_events_per_second": rate / 2,
             "peak_rss_bytes": statistics.median(rss),
             "model_stage_trail_seconds": statistics.median(trails),
+            "worker_cpu": cpu,
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
                      "p50_latency_seconds": p50s, "p99_latency_seconds": p99s,
                      "peak_rss_bytes": rss, "model_stage_trail_seconds": trails,
+                     "worker_cpu": cpus,
                      "models_seconds_per_event": stage_runs},
         }).decode())
     return 0

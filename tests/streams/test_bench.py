@@ -14,8 +14,9 @@ import sys
 from typing import Any
 
 import orjson
+import pytest
 
-from streams.bench_e2e import free_port, stream
+from streams.bench_e2e import CpuTimes, cpu_use, free_port, stream
 from streams.settings import Settings
 from streams.topics import TopicNames
 from tests.streams.harness import ROOT
@@ -49,10 +50,30 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     assert out["peak_rss_bytes"] > 0
     assert out["runs"]["model_stage_trail_seconds"] == [out["model_stage_trail_seconds"]]
     assert set(out["models_seconds_per_event"]) == {"join", "model_stage"}
+    # CPU read from /proc in clock ticks (10 ms): the parts fit in the wholes within a few.
+    cpu = out["worker_cpu"]
+    assert out["runs"]["worker_cpu"] == [cpu]
+    assert 0 < cpu["main_thread_busy"] <= cpu["process_cores"] + 0.1
+    assert cpu["process_cores"] <= cpu["machine_busy_cores"] + 0.1
+    assert cpu["machine_busy_cores"] <= cpu["machine_cores"] + 0.1
+    assert cpu["machine_cores"] == pytest.approx(os.cpu_count(), rel=0.15)
+    assert cpu["main_thread_seconds_per_event"] == pytest.approx(
+        cpu["main_thread_busy"] / out["events_per_second"])
     # Targets of issue 7 that do not depend on the machine's speed.
     assert out["state_bytes_per_pending"] <= 200
     delay = out["detection_delay_outcomes"]
     assert delay["standalone"] > 0 and delay["service"] == delay["standalone"]
+
+
+def test_cpu_use_is_per_second_of_wall_clock_and_per_event() -> None:
+    before = CpuTimes(main=1.0, process=2.0, machine_busy=10.0, machine_all=20.0)
+    after = CpuTimes(main=1.5, process=2.75, machine_busy=11.0, machine_all=24.0)
+    assert cpu_use(before, after, seconds=2.0, events=1000) == {
+        "main_thread_busy": 0.25, "main_thread_seconds_per_event": 0.0005,
+        "process_cores": 0.375, "machine_busy_cores": 0.5, "machine_cores": 2.0}
+    # Read from /proc for this process: its main thread is part of it, and of the machine.
+    now = CpuTimes.read(os.getpid())
+    assert 0 <= now.main <= now.process and 0 < now.machine_busy < now.machine_all
 
 
 def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
