@@ -25,8 +25,14 @@ from tests.streams.harness import ROOT
 def _run(broker: str, prefix: str, *args: str, timeout: float) -> tuple[int, dict[str, Any]]:
     env = {**os.environ, "DRIFTWARDEN_BROKER": f"kafka://{broker}",
            "DRIFTWARDEN_TOPIC_PREFIX": prefix}
-    done = subprocess.run([sys.executable, "-m", "streams", *args, "--json"], cwd=ROOT,
-                          env=env, capture_output=True, timeout=timeout, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "streams", *args, "--json"], cwd=ROOT,
+                              env=env, capture_output=True, timeout=timeout, text=True)
+    except subprocess.TimeoutExpired as exc:  # say where it stopped (progress is printed)
+        out, err = (x.decode() if isinstance(x, bytes) else x or "" for x in (exc.stdout,
+                                                                          exc.stderr))
+        pytest.fail(f"{args[0]} still running after {timeout:.0f} s; its output:\n"
+                    f"{out[-3000:]}\n{err[-3000:]}")
     lines = done.stdout.strip().splitlines()
     assert lines and lines[-1].startswith("{"), (
         f"{args[0]} printed no JSON (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -35,7 +41,7 @@ def _run(broker: str, prefix: str, *args: str, timeout: float) -> tuple[int, dic
 
 def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix: str) -> None:
     rc, out = _run(kafka_broker, prefix, "bench", "--events", "3000", "--repeat", "1",
-                   "--latency-seconds", "4", "--change-at", "2000", timeout=600)
+                   "--latency-seconds", "4", "--change-at", "2000", timeout=540)
     assert rc == 0
     assert out["events"] == 6000 and out["repeat"] == 1
     # One run: the ratio is that run's worker rate over that run's ceiling.
@@ -81,7 +87,7 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
     rate, minutes, unlabelled = 1000.0, 0.75, 0.05
     rc, out = _run(kafka_broker, prefix, "soak", "--rate", str(rate), "--minutes",
                    str(minutes), "--warmup-minutes", "0.25", "--sample-seconds", "2",
-                   "--ttl", "5", timeout=600)
+                   "--ttl", "5", timeout=540)
     # The soak's input is seeded: the labels it sends can be counted here.
     names = TopicNames.from_settings(Settings())
     n = int(rate / (2.0 - unlabelled) * minutes * 60)
