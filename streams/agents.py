@@ -81,6 +81,12 @@ def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[_Record]]]:
     return out
 
 
+def _required(table: faust.Table | None, name: str) -> faust.Table:
+    if table is None:  # a wiring bug: register() only wires the role's own stages
+        raise RuntimeError(f"the {name} table is not this worker's (DRIFTWARDEN_ROLE)")
+    return table
+
+
 class Pipeline:
     """Agents, their in-memory caches and the metrics snapshot of one worker."""
 
@@ -116,16 +122,48 @@ class Pipeline:
         # Reads input records Faust skipped (see _missed).
         self._probe: AIOKafkaConsumer | None = None
         self.logical[self.names.model_records] = "model-records"
-        for topic in self.logical.values():  # export zeros before the first event
+        # Export zeros before the first event, for the topics this worker's role reads.
+        read = (["predictions", "labels"] if tables.join is not None else []) + (
+            ["model-records"] if tables.models is not None else [])
+        for topic in read:
             EVENTS_CONSUMED.labels(topic)
             REPLAYS_SKIPPED.labels(topic)
 
     # -- wiring -------------------------------------------------------------------------
 
+    @property
+    def join_table(self) -> faust.Table:
+        return _required(self.tables.join, "join")
+
+    @property
+    def models_table(self) -> faust.Table:
+        return _required(self.tables.models, "models")
+
     def register(self) -> None:
+        """Wire the stages of ``settings.role``: the join (reading ``predictions`` and
+        ``labels``, writing the records topic), the model stage (reading the records
+        topic and ``references``, writing ``retraining``), or both in one process."""
+        if self.tables.join is not None:
+            self._register_join()
+        if self.tables.models is not None:
+            self._register_monitor()
+
+        @self.app.timer(5.0)
+        async def lag() -> None:
+            self.narrow_producer_metadata()
+            await self.check_broker()
+            await self.measure_lag()
+            await self.open_assigned()
+            self.rebuild_snapshot()
+
+        # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
+        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+        self.app.on_rebalance_complete.connect(self._on_recovered)  # type: ignore[arg-type]
+
+    def _register_join(self) -> None:
         app, names = self.app, self.names
         inputs = app.topic(names.predictions, names.labels)
-        records = app.topic(names.model_records)
 
         # The agent subscribes the inputs (and so co-partitions the join table with
         # them); their records reach join_batch a fetch at a time through the app's
@@ -139,6 +177,10 @@ class Pipeline:
         # rather than waiting for it as an entry of its own.
         app.route_batches((names.predictions, names.labels), self.join_batch)
 
+    def _register_monitor(self) -> None:
+        app, names = self.app, self.names
+        records = app.topic(names.model_records)
+
         @app.agent(records, concurrency=1, name="monitor")
         async def monitor(stream: faust.StreamT) -> None:
             async for events in self._batches(stream):
@@ -148,25 +190,15 @@ class Pipeline:
         async def references() -> None:
             await self.follow_references()
 
-        @app.timer(5.0)
-        async def lag() -> None:
-            self.narrow_producer_metadata()
-            await self.check_broker()
-            await self.measure_lag()
-            await self.open_assigned()
-            self.rebuild_snapshot()
-
-        # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
-        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
-        app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
-        app.on_rebalance_complete.connect(self._on_recovered)  # type: ignore[arg-type]
-
     def producer_topics(self) -> list[str]:
         """The topics this worker's producer writes to."""
-        n = self.names
-        return sorted({n.model_records, n.retraining, n.dead_letters,
-                       *(t.changelog_topic.get_topic_name()
-                         for t in (self.tables.join, self.tables.models))})
+        n, tables = self.names, (self.tables.join, self.tables.models)
+        own = {t.changelog_topic.get_topic_name() for t in tables if t is not None}
+        if self.tables.join is not None:
+            own |= {n.model_records, n.dead_letters}
+        if self.tables.models is not None:
+            own |= {n.retraining, n.dead_letters}  # invalid reference profiles
+        return sorted(own)
 
     def narrow_producer_metadata(self) -> asyncio.Future[Any] | None:
         """Have the producer keep metadata for :meth:`producer_topics` only.
@@ -241,7 +273,7 @@ class Pipeline:
         assignment = self.app.consumer.assignment()
         for tp in assignment:
             if tp.topic == self.names.predictions:
-                counts, pending = JoinPartition.peek(self.tables.join.data, tp.partition)
+                counts, pending = JoinPartition.peek(self.join_table.data, tp.partition)
                 self.snapshot.set_join(tp.partition, counts, pending)
         # The in-memory table still holds models of partitions that moved away: export a
         # model only when its records' partition (the producer's key hash) is ours.
@@ -250,7 +282,7 @@ class Pipeline:
             return
         count = self.app.consumer.topic_partitions(self.names.model_records) or max(owned) + 1
         every = list(range(count))
-        for model, raw in list(self.tables.models.data.items()):
+        for model, raw in list(self.models_table.data.items()):
             if model not in self.snapshot.models and _PARTITIONER(model.encode(), every,
                                                                   every) in owned:
                 self.snapshot.set_model(codec.loads(raw))
@@ -322,7 +354,7 @@ class Pipeline:
 
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
-        store = entries(self.tables.join)
+        store = entries(self.join_table)
         if not self.joins and not self._heaps:  # the first since the rebalance
             assigned = {tp.partition for tp in self.app.consumer.assignment()
                         if tp.topic == self.names.predictions} | {partition}
@@ -377,7 +409,7 @@ class Pipeline:
         """Changelog writes of the join table, per partition; return once all are acked."""
         acks = []
         for partition, writes in changes:
-            acks += await write(self.tables.join, partition, writes)
+            acks += await write(self.join_table, partition, writes)
         await asyncio.gather(*acks)
 
     async def _send(self, records: list[ModelRecord], dead: list[DeadLetter]) -> None:
@@ -487,7 +519,7 @@ class Pipeline:
             model = (msg.key or b"").decode()  # the join always keys records by model
             entry = self.states.get(model)
             if entry is None:
-                raw = self.tables.models.data.get(model)
+                raw = self.models_table.data.get(model)
                 state = codec.loads(raw) if raw is not None else ModelState(model, self.policies)
                 entry = self.states[model] = (msg.partition, state)
             state = entry[1]
@@ -509,8 +541,8 @@ class Pipeline:
         acks = []
         for model, (partition, state) in touched.items():
             blob = codec.dumps(state)
-            self.tables.models.data[model] = blob
-            acks.extend(await write(self.tables.models, partition, {model: blob}))
+            self.models_table.data[model] = blob
+            acks.extend(await write(self.models_table, partition, {model: blob}))
         await asyncio.gather(*acks)
         for _, state in touched.values():
             self.snapshot.set_model(state)

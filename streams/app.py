@@ -257,9 +257,10 @@ def create_app(settings: Settings, partitions: int) -> App:
     """Faust app with driftwarden's defaults: loopback web server, no standby replicas."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return App(
-        # The prefix isolates deployments (and test runs) sharing a cluster: it names the
-        # consumer group and the changelog topics too.
-        settings.topic(settings.app_id),
+        # The app id is the consumer group: the prefix isolates deployments (and test
+        # runs) sharing a cluster, and each role has a group of its own. The tables name
+        # their changelogs themselves (streams.tables), the same for every role.
+        settings.group,
         broker=settings.broker,
         broker_credentials=_credentials(settings),
         store=settings.store,

@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from models.errors import ConfigError
 from models.simulation import Scenario, simulate
 from streams import bench, soak
+from streams.groups import prepare_group
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
@@ -56,16 +57,19 @@ def _worker(argv: list[str]) -> None:
 
     settings = Settings.from_env()
     if argv[:1] == ["worker"]:
-        # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned.
+        # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned,
+        # or workers of the other layout (DRIFTWARDEN_ROLE) running on the same topics.
         partitions = asyncio.run(ensure_topics(settings))
+        asyncio.run(prepare_group(settings))
     else:
         partitions = settings.partitions
     app = create_app(settings, partitions)
     snapshot = Snapshot(max_models=settings.max_models)
-    Pipeline(app, settings, declare_tables(app, partitions), snapshot).register()
+    Pipeline(app, settings, declare_tables(app, partitions, settings), snapshot).register()
     if argv[:1] == ["worker"]:
         serve(snapshot, settings.metrics_host, settings.metrics_port, info={
-            "app_id": settings.app_id, "topic_prefix": settings.topic_prefix,
+            "app_id": settings.app_id, "role": settings.role,
+            "topic_prefix": settings.topic_prefix,
             "driftwarden": _version("driftwarden"), "faust": _version("faust-streaming"),
             "river": _version("river"), "partitions": str(partitions), "store": settings.store,
         })

@@ -26,6 +26,8 @@ __all__ = ["Settings"]
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+#: What a worker process runs: both stages, or one of them (README, "Roles").
+ROLES = ("all", "join", "monitor")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Settings:
     batch_seconds: float = 0.05
     fetch_bytes: int = 1024 * 1024
     compression: str = "zstd"
+    role: str = "all"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str | None = None
@@ -85,6 +88,7 @@ class Settings:
             batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
             fetch_bytes=get.integer("FETCH_BYTES", cls.fetch_bytes, 64 * 1024, 256 * 1024 * 1024),
             compression=get.choice("COMPRESSION", cls.compression, _COMPRESSIONS),
+            role=get.choice("ROLE", cls.role, ROLES),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),
@@ -110,6 +114,27 @@ class Settings:
     def topic(self, name: str) -> str:
         """Full name of a topic of DESIGN.md section 2 (prefix applied)."""
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def group(self) -> str:
+        """The Faust app id of this process's role, which is its consumer group (prefix
+        applied): ``APP_ID`` for a worker running both stages, ``APP_ID-join`` and
+        ``APP_ID-monitor`` for the roles.
+
+        >>> Settings(topic_prefix="t.", role="monitor").group
+        't.driftwarden-monitor'
+        """
+        suffix = "" if self.role == "all" else f"-{self.role}"
+        return self.topic(f"{self.app_id}{suffix}")
+
+    def changelog(self, table: str) -> str:
+        """A table's changelog topic: the same name whichever role owns the table, so
+        state outlives a change between one process and two.
+
+        >>> Settings(role="join").changelog("join")
+        'driftwarden-join-changelog'
+        """
+        return self.topic(f"{self.app_id}-{table}-changelog")
 
     @property
     def bootstrap_servers(self) -> str:

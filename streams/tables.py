@@ -18,33 +18,56 @@ import faust.stores.memory
 from aiokafka import AIOKafkaProducer
 from faust.types import AppT
 
+from streams.settings import Settings
+
 __all__ = ["Tables", "declare_tables", "entries", "write"]
 
 
 @dataclass(frozen=True)
 class Tables:
-    join: faust.Table  # prediction id -> pending entry; one meta entry per partition
-    models: faust.Table  # model name -> ModelState
+    """The tables of this process's role (``None``: the other role's)."""
+
+    join: faust.Table | None  # prediction id -> pending entry; one meta entry per partition
+    models: faust.Table | None  # model name -> ModelState
 
 
-def declare_tables(app: faust.App, partitions: int) -> Tables:
+class _Table(faust.Table):
+    """A Faust table whose changelog topic is named by the settings.
+
+    Faust names it after the app id, which is also the consumer group; a role runs under
+    a group of its own (``Settings.group``) but must read and write the same changelog
+    as a worker running both stages.
+    """
+
+    changelog_name = ""
+
+    def _changelog_topic_name(self) -> str:
+        return self.changelog_name
+
+
+def declare_tables(app: faust.App, partitions: int, settings: Settings) -> Tables:
+    """Declare the tables of ``settings.role``: the join's, the model stage's, or both."""
     def table(name: str, help_: str) -> faust.Table:
-        table = cast(faust.Table, app.Table(
-            name, partitions=partitions, key_type=str, value_type=bytes, help=help_,
+        table = _Table(
+            app, name=name, beacon=app.tables.beacon, partitions=partitions, key_type=str,
+            value_type=bytes, help=help_,
             # A join batch's write-ahead entry is one message: allow what the producer does.
             extra_topic_configs={"max.message.bytes": str(4 * 1024 * 1024)},
-        ))
+        )
+        table.changelog_name = settings.changelog(name)
         # Faust would JSON-encode both. Values are the bytes models/ encoded: recovery
-        # must hand them back untouched. The changelog topic object was already made (by
-        # the table manager) with JSON serializers: make it again with these.
+        # must hand them back untouched.
         table.key_serializer = "utf8"
         table.value_serializer = "raw"
         table.changelog_topic = table._new_changelog_topic()
-        return table
+        return cast(faust.Table, app.tables.add(table))
 
+    role = settings.role
     return Tables(
-        join=table("join", "Predictions waiting for labels (and labels for predictions)"),
-        models=table("models", "Per-model monitoring state"),
+        join=table("join", "Predictions waiting for labels (and labels for predictions)")
+        if role in ("all", "join") else None,
+        models=table("models", "Per-model monitoring state")
+        if role in ("all", "monitor") else None,
     )
 
 

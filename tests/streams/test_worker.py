@@ -152,7 +152,8 @@ def test_the_producer_refreshes_metadata_of_its_own_topics_only(kafka_broker, pr
     run(create_topics(kafka_broker, {prefix + "someone-elses": 3}))
     partitions = run(ensure_topics(settings))
     app = create_app(settings, partitions)
-    pipeline = Pipeline(app, settings, declare_tables(app, partitions), Snapshot(max_models=10))
+    pipeline = Pipeline(app, settings, declare_tables(app, partitions, settings),
+                        Snapshot(max_models=10))
 
     async def known_topics() -> tuple[set[str], set[str]]:
         await app.producer.start()
@@ -228,7 +229,7 @@ def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
 
     settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
     app = create_app(settings, 8)
-    pipeline = Pipeline(app, settings, declare_tables(app, 8), Snapshot(max_models=10))
+    pipeline = Pipeline(app, settings, declare_tables(app, 8, settings), Snapshot(max_models=10))
     pipeline.register()
     assert type(app.consumer) is BatchConsumer
     assert app.batch_topics == (prefix + "predictions", prefix + "labels")
@@ -298,7 +299,8 @@ def test_changelog_writes_arrive_whole_in_order_on_their_partition(kafka_broker,
     settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix,
                         data_dir=tmp_path)
     app = create_app(settings, 4)
-    tables = declare_tables(app, 4)
+    tables = declare_tables(app, 4, settings)
+    assert tables.join is not None
     topic = tables.join.changelog_topic.get_topic_name()
     run(create_topics(kafka_broker, {topic: 4}))
     changes: dict[str, bytes | None] = {f"id-{i:05d}": b"v" * (i % 300) for i in range(3000)}
@@ -358,8 +360,10 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
     from streams.settings import Settings
     from streams.tables import declare_tables, entries
 
-    app = create_app(Settings(topic_prefix=prefix, data_dir=tmp_path), 4)
-    tables = declare_tables(app, 4)
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
+    app = create_app(settings, 4)
+    tables = declare_tables(app, 4, settings)
+    assert tables.join is not None
     join = entries(tables.join)
     assert type(join) is dict
     join["a"] = b"1"

@@ -1,0 +1,210 @@
+"""The join and the model stage as processes of their own (``DRIFTWARDEN_ROLE``).
+
+A deployment runs both stages in every worker, or each stage in processes of its own,
+each with a core and an interpreter lock. What users rely on: the split layout computes
+exactly what one process does, survives kill -9 of either role, and a deployment can
+switch layouts without losing state or reading its input again; two layouts never run
+on the same topics at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import urllib.error
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+import pytest
+
+from models.errors import ConfigError
+from models.simulation import Scenario
+from streams.settings import Settings
+from tests.streams.harness import Worker, group_lag, produce, read_topic, run, wait_until
+from tests.streams.oracle import Expected, merged, oracle, records
+
+START = float(int(time.time()))
+MODELS = [f"m{k}" for k in range(4)]
+
+
+def scenarios(n_per_model: int) -> list[Scenario]:
+    # m3's error rate rises from 10% to 40% half-way: one retraining event expected.
+    return [Scenario(n=n_per_model, model=m, version="1", seed=300 + k, unlabelled=0.05,
+                     change_at=n_per_model // 2 if m == "m3" else None,
+                     error_before=0.1, error_after=0.4, rate=40.0, start_ts=START)
+            for k, m in enumerate(MODELS)]
+
+
+def exported(workers: list[Worker]) -> dict[str, dict[str, float]] | None:
+    """Per model, outcomes and accuracy (model stage) and predictions (join) as the live
+    workers export them; None while a series is exported twice or a model is missing."""
+    seen: dict[str, dict[str, float]] = {}
+    for worker in workers:
+        if worker.proc is None or worker.proc.poll() is not None:
+            continue
+        try:
+            samples = worker.metrics()
+        except (OSError, urllib.error.URLError):
+            return None
+        for (name, labels), value in samples.items():
+            lab = dict(labels)
+            model = lab.get("model")
+            if model not in MODELS:
+                continue
+            entry = seen.setdefault(model, {})
+            if name == "driftwarden_outcomes_total":
+                if "outcomes" in entry:
+                    return None
+                entry["outcomes"] = value
+            elif name == "driftwarden_accuracy" and lab.get("window") == "cumulative":
+                entry["accuracy"] = value
+            elif name == "driftwarden_predictions_total":  # per join partition: a sum
+                entry["predictions"] = entry.get("predictions", 0.0) + value
+    return seen if set(seen) == set(MODELS) else None
+
+
+def settle(workers: list[Worker], expected: Expected, what: str) -> None:
+    """Wait until the workers export exactly the oracle's counts; then check accuracy."""
+    def done() -> dict[str, dict[str, float]] | None:
+        seen = exported(workers)
+        return seen if seen is not None and all(
+            seen[m].get("outcomes") == expected.outcomes[m]
+            and seen[m].get("predictions") == expected.predictions[m] for m in MODELS) else None
+
+    try:
+        seen = wait_until(done, 180, what)
+    except AssertionError as exc:
+        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-3000:]}"
+                         for i, w in enumerate(workers))
+        raise AssertionError(f"{exc}; exported: {exported(workers)}, expected outcomes "
+                             f"{dict(expected.outcomes)}\n{logs}") from None
+    for m in MODELS:
+        assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
+    assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
+
+
+def retraining_ids(broker: str, prefix: str) -> Counter[str]:
+    return Counter(orjson.loads(r.value)["id"]
+                   for r in run(read_topic(broker, prefix + "retraining", idle=3.0)))
+
+
+def test_role_settings_name_groups_apart_and_changelogs_alike() -> None:
+    for role, group in (("all", "p.driftwarden"), ("join", "p.driftwarden-join"),
+                        ("monitor", "p.driftwarden-monitor")):
+        settings = Settings.from_env({"DRIFTWARDEN_ROLE": role, "DRIFTWARDEN_TOPIC_PREFIX": "p."})
+        assert settings.group == group
+        assert settings.changelog("join") == "p.driftwarden-join-changelog"
+    with pytest.raises(ConfigError, match="DRIFTWARDEN_ROLE must be one of all, join, monitor"):
+        Settings.from_env({"DRIFTWARDEN_ROLE": "both"})
+
+
+@pytest.mark.parametrize(("role", "tables"), [("all", {"join", "models"}), ("join", {"join"}),
+                                              ("monitor", {"models"})])
+def test_each_role_declares_its_own_tables_on_the_shared_changelogs(role, tables, tmp_path):
+    from streams.agents import Pipeline
+    from streams.app import create_app
+    from streams.metrics import Snapshot
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix="p.", data_dir=tmp_path, role=role)
+    app = create_app(settings, 8)
+    assert app.conf.id == settings.group  # the consumer group
+    declared = declare_tables(app, 8, settings)
+    assert set(app.tables) == tables
+    for name, table in app.tables.items():
+        assert table.changelog_topic.get_topic_name() == f"p.driftwarden-{name}-changelog"
+        assert getattr(declared, name) is table
+    writes = Pipeline(app, settings, declared, Snapshot()).producer_topics()
+    assert ("p.driftwarden-model-records" in writes) == (role != "monitor")
+    assert ("p.retraining" in writes) == (role != "join")
+
+
+def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
+        start_worker, kafka_broker, prefix):
+    events = merged(scenarios(40_000))  # 160,000 predictions, 5% never labelled
+    expected = oracle(events)
+    assert expected.retraining_ids == {"m3:1:000001"}
+    roles = {"join": start_worker(DRIFTWARDEN_ROLE="join"),
+             "monitor": start_worker(DRIFTWARDEN_ROLE="monitor")}
+    publisher = ThreadPoolExecutor(1)
+    published = publisher.submit(run, produce(kafka_broker, records(prefix, events),
+                                              throttle=6_500.0))
+
+    def done() -> bool:
+        return published.done() and run(group_lag(
+            kafka_broker, prefix + "driftwarden-join",
+            [prefix + "predictions", prefix + "labels"])) == 0
+
+    # Four kills, the roles in turn, ~10 s apart while the input is published (~50 s): a
+    # restarted role waits out its dead predecessor's session (10 s) before it resumes,
+    # and with one process per role nothing else takes its partitions meanwhile.
+    rng = random.Random(8)
+    kills: Counter[str] = Counter()
+    for role in ("join", "monitor", "join", "monitor"):
+        next_kill = time.monotonic() + 10.0 + rng.uniform(-2.0, 2.0)
+        while time.monotonic() < next_kill and not done():
+            time.sleep(0.5)
+        if done():
+            break
+        proc = roles[role].proc
+        assert proc is not None and proc.poll() is None, roles[role].log_text()[-3000:]
+        proc.kill()  # SIGKILL: no commit, no flush, no goodbye to the group
+        proc.wait(timeout=30)
+        kills[role] += 1
+        time.sleep(2.0)
+        roles[role] = start_worker(wait=False, DRIFTWARDEN_ROLE=role)
+    wait_until(done, 300, "the join to consume every input event")
+    publisher.shutdown()
+    assert published.result() == len(events)
+    assert kills["join"] >= 2 and kills["monitor"] >= 1, kills
+    for worker in roles.values():
+        worker.wait_ready(timeout=180)
+
+    settle(list(roles.values()), expected, "every expected outcome after kill -9 of each role")
+    assert set(retraining_ids(kafka_broker, prefix)) == expected.retraining_ids
+    # Each role exports what it owns: the join the predictions and pending labels, the
+    # model stage the outcomes and accuracy.
+    join, monitor = (roles[r].metrics() for r in ("join", "monitor"))
+    assert not any(name == "driftwarden_outcomes_total" for name, _ in join)
+    assert not any(name == "driftwarden_predictions_total" for name, _ in monitor)
+    info = {dict(labels)["role"] for (name, labels) in {**join, **monitor}
+            if name == "driftwarden_worker_info"}
+    assert info == {"join", "monitor"}
+
+
+def test_a_deployment_switches_layouts_keeping_its_state_and_reading_nothing_twice(
+        start_worker, kafka_broker, prefix):
+    events = merged(scenarios(10_000))
+    half = len(events) // 2
+    first = oracle(events[:half])
+    expected = oracle(events)
+    one = start_worker()  # creates the topics
+    run(produce(kafka_broker, records(prefix, events[:half])))
+    settle([one], first, "the first half, one process")
+    one.stop()
+
+    # Two processes take over from the same changelogs, and their new consumer groups
+    # start where the one-process group left off.
+    roles = [start_worker(DRIFTWARDEN_ROLE="join"), start_worker(DRIFTWARDEN_ROLE="monitor")]
+    for worker in roles:
+        assert "starts where the other layout's groups left off" in worker.log_text()
+    run(produce(kafka_broker, records(prefix, events[half:])))
+    settle(roles, expected, "the whole input, two processes")
+    for worker in roles:
+        assert worker.total("driftwarden_replays_skipped_total") == 0
+
+    # While they run, a one-process worker refuses to start on the same topics.
+    refused = start_worker(wait=False, DRIFTWARDEN_SESSION_TIMEOUT_SECONDS="6")
+    assert refused.proc is not None
+    assert refused.proc.wait(timeout=120) == 2
+    assert "DRIFTWARDEN_ROLE=join read the topics" in refused.log_text() or (
+        "DRIFTWARDEN_ROLE=monitor read the topics" in refused.log_text())
+
+    # And back: one process again, nothing re-read, the same numbers.
+    for worker in roles:
+        worker.stop()
+    again = start_worker()
+    settle([again], expected, "the whole input, one process again")
+    assert again.total("driftwarden_replays_skipped_total") == 0
+    assert set(retraining_ids(kafka_broker, prefix)) == expected.retraining_ids
