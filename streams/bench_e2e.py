@@ -11,7 +11,9 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
 3. **worker**: ``python -m streams worker`` (join, performance, data drift, metrics: all
    on) over the same input, from its first consumed event to its last absorbed outcome;
    events/s, its peak RSS (VmHWM), and the CPU its main thread, the whole worker and the
-   machine used meanwhile (``/proc``: whether the worker waits, or is the wall). Steps 2
+   machine used meanwhile (``/proc``: whether the worker waits, or is the wall). Then
+   the same with the two stages in two processes (``DRIFTWARDEN_ROLE=join`` and
+   ``monitor``), from the join's first event to the model stage's last outcome. Steps 2
    and 3 run ``--repeat`` times; medians;
 4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99,
@@ -201,16 +203,23 @@ class WorkerProcess:
 
     def sample(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples (those with ``labels``); 0 until the endpoint answers."""
+        return sum(self._samples(name, **labels))
+
+    def assigned(self) -> bool:
+        """Has the worker been given partitions (its consumer-lag series, every 5 s)?"""
+        return bool(self._samples("driftwarden_consumer_lag"))
+
+    def _samples(self, name: str, **labels: str) -> list[float]:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
                 text = r.read().decode()
         except OSError:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with {self.proc.returncode}") from None
-            return 0.0
-        return sum(s.value for f in text_string_to_metric_families(text)
-                   for s in f.samples if s.name == name
-                   and all(s.labels.get(k) == v for k, v in labels.items()))
+            return []
+        return [s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == name
+                and all(s.labels.get(k) == v for k, v in labels.items())]
 
     async def settled(self) -> None:
         """Wait until the worker is up and its group has settled, before a clock starts."""
@@ -323,6 +332,33 @@ def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float
         return 2 * n / (done - started), worker.peak_rss(), done - joined, cpu
     finally:
         worker.stop()
+
+
+def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, dict[str,
+                                                                             float]]]:
+    """Events/s of the two roles side by side over the whole input (a join process and a
+    model-stage process, ``DRIFTWARDEN_ROLE``), from the join's first consumed event to
+    the model stage's last absorbed outcome, and the CPU each used (:func:`cpu_use`)."""
+    app_id = f"bench-split-{run}"
+    # The model stage first, given its partitions before the join starts: the clock
+    # must not count its start-up.
+    monitor = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="monitor")
+    workers = [monitor]
+    try:
+        wait_until(monitor.assigned, 180, "the model stage's partitions")
+        join = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="join")
+        workers.append(join)
+        started = wait_until(lambda: join.sample("driftwarden_events_consumed_total") > 0, 180,
+                             "the join's first event", interval=0.02)
+        before = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
+        done = wait_count(monitor, "driftwarden_outcomes_total", n, started, 1800)
+        after = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
+        cpu = {role: cpu_use(b, e, done - started, 2 * n)
+               for role, b, e in zip(("join", "monitor"), before, after, strict=True)}
+        return 2 * n / (done - started), cpu
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def _floor_run(settings: Settings, n: int, run: int) -> float:
@@ -493,8 +529,9 @@ def bench(a: argparse.Namespace) -> int:
     records = _records(names, a.events)
     asyncio.run(produce(settings, records))
     total = 2 * a.events
-    ceilings, floors, rates, rss, trails = [], [], [], [], []
+    ceilings, floors, rates, rss, trails, splits = [], [], [], [], [], []
     cpus: list[dict[str, float]] = []
+    split_cpus: list[dict[str, dict[str, float]]] = []
     for run in range(a.repeat):
         ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
         floors.append(_floor_run(settings, a.events, run))
@@ -503,11 +540,19 @@ def bench(a: argparse.Namespace) -> int:
         rss.append(peak)
         trails.append(trail)
         cpus.append(cpu)
+        split, split_cpu = _split_run(settings, a.events, run)
+        splits.append(split)
+        split_cpus.append(split_cpu)
         print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, Faust floor "
-              f"{floors[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s", flush=True)
-    ceiling, floor, rate = (statistics.median(x) for x in (ceilings, floors, rates))
+              f"{floors[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s, join + model stage "
+              f"processes {split:,.0f} ev/s", flush=True)
+    ceiling, floor, rate, split = (statistics.median(x)
+                                   for x in (ceilings, floors, rates, splits))
     cpu = {key: statistics.median(c[key] for c in cpus) for key in cpus[0]}
+    split_cpu = {role: {key: statistics.median(c[role][key] for c in split_cpus)
+                        for key in cpus[0]} for role in ("join", "monitor")}
     ratios = [r / c for r, c in zip(rates, ceilings, strict=True)]
+    split_ratios = [r / c for r, c in zip(splits, ceilings, strict=True)]
 
     p50s, p99s = [], []
     for run in range(a.repeat):
@@ -544,6 +589,18 @@ def bench(a: argparse.Namespace) -> int:
         ("worker CPU, all threads", f"{cpu['process_cores']:.2f} cores"),
         ("machine busy meanwhile (all processes)",
          f"{cpu['machine_busy_cores']:.2f} of {cpu['machine_cores']:.0f} cores"),
+        ("two processes, join + model stage (DRIFTWARDEN_ROLE)", f"{split:,.0f} events/s"),
+        ("two processes / ceiling", f"{statistics.median(split_ratios):.1%}"),
+        ("two processes: join main thread busy",
+         f"{split_cpu['join']['main_thread_busy']:.0%}"),
+        ("two processes: model stage main thread busy",
+         f"{split_cpu['monitor']['main_thread_busy']:.0%}"),
+        ("two processes: CPU, all threads",
+         f"{split_cpu['join']['process_cores'] + split_cpu['monitor']['process_cores']:.2f}"
+         " cores"),
+        ("machine busy during the two-process runs",
+         f"{split_cpu['join']['machine_busy_cores']:.2f} of "
+         f"{split_cpu['join']['machine_cores']:.0f} cores"),
         ("models/ in-process per event: join", f"{join_cost * 1e6:.1f} us"),
         ("models/ in-process per event: model stage", f"{model_cost * 1e6:.1f} us"),
         ("models/ in-process alone (no Faust, no Kafka)",
@@ -570,12 +627,15 @@ def bench(a: argparse.Namespace) -> int:
             "peak_rss_bytes": statistics.median(rss),
             "model_stage_trail_seconds": statistics.median(trails),
             "worker_cpu": cpu,
+            "split_events_per_second": split,
+            "split_ratio_to_ceiling": statistics.median(split_ratios),
+            "split_cpu": split_cpu,
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
                      "p50_latency_seconds": p50s, "p99_latency_seconds": p99s,
                      "peak_rss_bytes": rss, "model_stage_trail_seconds": trails,
-                     "worker_cpu": cpus,
+                     "worker_cpu": cpus, "split": splits, "split_cpu": split_cpus,
                      "models_seconds_per_event": stage_runs},
         }).decode())
     return 0

@@ -65,6 +65,17 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     assert cpu["machine_cores"] == pytest.approx(os.cpu_count(), rel=0.15)
     assert cpu["main_thread_seconds_per_event"] == pytest.approx(
         cpu["main_thread_busy"] / out["events_per_second"])
+    # The two-process run (join and model stage roles): its own rate, ratio and CPU.
+    assert out["runs"]["split"] == [out["split_events_per_second"]] and out["runs"][
+        "split_cpu"] == [out["split_cpu"]]
+    assert out["split_ratio_to_ceiling"] == (out["split_events_per_second"]
+                                             / out["ceiling_events_per_second"])
+    for role in ("join", "monitor"):
+        part = out["split_cpu"][role]
+        assert 0 < part["main_thread_busy"] <= part["process_cores"] + 0.1
+        assert part["process_cores"] <= part["machine_busy_cores"] + 0.1
+        assert part["main_thread_seconds_per_event"] == pytest.approx(
+            part["main_thread_busy"] / out["split_events_per_second"])
     # Targets of issue 7 that do not depend on the machine's speed.
     assert out["state_bytes_per_pending"] <= 200
     delay = out["detection_delay_outcomes"]
