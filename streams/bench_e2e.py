@@ -335,10 +335,12 @@ def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float
 
 
 def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, dict[str,
-                                                                             float]]]:
+                                                                             float]],
+                                                              dict[str, int]]:
     """Events/s of the two roles side by side over the whole input (a join process and a
     model-stage process, ``DRIFTWARDEN_ROLE``), from the join's first consumed event to
-    the model stage's last absorbed outcome, and the CPU each used (:func:`cpu_use`)."""
+    the model stage's last absorbed outcome, the CPU each used (:func:`cpu_use`), and
+    each one's peak RSS."""
     app_id = f"bench-split-{run}"
     # The model stage first, given its partitions before the join starts: the clock
     # must not count its start-up.
@@ -355,7 +357,8 @@ def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, d
         after = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
         cpu = {role: cpu_use(b, e, done - started, 2 * n)
                for role, b, e in zip(("join", "monitor"), before, after, strict=True)}
-        return 2 * n / (done - started), cpu
+        rss = {"join": join.peak_rss(), "monitor": monitor.peak_rss()}
+        return 2 * n / (done - started), cpu, rss
     finally:
         for worker in workers:
             worker.stop()
@@ -532,6 +535,7 @@ def bench(a: argparse.Namespace) -> int:
     ceilings, floors, rates, rss, trails, splits = [], [], [], [], [], []
     cpus: list[dict[str, float]] = []
     split_cpus: list[dict[str, dict[str, float]]] = []
+    split_rss: list[dict[str, int]] = []
     for run in range(a.repeat):
         ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
         floors.append(_floor_run(settings, a.events, run))
@@ -540,9 +544,10 @@ def bench(a: argparse.Namespace) -> int:
         rss.append(peak)
         trails.append(trail)
         cpus.append(cpu)
-        split, split_cpu = _split_run(settings, a.events, run)
+        split, split_cpu, peaks = _split_run(settings, a.events, run)
         splits.append(split)
         split_cpus.append(split_cpu)
+        split_rss.append(peaks)
         print(f"  run {run + 1}: ceiling {ceilings[-1]:,.0f} ev/s, Faust floor "
               f"{floors[-1]:,.0f} ev/s, worker {rate:,.0f} ev/s, join + model stage "
               f"processes {split:,.0f} ev/s", flush=True)
@@ -553,6 +558,8 @@ def bench(a: argparse.Namespace) -> int:
                         for key in cpus[0]} for role in ("join", "monitor")}
     ratios = [r / c for r, c in zip(rates, ceilings, strict=True)]
     split_ratios = [r / c for r, c in zip(splits, ceilings, strict=True)]
+    split_peak = {role: statistics.median(p[role] for p in split_rss)
+                  for role in ("join", "monitor")}
 
     p50s, p99s = [], []
     for run in range(a.repeat):
@@ -598,6 +605,8 @@ def bench(a: argparse.Namespace) -> int:
         ("two processes: CPU, all threads",
          f"{split_cpu['join']['process_cores'] + split_cpu['monitor']['process_cores']:.2f}"
          " cores"),
+        ("two processes: peak RSS, join + model stage",
+         f"{split_peak['join'] / 2**20:,.0f} + {split_peak['monitor'] / 2**20:,.0f} MiB"),
         ("machine busy during the two-process runs",
          f"{split_cpu['join']['machine_busy_cores']:.2f} of "
          f"{split_cpu['join']['machine_cores']:.0f} cores"),
@@ -629,13 +638,14 @@ def bench(a: argparse.Namespace) -> int:
             "worker_cpu": cpu,
             "split_events_per_second": split,
             "split_ratio_to_ceiling": statistics.median(split_ratios),
-            "split_cpu": split_cpu,
+            "split_cpu": split_cpu, "split_peak_rss_bytes": split_peak,
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
                      "p50_latency_seconds": p50s, "p99_latency_seconds": p99s,
                      "peak_rss_bytes": rss, "model_stage_trail_seconds": trails,
                      "worker_cpu": cpus, "split": splits, "split_cpu": split_cpus,
+                     "split_peak_rss_bytes": split_rss,
                      "models_seconds_per_event": stage_runs},
         }).decode())
     return 0

@@ -70,7 +70,9 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
         "split_cpu"] == [out["split_cpu"]]
     assert out["split_ratio_to_ceiling"] == (out["split_events_per_second"]
                                              / out["ceiling_events_per_second"])
+    assert out["runs"]["split_peak_rss_bytes"] == [out["split_peak_rss_bytes"]]
     for role in ("join", "monitor"):
+        assert out["split_peak_rss_bytes"][role] > 0
         part = out["split_cpu"][role]
         assert 0 < part["main_thread_busy"] <= part["process_cores"] + 0.1
         assert part["process_cores"] <= part["machine_busy_cores"] + 0.1
