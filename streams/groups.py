@@ -43,7 +43,7 @@ def role_topics(settings: Settings) -> set[str]:
             "monitor": {names.model_records}}[settings.role]
 
 
-async def prepare_group(settings: Settings) -> dict[TopicPartition, int]:
+async def prepare_group(settings: Settings, timeout: float = 60.0) -> dict[TopicPartition, int]:
     """Check that no other layout is running, then align this role's group offsets.
 
     Returns the offsets committed for this role's group (empty when it was already as
@@ -54,8 +54,22 @@ async def prepare_group(settings: Settings) -> dict[TopicPartition, int]:
     ConfigError
         When a group of the other layout still has members after
         ``DRIFTWARDEN_SESSION_TIMEOUT_SECONDS`` (a worker killed without stopping stays a
-        member that long).
+        member that long), or the groups cannot be read within ``timeout`` seconds.
     """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await _prepare(settings)
+        except KafkaError as exc:
+            # A fresh broker answers COORDINATOR_NOT_AVAILABLE until it has made its
+            # offsets topic; other retriable errors pass the same way.
+            if not exc.retriable or time.monotonic() > deadline:
+                raise ConfigError(f"cannot read the consumer groups of "
+                                  f"DRIFTWARDEN_APP_ID={settings.app_id!r}: {exc!r}") from None
+            await asyncio.sleep(0.5)
+
+
+async def _prepare(settings: Settings) -> dict[TopicPartition, int]:
     mine = role_topics(settings)
     others = {}
     for role in ROLES:
