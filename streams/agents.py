@@ -1,5 +1,8 @@
 """The two stateful agents: ``join`` (keyed by prediction id) and ``monitor`` (by model).
 
+A worker runs both, or one of them (``DRIFTWARDEN_ROLE``): they meet only through the
+records topic, so each can have a process, a core and an interpreter lock of its own.
+
 Each takes a batch of events (the join a whole fetch, handed over by the consumer's batch
 route, :class:`streams.app.BatchConsumer`; the monitor a Faust stream's ``take_events``
 batch), calls ``models/``, then writes, awaiting the acks of each step before the next:
