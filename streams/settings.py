@@ -28,11 +28,6 @@ _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 #: What a worker process runs: both stages, or one of them (README, "Roles").
 ROLES = ("all", "join", "monitor")
-#: DRIFTWARDEN_BATCH_SIZE's default for a process running one stage. Alone in its process
-#: the join does more per batch than it waits: 24,000 was ~15% faster there than 3,000,
-#: while with both stages in one process larger batches were no faster and took ~55 MiB
-#: more (README, Performance).
-ROLE_BATCH_SIZE = 24_000
 
 
 @dataclass(frozen=True)
@@ -71,7 +66,6 @@ class Settings:
         """Build Settings from ``DRIFTWARDEN_*`` variables (``os.environ`` by default)."""
         env = os.environ if env is None else env
         get = _Reader(env)
-        role = get.choice("ROLE", cls.role, ROLES)
         settings = cls(
             broker=get.text("BROKER", cls.broker),
             topic_prefix=get.text("TOPIC_PREFIX", cls.topic_prefix),
@@ -90,12 +84,11 @@ class Settings:
                 "REPLICATION_FACTOR", cls.replication_factor, 1, 32),
             app_id=get.text("APP_ID", cls.app_id),
             store=get.text("STORE", cls.store),
-            batch_size=get.integer("BATCH_SIZE", cls.batch_size if role == "all"
-                                   else ROLE_BATCH_SIZE, 1, 1_000_000),
+            batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
             batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
             fetch_bytes=get.integer("FETCH_BYTES", cls.fetch_bytes, 64 * 1024, 256 * 1024 * 1024),
             compression=get.choice("COMPRESSION", cls.compression, _COMPRESSIONS),
-            role=role,
+            role=get.choice("ROLE", cls.role, ROLES),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),

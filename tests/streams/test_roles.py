@@ -95,11 +95,6 @@ def test_role_settings_name_groups_apart_and_changelogs_alike() -> None:
         settings = Settings.from_env({"DRIFTWARDEN_ROLE": role, "DRIFTWARDEN_TOPIC_PREFIX": "p."})
         assert settings.group == group
         assert settings.changelog("join") == "p.driftwarden-join-changelog"
-    # A process running one stage takes larger batches by default; a set value wins.
-    assert [Settings.from_env({"DRIFTWARDEN_ROLE": r}).batch_size
-            for r in ("all", "join", "monitor")] == [3000, 24_000, 24_000]
-    assert Settings.from_env({"DRIFTWARDEN_ROLE": "join",
-                              "DRIFTWARDEN_BATCH_SIZE": "500"}).batch_size == 500
     with pytest.raises(ConfigError, match="DRIFTWARDEN_ROLE must be one of all, join, monitor"):
         Settings.from_env({"DRIFTWARDEN_ROLE": "both"})
 
