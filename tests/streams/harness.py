@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.simulation import Scenario, simulate
 from streams.bench_e2e import free_port
+from tests.streams.oracle import Expected
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -126,6 +128,59 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+
+
+def exported(workers: list[Worker], models: list[str]) -> dict[str, dict[str, float]] | None:
+    """Per model, what the live workers export: outcomes and cumulative accuracy (the
+    model stage) and predictions (the join, summed over its partitions). None while a
+    model is exported by no worker or its outcomes by more than one (a rebalance is
+    under way)."""
+    seen: dict[str, dict[str, float]] = {}
+    for worker in workers:
+        if worker.proc is None or worker.proc.poll() is not None:
+            continue
+        try:
+            samples = worker.metrics()
+        except (OSError, urllib.error.URLError):
+            return None
+        for (name, labels), value in samples.items():
+            lab = dict(labels)
+            model = lab.get("model")
+            if model not in models:
+                continue
+            if name == "driftwarden_outcomes_total":
+                if "outcomes" in seen.get(model, {}):
+                    return None  # exported twice
+                seen.setdefault(model, {})["outcomes"] = value
+            elif name == "driftwarden_accuracy" and lab.get("window") == "cumulative":
+                seen.setdefault(model, {})["accuracy"] = value
+            elif name == "driftwarden_predictions_total":  # per join partition: a sum
+                entry = seen.setdefault(model, {})
+                entry["predictions"] = entry.get("predictions", 0.0) + value
+    return seen if set(seen) == set(models) else None
+
+
+def settle(workers: list[Worker], expected: Expected, models: list[str], what: str) -> None:
+    """Wait until the live workers export exactly the oracle's outcomes and predictions,
+    each model once; then check cumulative accuracy and pending labels. On a timeout
+    the failure carries what is exported and the workers' log tails (which of them owns
+    what, and whether a model stage or a rebalance went wrong)."""
+    def done() -> dict[str, dict[str, float]] | None:
+        seen = exported(workers, models)
+        return seen if seen is not None and all(
+            seen[m].get("outcomes") == expected.outcomes[m]
+            and seen[m].get("predictions") == expected.predictions[m] for m in models) else None
+
+    try:
+        seen = wait_until(done, 180, what)
+    except AssertionError as exc:
+        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
+                         for i, w in enumerate(workers))
+        raise AssertionError(f"{exc}; exported: {exported(workers, models)}, expected "
+                             f"outcomes: {dict(expected.outcomes)}\n{logs}") from None
+    for m in models:
+        assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
+    assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
 
 
 def run(coro: Any) -> Any:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import random
 import time
-import urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
 from models.simulation import Scenario
-from tests.streams.harness import Worker, group_lag, produce, read_topic, run, wait_until
+from tests.streams.harness import group_lag, produce, read_topic, run, settle
 from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
@@ -34,34 +33,6 @@ def scenarios(n_per_model: int) -> list[Scenario]:
                      change_at=n_per_model // 2 if m == "m3" else None,
                      error_before=0.1, error_after=0.4, rate=40.0, start_ts=START)
             for k, m in enumerate(MODELS)]
-
-
-def exported(workers: list[Worker]) -> dict[str, dict[str, float]] | None:
-    """Per model, what the live workers export; None while a model is exported by none
-    or by more than one worker (a rebalance is under way)."""
-    seen: dict[str, dict[str, float]] = {}
-    for worker in workers:
-        if worker.proc is None or worker.proc.poll() is not None:
-            continue
-        try:
-            samples = worker.metrics()
-        except (OSError, urllib.error.URLError):
-            return None
-        for (name, labels), value in samples.items():
-            lab = dict(labels)
-            model = lab.get("model")
-            if model not in MODELS:
-                continue
-            if name == "driftwarden_outcomes_total":
-                if "outcomes" in seen.get(model, {}):
-                    return None  # exported twice
-                seen.setdefault(model, {})["outcomes"] = value
-            elif name == "driftwarden_accuracy" and lab.get("window") == "cumulative":
-                seen.setdefault(model, {})["accuracy"] = value
-            elif name == "driftwarden_predictions_total":  # per join partition: a sum
-                entry = seen.setdefault(model, {})
-                entry["predictions"] = entry.get("predictions", 0.0) + value
-    return seen if set(seen) == set(MODELS) else None
 
 
 def consumed(broker: str, prefix: str) -> bool:
@@ -115,27 +86,7 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
     for worker in workers:
         worker.wait_ready(timeout=180)
 
-    def settled() -> dict[str, dict[str, float]] | None:
-        seen = exported(workers)
-        return seen if seen is not None and all(
-            seen[m].get("outcomes") == expected.outcomes[m]
-            and seen[m].get("predictions") == expected.predictions[m] for m in MODELS) else None
-
-    try:
-        seen = wait_until(settled, 180, "every expected outcome, each model exported once")
-    except AssertionError as exc:
-        # The live workers' log tails: which of them owns what, and whether a model
-        # stage or a rebalance went wrong (seen once: one model's state exported by none).
-        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
-                          for i, w in enumerate(workers))
-        raise AssertionError(f"{exc}; exported: {exported(workers)}, expected outcomes: "
-                             f"{dict(expected.outcomes)}\n{logs}") from None
-    for m in MODELS:
-        assert seen[m]["outcomes"] == expected.outcomes[m], (m, seen[m])
-        assert seen[m]["predictions"] == expected.predictions[m], (m, seen[m])
-        assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
-    pending = sum(w.total("driftwarden_pending_labels") for w in workers)
-    assert pending == expected.pending
+    settle(workers, expected, MODELS, "every expected outcome, each model exported once")
 
     ids = Counter(orjson.loads(r.value)["id"]
                   for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import time
-import urllib.error
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,8 +20,8 @@ import pytest
 from models.errors import ConfigError
 from models.simulation import Scenario
 from streams.settings import Settings
-from tests.streams.harness import Worker, group_lag, produce, read_topic, run, wait_until
-from tests.streams.oracle import Expected, merged, oracle, records
+from tests.streams.harness import group_lag, produce, read_topic, run, settle, wait_until
+from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
 MODELS = [f"m{k}" for k in range(4)]
@@ -34,54 +33,6 @@ def scenarios(n_per_model: int) -> list[Scenario]:
                      change_at=n_per_model // 2 if m == "m3" else None,
                      error_before=0.1, error_after=0.4, rate=40.0, start_ts=START)
             for k, m in enumerate(MODELS)]
-
-
-def exported(workers: list[Worker]) -> dict[str, dict[str, float]] | None:
-    """Per model, outcomes and accuracy (model stage) and predictions (join) as the live
-    workers export them; None while a series is exported twice or a model is missing."""
-    seen: dict[str, dict[str, float]] = {}
-    for worker in workers:
-        if worker.proc is None or worker.proc.poll() is not None:
-            continue
-        try:
-            samples = worker.metrics()
-        except (OSError, urllib.error.URLError):
-            return None
-        for (name, labels), value in samples.items():
-            lab = dict(labels)
-            model = lab.get("model")
-            if model not in MODELS:
-                continue
-            entry = seen.setdefault(model, {})
-            if name == "driftwarden_outcomes_total":
-                if "outcomes" in entry:
-                    return None
-                entry["outcomes"] = value
-            elif name == "driftwarden_accuracy" and lab.get("window") == "cumulative":
-                entry["accuracy"] = value
-            elif name == "driftwarden_predictions_total":  # per join partition: a sum
-                entry["predictions"] = entry.get("predictions", 0.0) + value
-    return seen if set(seen) == set(MODELS) else None
-
-
-def settle(workers: list[Worker], expected: Expected, what: str) -> None:
-    """Wait until the workers export exactly the oracle's counts; then check accuracy."""
-    def done() -> dict[str, dict[str, float]] | None:
-        seen = exported(workers)
-        return seen if seen is not None and all(
-            seen[m].get("outcomes") == expected.outcomes[m]
-            and seen[m].get("predictions") == expected.predictions[m] for m in MODELS) else None
-
-    try:
-        seen = wait_until(done, 180, what)
-    except AssertionError as exc:
-        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-3000:]}"
-                         for i, w in enumerate(workers))
-        raise AssertionError(f"{exc}; exported: {exported(workers)}, expected outcomes "
-                             f"{dict(expected.outcomes)}\n{logs}") from None
-    for m in MODELS:
-        assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
-    assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
 
 
 def retraining_ids(broker: str, prefix: str) -> Counter[str]:
@@ -161,7 +112,8 @@ def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
     for worker in roles.values():
         worker.wait_ready(timeout=180)
 
-    settle(list(roles.values()), expected, "every expected outcome after kill -9 of each role")
+    settle(list(roles.values()), expected, MODELS,
+           "every expected outcome after kill -9 of each role")
     assert set(retraining_ids(kafka_broker, prefix)) == expected.retraining_ids
     # Each role exports what it owns: the join the predictions and pending labels, the
     # model stage the outcomes and accuracy.
@@ -181,7 +133,7 @@ def test_a_deployment_switches_layouts_keeping_its_state_and_reading_nothing_twi
     expected = oracle(events)
     one = start_worker()  # creates the topics
     run(produce(kafka_broker, records(prefix, events[:half])))
-    settle([one], first, "the first half, one process")
+    settle([one], first, MODELS, "the first half, one process")
     one.stop()
 
     # Two processes take over from the same changelogs, and their new consumer groups
@@ -190,7 +142,7 @@ def test_a_deployment_switches_layouts_keeping_its_state_and_reading_nothing_twi
     for worker in roles:
         assert "starts where the other layout's groups left off" in worker.log_text()
     run(produce(kafka_broker, records(prefix, events[half:])))
-    settle(roles, expected, "the whole input, two processes")
+    settle(roles, expected, MODELS, "the whole input, two processes")
     for worker in roles:
         assert worker.total("driftwarden_replays_skipped_total") == 0
 
@@ -205,6 +157,6 @@ def test_a_deployment_switches_layouts_keeping_its_state_and_reading_nothing_twi
     for worker in roles:
         worker.stop()
     again = start_worker()
-    settle([again], expected, "the whole input, one process again")
+    settle([again], expected, MODELS, "the whole input, one process again")
     assert again.total("driftwarden_replays_skipped_total") == 0
     assert set(retraining_ids(kafka_broker, prefix)) == expected.retraining_ids
