@@ -21,12 +21,12 @@ from typing import Any
 from models.errors import ConfigError
 from models.policy import PolicyBook
 
-__all__ = ["Settings"]
+__all__ = ["ROLES", "Settings"]
 
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
-#: What a worker process runs: both stages, or one of them (README, "Roles").
+#: What a worker process runs: both stages, or one of them (README, "One process or two").
 ROLES = ("all", "join", "monitor")
 
 
