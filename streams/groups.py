@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 def role_topics(settings: Settings) -> set[str]:
     """The topics a worker of ``settings.role`` consumes (besides ``references``)."""
     names = TopicNames.from_settings(settings)
-    inputs = {names.predictions, names.labels}
-    return {"all": inputs | {names.model_records}, "join": inputs,
-            "monitor": {names.model_records}}[settings.role]
+    read = {"join": {names.predictions, names.labels}, "monitor": {names.model_records}}
+    return set().union(*(read[stage] for stage in settings.stages))
 
 
 async def prepare_group(settings: Settings, timeout: float = 60.0) -> dict[TopicPartition, int]:

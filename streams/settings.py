@@ -127,6 +127,15 @@ class Settings:
         suffix = "" if self.role == "all" else f"-{self.role}"
         return self.topic(f"{self.app_id}{suffix}")
 
+    @property
+    def stages(self) -> frozenset[str]:
+        """The stages this process runs: ``join``, ``monitor`` (the model stage), or both.
+
+        >>> sorted(Settings().stages), sorted(Settings(role="join").stages)
+        (['join', 'monitor'], ['join'])
+        """
+        return frozenset(("join", "monitor") if self.role == "all" else (self.role,))
+
     def changelog(self, table: str) -> str:
         """A table's changelog topic: the same name whichever role owns the table, so
         state outlives a change between one process and two.

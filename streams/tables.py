@@ -62,12 +62,12 @@ def declare_tables(app: faust.App, partitions: int, settings: Settings) -> Table
         table.changelog_topic = table._new_changelog_topic()
         return cast(faust.Table, app.tables.add(table))
 
-    role = settings.role
+    stages = settings.stages
     return Tables(
         join=table("join", "Predictions waiting for labels (and labels for predictions)")
-        if role in ("all", "join") else None,
+        if "join" in stages else None,
         models=table("models", "Per-model monitoring state")
-        if role in ("all", "monitor") else None,
+        if "monitor" in stages else None,
     )
 
 

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,12 @@ def settle(workers: list[Worker], expected: Expected, models: list[str], what: s
     for m in models:
         assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
     assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
+
+
+def retraining_ids(broker: str, prefix: str) -> Counter[str]:
+    """Ids of the events on the ``retraining`` topic, with how often each appears."""
+    return Counter(orjson.loads(r.value)["id"]
+                   for r in run(read_topic(broker, prefix + "retraining", idle=3.0)))
 
 
 def run(coro: Any) -> Any:

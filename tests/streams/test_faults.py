@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import orjson
-
 from models.simulation import Scenario
-from tests.streams.harness import group_lag, produce, read_topic, run, settle
+from tests.streams.harness import group_lag, produce, retraining_ids, run, settle
 from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
@@ -88,6 +85,5 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
 
     settle(workers, expected, MODELS, "every expected outcome, each model exported once")
 
-    ids = Counter(orjson.loads(r.value)["id"]
-                  for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0)))
+    ids = retraining_ids(kafka_broker, prefix)
     assert set(ids) == expected.retraining_ids, ids

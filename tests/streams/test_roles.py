@@ -14,13 +14,12 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import orjson
 import pytest
 
 from models.errors import ConfigError
 from models.simulation import Scenario
 from streams.settings import Settings
-from tests.streams.harness import group_lag, produce, read_topic, run, settle, wait_until
+from tests.streams.harness import group_lag, produce, retraining_ids, run, settle, wait_until
 from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
@@ -33,11 +32,6 @@ def scenarios(n_per_model: int) -> list[Scenario]:
                      change_at=n_per_model // 2 if m == "m3" else None,
                      error_before=0.1, error_after=0.4, rate=40.0, start_ts=START)
             for k, m in enumerate(MODELS)]
-
-
-def retraining_ids(broker: str, prefix: str) -> Counter[str]:
-    return Counter(orjson.loads(r.value)["id"]
-                   for r in run(read_topic(broker, prefix + "retraining", idle=3.0)))
 
 
 def test_role_settings_name_groups_apart_and_changelogs_alike() -> None:
