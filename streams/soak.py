@@ -25,6 +25,10 @@ absorbed within a minute of the last event). Exit status 1 when memory is not fl
 the worker fell behind. Run it on an otherwise idle machine: a worker that falls behind
 for a while buffers more, and the allocator keeps that high-water mark. The half-hour
 default is not part of ``make test`` (a 45-second run is).
+
+``--split`` runs the two-process layout instead (``DRIFTWARDEN_ROLE=join`` and
+``monitor``, README "One process or two"): each process's RSS is sampled and judged on
+its own, and memory is flat when both are.
 """
 
 from __future__ import annotations
@@ -57,14 +61,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--warmup-minutes", type=float, default=3.0)
     p.add_argument("--max-trend", type=float, default=0.01,
                    help="largest second-half slope, as a fraction of its median per 10 min")
+    p.add_argument("--split", action="store_true",
+                   help="the join and the model stage as two processes (DRIFTWARDEN_ROLE)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.set_defaults(func=soak)
 
 
-async def _run(settings: Settings, a: argparse.Namespace, worker: WorkerProcess,
-               samples: list[tuple[float, int, float]]) -> tuple[int, int, float]:
-    """Feed the worker for ``a.minutes`` while sampling its RSS; return (events sent,
-    labels sent, seconds it took)."""
+#: A sample: (seconds since the start, RSS of each process in bytes, pending labels).
+Sample = tuple[float, list[int], float]
+
+
+async def _run(settings: Settings, a: argparse.Namespace, workers: list[WorkerProcess],
+               samples: list[Sample]) -> tuple[int, int, float]:
+    """Feed the worker (the join first when split) for ``a.minutes`` while sampling the
+    RSS of each process; return (events sent, labels sent, seconds it took)."""
     names = TopicNames.from_settings(settings)
     # Each prediction brings (1 - unlabelled) labels on average.
     predictions_per_second = a.rate / (2.0 - a.unlabelled)
@@ -84,8 +94,8 @@ async def _run(settings: Settings, a: argparse.Namespace, worker: WorkerProcess,
 
     async def sample() -> None:
         while True:
-            pending = await asyncio.to_thread(worker.sample, "driftwarden_pending_labels")
-            samples.append((time.monotonic() - started, worker.rss(), pending))
+            pending = await asyncio.to_thread(workers[0].sample, "driftwarden_pending_labels")
+            samples.append((time.monotonic() - started, [w.rss() for w in workers], pending))
             await asyncio.sleep(a.sample_seconds)
 
     sampling = asyncio.create_task(sample())
@@ -103,66 +113,106 @@ def _slope(samples: list[tuple[float, int]]) -> float:
     return float(np.polyfit([t for t, _ in samples], [rss for _, rss in samples], 1)[0])
 
 
+def _memory(steady: list[tuple[float, int]], max_trend: float) -> dict[str, Any]:
+    """The verdict on one series of (seconds, RSS) samples after the warm-up: medians of
+    its halves, its slopes, and whether the second half's trend is within ``max_trend``."""
+    half = len(steady) // 2
+    first = statistics.median(rss for _, rss in steady[:half])
+    second = statistics.median(rss for _, rss in steady[half:])
+    late_slope = _slope(steady[half:])
+    trend = late_slope * 600 / second
+    return {"rss_first_half_bytes": first, "rss_second_half_bytes": second,
+            "growth": second / first - 1.0, "slope_bytes_per_second": _slope(steady),
+            "late_slope_bytes_per_second": late_slope, "trend_per_10_minutes": trend,
+            "flat": trend <= max_trend}
+
+
 def soak(a: argparse.Namespace) -> int:
     base = Settings.from_env()
     settings = replace(base, topic_prefix=f"{base.topic_prefix}soak-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(settings))
+    roles = ("join", "monitor") if a.split else ("all",)
     print(f"soak: {a.rate:,.0f} events/s for {a.minutes:g} min, {a.unlabelled:.0%} never "
-          f"labelled, label TTL {a.ttl:g} s, topics {settings.topic_prefix}*", flush=True)
-    worker = WorkerProcess(settings, "soak", DRIFTWARDEN_LABEL_TTL_SECONDS=str(a.ttl))
-    samples: list[tuple[float, int, float]] = []
+          f"labelled, label TTL {a.ttl:g} s, {' + '.join(roles)} "
+          f"process{'es' if a.split else ''}, topics {settings.topic_prefix}*", flush=True)
+    env = {"DRIFTWARDEN_LABEL_TTL_SECONDS": str(a.ttl)}
+    workers: list[WorkerProcess] = []  # in the order of roles
+    samples: list[Sample] = []
     try:
-        asyncio.run(worker.settled())
-        events, labels, seconds = asyncio.run(_run(settings, a, worker, samples))
+        if a.split:  # the model stage first, given its partitions before the join starts
+            monitor = WorkerProcess(settings, "soak", DRIFTWARDEN_ROLE="monitor", **env)
+            workers.append(monitor)
+            wait_until(monitor.assigned, 180, "the model stage's partitions")
+        workers.insert(0, WorkerProcess(settings, "soak", DRIFTWARDEN_ROLE=roles[0], **env))
+        asyncio.run(workers[0].settled())
+        events, labels, seconds = asyncio.run(_run(settings, a, workers, samples))
+        outcomes_of = workers[-1]  # the process that runs the model stage
         try:
-            wait_until(lambda: worker.sample("driftwarden_outcomes_total") >= labels, 60,
+            wait_until(lambda: outcomes_of.sample("driftwarden_outcomes_total") >= labels, 60,
                        f"{labels} outcomes")
             kept_up = True
         except RuntimeError:
             kept_up = False
-        outcomes = int(worker.sample("driftwarden_outcomes_total"))
-        peak = worker.peak_rss()
+        outcomes = int(outcomes_of.sample("driftwarden_outcomes_total"))
+        peaks = [w.peak_rss() for w in workers]
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
 
     after = [s for s in samples if s[0] >= a.warmup_minutes * 60]
-    steady = [(t, rss) for t, rss, _ in after]
     pending = [p for _, _, p in after]
-    if len(steady) < 4:
+    if len(after) < 4:
         raise SystemExit("soak: too few samples after the warm-up; run longer")
-    half = len(steady) // 2
-    first = statistics.median(rss for _, rss in steady[:half])
-    second = statistics.median(rss for _, rss in steady[half:])
-    growth = second / first - 1.0
-    slope, late_slope = _slope(steady), _slope(steady[half:])
-    trend = late_slope * 600 / second
-    flat = trend <= a.max_trend
+    # The deployment's RSS (one process, or both summed), and each process's: memory is
+    # flat when every process's is.
+    total = _memory([(t, sum(rss)) for t, rss, _ in after], a.max_trend)
+    each = [_memory([(t, rss[i]) for t, rss, _ in after], a.max_trend)
+            for i in range(len(roles))]
+    flat = all(m["flat"] for m in each)
     mib = 2**20
+
+    def per_process(fmt: str, values: list[float], unit: str = "") -> str:
+        return " / ".join(format(v, fmt) for v in values) + unit
+
+    def field(name: str, scale: float = 1.0) -> list[float]:
+        return [m[name] * scale for m in each]
+
     rows = [
         ("events/s, as produced", f"{events / seconds:,.0f}"),
         ("minutes", f"{seconds / 60:,.1f}"),
         ("outcomes absorbed / labels sent", f"{outcomes:,} / {labels:,}"),
-        ("RSS median, first half after warm-up", f"{first / mib:,.1f} MiB"),
-        ("RSS median, second half", f"{second / mib:,.1f} MiB"),
-        ("growth (second / first - 1)", f"{growth:+.2%}"),
-        ("slope, least squares, all after warm-up", f"{slope * 600 / mib:+,.2f} MiB / 10 min"),
+        *([("processes (figures below in this order)", "join / model stage")]
+          if a.split else []),
+        ("RSS median, first half after warm-up",
+         per_process(",.1f", field("rss_first_half_bytes", 1 / mib), " MiB")),
+        ("RSS median, second half",
+         per_process(",.1f", field("rss_second_half_bytes", 1 / mib), " MiB")),
+        ("growth (second / first - 1)", per_process("+.2%", field("growth"))),
+        ("slope, least squares, all after warm-up",
+         per_process("+,.2f", field("slope_bytes_per_second", 600 / mib), " MiB / 10 min")),
         ("slope, second half (the verdict's trend)",
-         f"{late_slope * 600 / mib:+,.2f} MiB / 10 min"),
-        ("trend: that slope / second-half median", f"{trend:+.2%} / 10 min"),
-        ("peak RSS (VmHWM)", f"{peak / mib:,.1f} MiB"),
+         per_process("+,.2f", field("late_slope_bytes_per_second", 600 / mib),
+                     " MiB / 10 min")),
+        ("trend: that slope / second-half median",
+         per_process("+.2%", field("trend_per_10_minutes"), " / 10 min")),
+        ("peak RSS (VmHWM)", per_process(",.1f", [p / mib for p in peaks], " MiB")),
         ("predictions awaiting a label, min / max", f"{min(pending):,.0f} / {max(pending):,.0f}"),
         ("verdict", ("flat" if flat else "GROWING") + ("" if kept_up else ", FELL BEHIND")),
     ]
     print_table(rows, 20)
     if a.json:
+        # Top level: the deployment's RSS (for one process, that process's); its peak is
+        # the processes' peaks summed (an upper bound when there are two).
         print(orjson.dumps({
             "rate_events_per_second": events / seconds, "seconds": seconds, "ttl_seconds": a.ttl,
             "unlabelled": a.unlabelled, "labels_sent": labels, "outcomes": outcomes,
-            "kept_up": kept_up, "rss_first_half_bytes": first, "rss_second_half_bytes": second,
-            "growth": growth, "slope_bytes_per_second": slope,
-            "late_slope_bytes_per_second": late_slope, "trend_per_10_minutes": trend,
-            "peak_rss_bytes": peak,
+            "kept_up": kept_up, **{k: v for k, v in total.items() if k != "flat"},
+            "peak_rss_bytes": sum(peaks),
             "flat": flat, "pending_min": min(pending), "pending_max": max(pending),
-            "samples": samples,
+            "samples": [(t, sum(rss), p) for t, rss, p in samples],
+            "processes": {role: {**m, "peak_rss_bytes": peak,
+                                 "rss_samples": [rss[i] for _, rss, _ in samples]}
+                          for i, (role, m, peak) in enumerate(zip(roles, each, peaks,
+                                                                  strict=True))},
         }).decode())
     return 0 if flat and kept_up else 1

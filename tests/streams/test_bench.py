@@ -95,12 +95,13 @@ def test_cpu_use_is_per_second_of_wall_clock_and_per_event() -> None:
     assert 0 <= now.main <= now.process and 0 < now.machine_busy < now.machine_all
 
 
-def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
-                                                        prefix: str) -> None:
+@pytest.mark.parametrize("layout", ["one", "split"])
+def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str, prefix: str,
+                                                        layout: str) -> None:
     rate, minutes, unlabelled = 1000.0, 0.75, 0.05
     rc, out = _run(kafka_broker, prefix, "soak", "--rate", str(rate), "--minutes",
                    str(minutes), "--warmup-minutes", "0.25", "--sample-seconds", "2",
-                   "--ttl", "5", timeout=540)
+                   "--ttl", "5", *(["--split"] if layout == "split" else []), timeout=540)
     # The soak's input is seeded: the labels it sends can be counted here.
     names = TopicNames.from_settings(Settings())
     n = int(rate / (2.0 - unlabelled) * minutes * 60)
@@ -113,11 +114,19 @@ def test_soak_feeds_a_worker_and_every_label_is_absorbed(kafka_broker: str,
     # (labels follow 500 predictions later) plus the unlabelled ones of the last TTL;
     # without expiry it would end above 1,600 (every unlabelled prediction kept).
     assert 400 <= out["pending_min"] <= out["pending_max"] < 1200
-    # The verdict is the second half's trend; the growth between halves is reported too.
-    assert out["trend_per_10_minutes"] == out["late_slope_bytes_per_second"] * 600 / out[
-        "rss_second_half_bytes"]
-    assert out["flat"] == (out["trend_per_10_minutes"] <= 0.01)
-    assert out["growth"] == out["rss_second_half_bytes"] / out["rss_first_half_bytes"] - 1
+    # Each process is sampled and judged; the top level is their sum.
+    processes = out["processes"]
+    assert list(processes) == (["join", "monitor"] if layout == "split" else ["all"])
+    assert [sum(rss) for rss in zip(*(p["rss_samples"] for p in processes.values()),
+                                    strict=True)] == [rss for _, rss, _ in out["samples"]]
+    assert out["peak_rss_bytes"] == sum(p["peak_rss_bytes"] for p in processes.values())
+    for part in [out, *processes.values()]:
+        # The verdict is the second half's trend; the growth between halves is reported.
+        assert part["trend_per_10_minutes"] == part["late_slope_bytes_per_second"] * 600 / (
+            part["rss_second_half_bytes"])
+        assert part["growth"] == part["rss_second_half_bytes"] / part[
+            "rss_first_half_bytes"] - 1
+    assert out["flat"] == all(p["trend_per_10_minutes"] <= 0.01 for p in processes.values())
     assert rc == (0 if out["flat"] else 1)
 
 
