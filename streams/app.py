@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from operator import attrgetter
 from time import monotonic
 from typing import Any, cast
 
@@ -60,8 +61,52 @@ class Worker(faust.Worker):
 FETCH_WAIT_MS = 100
 
 
+#: Longest the first batch topic's partition may hand nothing over while records of a
+#: later one wait for it (see :meth:`_ConsumerThread._fetch_records`); they then go on.
+HOLD_SECONDS = 10.0
+
+
+def releasable(timestamps: Iterable[int], lead: int | None) -> int:
+    """How many of a partition's held records go on, given their timestamps in offset
+    order and the newest timestamp handed over from the same partition of the first batch
+    topic (None: nothing yet): those before the first not published before ``lead``.
+
+    Once the first topic has handed over a record published after a held one, every
+    record published before the held one there has been handed over too (a producer's
+    timestamps rise with its offsets), whichever came in the same millisecond. Reads no
+    further than it releases.
+
+    >>> releasable([5, 6, 8, 7, 9], lead=8)  # offset order is kept
+    2
+    >>> releasable([5, 7], lead=None)
+    0
+    """
+    if lead is None:
+        return 0
+    n = 0
+    for ts in timestamps:
+        if ts >= lead:
+            break
+        n += 1
+    return n
+
+
+_TIMESTAMP = attrgetter("timestamp")
+
+
+class _Held:
+    """Records of one partition taken from aiokafka and not handed over yet."""
+
+    __slots__ = ("records", "since")
+
+    def __init__(self, since: float) -> None:
+        self.records: list[Any] = []
+        self.since = since
+
+
 class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
-    """Faust's consumer thread, its aiokafka consumer waiting at most FETCH_WAIT_MS.
+    """Faust's consumer thread, its aiokafka consumer waiting at most FETCH_WAIT_MS, the
+    batch route's topics handed over in step.
 
     aiokafka keeps one fetch request in flight per broker, and leaves out of it the
     partitions whose records still wait to be handed over. Once the inputs were read, the
@@ -69,6 +114,14 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
     broker for the whole 1,500 ms: the model stage got data about once a second (100,000
     predictions: 17,884-23,819 events/s, 22,869-23,518 with 100 ms).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Records of the later batch topics (labels) waiting for the first (predictions).
+        self._held: dict[TP, _Held] = {}
+        # Per partition of the first batch topic: the newest timestamp it handed over, and
+        # when (monotonic).
+        self._lead: dict[int, tuple[int, float]] = {}
 
     def _create_worker_consumer(self, transport: kafka_driver.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -79,7 +132,8 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
                              timeout: float | None = None,
                              max_records: int | None = None) -> Any:
         """Hand over the fetched records of stream topics (the model stage's) before the
-        batch route's (the join's).
+        batch route's (the join's), and the batch route's later topics no further than
+        its first.
 
         aiokafka drains its fetched partitions in the order their data arrived, up to
         ``max_records`` per call, and fetches a partition again only once it is drained.
@@ -87,13 +141,109 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
         served one fetch per pass over every input partition (one 1 MiB fetch every
         ~0.4 s while the join read 40,000 events/s): the model stage starved while the
         join ran, and caught up only after it.
+
+        A fetch takes up to ``DRIFTWARDEN_FETCH_BYTES`` of each partition, and a label is
+        a tenth of a prediction's size: over a backlog (a worker catching up after
+        downtime) every fetch brought ten labels per prediction, and the join read the
+        labels topic to its end before the predictions they belong to, keeping each
+        label as a join entry until its prediction came: state in proportion to the
+        backlog. So, as Kafka Streams does for the partitions of one task, a record of a
+        later batch topic waits until the same partition of the first has handed over a
+        record published after it (by Kafka timestamp: :func:`releasable`), or is read
+        to its end (its position at its high watermark), or has handed nothing over for
+        HOLD_SECONDS. A partition with waiting records is left out of fetching meanwhile,
+        so what waits is at most one fetch per partition. Once the inputs are read to
+        their ends (a worker keeping up) nothing waits.
         """
         fetched = consumer._fetcher._records  # an OrderedDict: aiokafka has no public view
         batch_topics = cast(App, self.app).batch_topics
         for tp in [tp for tp in fetched if tp.topic not in batch_topics]:
             fetched.move_to_end(tp, last=False)
-        return await super()._fetch_records(consumer, active_partitions, timeout=timeout,
-                                            max_records=max_records)
+        if len(batch_topics) < 2:
+            return await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                                max_records=max_records)
+        lead_topic, later = batch_topics[0], set(batch_topics[1:])
+        out: dict[Any, list[Any]] = self._release(consumer, lead_topic, max_records)
+        wanted = {tp for tp in active_partitions if tp not in self._held}
+        records: dict[Any, list[Any]] = {}
+        if wanted:  # an empty set would mean every partition to aiokafka
+            records = dict(await super()._fetch_records(
+                consumer, wanted, timeout=0 if out else timeout, max_records=max_records))
+        elif not out and timeout:
+            await asyncio.sleep(min(timeout, FETCH_WAIT_MS / 1000))
+        now = monotonic()
+        for tp in list(records):
+            if tp.topic == lead_topic:
+                self._lead[tp.partition] = (records[tp][-1].timestamp, now)
+            elif tp.topic in later:
+                self._held.setdefault(tp, _Held(now)).records += records.pop(tp)
+        room = None if max_records is None else max(
+            0, max_records - sum(map(len, records.values())))
+        for tp, released in self._release(consumer, lead_topic, room).items():
+            out[tp] = out.get(tp, []) + released
+        for tp, released in out.items():
+            records[tp] = released + records.get(tp, [])
+        return records
+
+    def _release(self, consumer: Any, lead_topic: str, limit: int | None) -> dict[Any, list[Any]]:
+        """The held records that may go on now (:func:`releasable`), up to ``limit``."""
+        out: dict[Any, list[Any]] = {}
+        now = monotonic()
+        for tp, held in list(self._held.items()):
+            if limit is not None and limit <= 0:
+                break
+            lead_ts, moved = self._lead.get(tp.partition, (None, held.since))
+            if (now - max(moved, held.since) > HOLD_SECONDS
+                    or _read_to_end(consumer, TP(lead_topic, tp.partition))):
+                n = len(held.records)
+            else:
+                n = releasable(map(_TIMESTAMP, held.records), lead_ts)
+            if limit is not None:
+                n = min(n, limit)
+                limit -= n
+            if n:
+                out[tp] = held.records[:n]
+                del held.records[:n]
+            if not held.records:
+                self._held.pop(tp, None)
+        return out
+
+    def _forget_held(self) -> None:
+        """Records taken but not handed over are fetched again after a seek or a
+        rebalance (the consumer goes back to the committed offsets)."""
+        self._held.clear()
+        self._lead.clear()
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._forget_held()
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        self._forget_held()
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    def seek(self, partition: TP, offset: int) -> None:
+        self._held.pop(partition, None)
+        super().seek(partition, offset)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        # In the consumer's thread, between two fetches: none is half-way through.
+        return cast(Mapping[TP, int], await self.call_thread(self._forget_and_seek))
+
+    async def _forget_and_seek(self) -> Mapping[TP, int]:
+        self._forget_held()
+        return cast(Mapping[TP, int], await self._ensure_consumer().seek_to_committed())
+
+
+def _read_to_end(consumer: Any, tp: TP) -> bool:
+    """Has ``tp`` been handed over up to its last known high watermark? True when it is
+    not assigned here: nothing of it will come."""
+    assignment = getattr(consumer._subscription.subscription, "assignment", None)
+    state = assignment.state_value(tp) if assignment is not None else None
+    if state is None:
+        return True
+    return bool(state.has_valid_position and state.highwater is not None
+                and state.position >= state.highwater)
 
 
 class BatchConsumer(kafka_driver.Consumer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -426,3 +427,77 @@ def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix,
         assert run(made()) == (100, 8 * 1024 * 1024)
     finally:
         app.consumer._thread.thread_loop.close()  # made for the consumer's thread, unused
+
+
+def test_a_backlog_reaches_the_join_in_publish_order_not_labels_first(start_worker,
+                                                                       kafka_broker, prefix):
+    # A fetch takes up to DRIFTWARDEN_FETCH_BYTES of each partition and a label is a tenth
+    # of a prediction's size: over a backlog the join read the labels topic to its end
+    # before the predictions they belong to, keeping every label as a join entry ("L")
+    # until its prediction came: state in proportion to the backlog. A label now waits
+    # until the predictions published before it on its partition were handed over.
+    from collections import Counter
+
+    from streams.bench_e2e import stream
+    from streams.settings import Settings
+    from streams.topics import TopicNames, ensure_topics
+
+    settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix)
+    run(ensure_topics(settings))
+    names = TopicNames.from_settings(settings)
+    n = 20_000  # ~1.7 MB of predictions per partition, its labels 0.1 MB: one fetch
+    run(produce(kafka_broker, stream(names, n, seed=5, start_ts=time.time())))
+    worker = start_worker()
+    wait_until(lambda: worker.total("driftwarden_outcomes_total") >= n, 120, "every outcome")
+    assert worker.total("driftwarden_outcomes_total") == n
+    assert worker.total("driftwarden_pending_labels") == 0
+    changelog = run(read_topic(kafka_broker, settings.changelog("join")))
+    kinds = Counter(orjson.loads(r.value)[0] for r in changelog
+                    if r.value is not None and not r.key.startswith(b"\x00"))
+    # Every id ends matched ("D", written once); none waited as a label.
+    assert kinds["D"] == n and kinds["L"] == 0, kinds
+
+
+def test_held_labels_go_on_with_their_predictions_or_once_those_stall(monkeypatch):
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    import streams.app as app_module
+    from streams.app import HOLD_SECONDS, _ConsumerThread, _Held
+
+    now = [1000.0]
+    monkeypatch.setattr(app_module, "monotonic", lambda: now[0])
+    lead, later = TP("p", 3), TP("l", 3)
+    state = SimpleNamespace(has_valid_position=True, position=5, highwater=10)
+    states = {lead: state}
+    consumer = SimpleNamespace(_subscription=SimpleNamespace(subscription=SimpleNamespace(
+        assignment=SimpleNamespace(state_value=states.get))))
+    thread = object.__new__(_ConsumerThread)  # only its held-records bookkeeping is used
+    thread._held, thread._lead = {}, {3: (150, now[0])}
+    held = thread._held[later] = _Held(now[0])
+    held.records = [SimpleNamespace(offset=i, timestamp=ts)
+                    for i, ts in enumerate([100, 140, 200, 300])]
+
+    def release(limit=None):
+        return {tp: [r.offset for r in rs]
+                for tp, rs in thread._release(consumer, "p", limit).items()}
+
+    # Published before the newest prediction handed over: on; the rest wait.
+    assert release(limit=1) == {later: [0]}
+    assert release() == {later: [1]}
+    assert release() == {} and [r.offset for r in held.records] == [2, 3]
+    # The predictions move on past 200: 200 goes.
+    thread._lead[3] = (250, now[0])
+    assert release() == {later: [2]}
+    # They hand nothing over for HOLD_SECONDS, though not read to their end: the rest go.
+    now[0] += HOLD_SECONDS + 0.1
+    assert release() == {later: [3]} and thread._held == {}
+    # Predictions read to their high watermark, or not assigned here: nothing waits.
+    for position, assigned in ((10, True), (5, False)):
+        state.position = position
+        if not assigned:
+            del states[lead]
+        thread._held[later] = _Held(now[0])
+        thread._held[later].records = [SimpleNamespace(offset=9, timestamp=10**6)]
+        assert release() == {later: [9]}
