@@ -132,9 +132,10 @@ def soak(a: argparse.Namespace) -> int:
     settings = replace(base, topic_prefix=f"{base.topic_prefix}soak-{uuid.uuid4().hex[:8]}.")
     asyncio.run(ensure_topics(settings))
     roles = ("join", "monitor") if a.split else ("all",)
+    layout = "join + model stage processes" if a.split else "one worker process"
     print(f"soak: {a.rate:,.0f} events/s for {a.minutes:g} min, {a.unlabelled:.0%} never "
-          f"labelled, label TTL {a.ttl:g} s, {' + '.join(roles)} "
-          f"process{'es' if a.split else ''}, topics {settings.topic_prefix}*", flush=True)
+          f"labelled, label TTL {a.ttl:g} s, {layout}, topics {settings.topic_prefix}*",
+          flush=True)
     env = {"DRIFTWARDEN_LABEL_TTL_SECONDS": str(a.ttl)}
     workers: list[WorkerProcess] = []  # in the order of roles
     samples: list[Sample] = []
