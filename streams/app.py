@@ -181,8 +181,7 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
             0, max_records - sum(map(len, records.values())))
         for tp, released in self._release(consumer, lead_topic, room).items():
             out[tp] = out.get(tp, []) + released
-        for tp, released in out.items():
-            records[tp] = released + records.get(tp, [])
+        records.update(out)  # the later topics' records all went through what is held
         return records
 
     def _release(self, consumer: Any, lead_topic: str, limit: int | None) -> dict[Any, list[Any]]:
