@@ -47,7 +47,7 @@ import tracemalloc
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -105,14 +105,52 @@ def stream(names: TopicNames, n: int, *, seed: int, start_ts: float, rate: float
 
 async def produce(settings: Settings, records: Iterable[tuple[str, bytes, bytes]],
                   rate: float = 0.0, sent: list[float] | None = None) -> None:
+    """Publish ``records`` (at ``rate``/s when given, appending each label's send time to
+    ``sent``); raise unless every one was acknowledged.
+
+    A batch the broker keeps refusing is dropped after the producer's request timeout and
+    only its future says so: the bench once waited 540 s in CI for events that were never
+    published (``NotLeaderForPartitionError`` on a fresh topic's partitions). The records
+    of such batches are published again, by a new producer (aiokafka#1018: a producer can
+    stay stuck on that error while a new one is not), up to ``PUBLISH_ATTEMPTS`` times.
+    """
+    todo: Iterable[tuple[str, bytes, bytes]] = records
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        lost = await _publish(settings, todo, rate, sent)
+        if not lost:
+            return
+        (topic, _, _), exc = lost[0]
+        why = f"{len(lost):,} record(s) to topic {topic!r} not acknowledged: {exc!r}"
+        if attempt == PUBLISH_ATTEMPTS or not getattr(exc, "retriable", False):
+            raise RuntimeError(f"bench: {why}")
+        print(f"bench: {why}; publishing them again with a new producer", file=sys.stderr)
+        todo, rate, sent = [record for record, _ in lost], 0.0, None
+
+
+PUBLISH_ATTEMPTS = 3
+
+
+async def _publish(settings: Settings, records: Iterable[tuple[str, bytes, bytes]],
+                   rate: float, sent: list[float] | None,
+                   ) -> list[tuple[tuple[str, bytes, bytes], BaseException]]:
+    """One producer's pass over ``records``: those it could not deliver, with why."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
                                 acks="all", max_batch_size=256 * 1024,
                                 **settings.aiokafka_security())
     await producer.start()
+    lost: list[tuple[tuple[str, bytes, bytes], BaseException]] = []
+
+    def delivered(record: tuple[str, bytes, bytes]) -> Callable[[asyncio.Future[Any]], None]:
+        def check(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled() and (exc := fut.exception()) is not None:
+                lost.append((record, exc))
+        return check
+
     try:
         started = time.monotonic()
-        for i, (topic, key, value) in enumerate(records):
-            await producer.send(topic, value, key=key)
+        for i, record in enumerate(records):
+            topic, key, value = record
+            (await producer.send(topic, value, key=key)).add_done_callback(delivered(record))
             if sent is not None and topic.endswith("labels"):
                 sent.append(time.monotonic())
             if rate and i % 100 == 99:
@@ -120,8 +158,10 @@ async def produce(settings: Settings, records: Iterable[tuple[str, bytes, bytes]
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         await producer.flush()
+        await asyncio.sleep(0)  # the records' futures are resolved: let their callbacks run
     finally:
         await producer.stop()
+    return lost
 
 
 async def _ceiling(settings: Settings, names: TopicNames, total: int) -> float:
@@ -135,13 +175,19 @@ async def _ceiling(settings: Settings, names: TopicNames, total: int) -> float:
     await consumer.start()
     try:
         seen = 0
-        started = time.perf_counter()
+        started = last = time.perf_counter()
         while seen < total:
             batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
             for records in batch.values():
                 for rec in records:
                     orjson.loads(rec.value)
                 seen += len(records)
+            if batch:
+                last = time.perf_counter()
+            elif time.perf_counter() - last > 60:
+                raise RuntimeError(f"bench: the ceiling read {seen:,} of {total:,} events "
+                                   f"from {names.predictions!r} and {names.labels!r}, then "
+                                   "nothing for 60 s")
         return time.perf_counter() - started
     finally:
         await consumer.stop()
