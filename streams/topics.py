@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from models.errors import ConfigError
 from streams.settings import Settings
@@ -97,6 +98,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         # Producing before every partition has a leader only earns retries and warnings;
         # the topics may also have just been created by another process.
         await _wait_for_leaders(admin, list(wanted), timeout)
+        if missing:
+            await _wait_until_served(settings, admin, [t.name for t in missing], timeout)
         counts = await _partition_counts(admin, [names.predictions, names.labels])
         if counts[names.predictions] != counts[names.labels]:
             raise ConfigError(
@@ -114,6 +117,32 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
         if desc.get("error_code", 0) == 0 and desc.get("partitions"):
             out[desc["topic"]] = len(desc["partitions"])
     return out
+
+
+async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, topics: list[str],
+                             timeout: float) -> None:
+    """Return once the leader of every partition of ``topics`` serves it.
+
+    The broker publishes a new partition's leader in its metadata before it has created
+    the partition's log; until then a produce to it is refused with
+    ``NotLeaderForPartitionError``. Under load that took longer than a producer's request
+    timeout in CI (its records were dropped). A ListOffsets request is answered from the
+    same log, so once it is, producing works.
+    """
+    tps = [TopicPartition(desc["topic"], p["partition"])
+           for desc in await admin.describe_topics(topics) for p in desc["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
+                                request_timeout_ms=int(timeout * 1000),
+                                **settings.aiokafka_security())
+    await consumer.start()
+    try:
+        await consumer.end_offsets(tps)
+    except KafkaTimeoutError:
+        raise ConfigError(f"topics {topics} were created but the broker at "
+                          f"DRIFTWARDEN_BROKER={settings.broker!r} did not serve all their "
+                          f"partitions within {timeout:.0f}s") from None
+    finally:
+        await consumer.stop()
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout: float) -> None:

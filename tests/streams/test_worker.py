@@ -218,6 +218,39 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
                                   names.dead_letters: "uncompressed"}
 
 
+def test_new_topics_are_served_when_ensure_topics_returns(kafka_broker, prefix, tmp_path):
+    # The broker names a new partition's leader before that leader has created its log;
+    # a produce in between is refused (NotLeaderForPartitionError) and, when the broker
+    # was slow for longer than a request timeout, dropped (CI's bench waited 540 s).
+    # Asked once, without retries, right after ensure_topics: every partition answers.
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.offset import OffsetRequest
+
+    from streams.settings import Settings
+    from streams.topics import TopicNames, ensure_topics
+
+    settings = Settings(broker=f"kafka://{kafka_broker}", topic_prefix=prefix,
+                        data_dir=tmp_path, partitions=8)
+    names = TopicNames.from_settings(settings)
+
+    async def errors_of_one_list_offsets() -> dict[tuple[str, int], int]:
+        await ensure_topics(settings)
+        client = AIOKafkaClient(bootstrap_servers=kafka_broker)
+        await client.bootstrap()
+        try:
+            topics = [names.predictions, names.labels, names.retraining, names.references,
+                      names.dead_letters, names.model_records]
+            [node] = [b.nodeId for b in client.cluster.brokers()]
+            response = await client.send(node, OffsetRequest(-1, 0, [
+                (t, [(p, -1) for p in range(8)]) for t in topics]))
+            return {(t, p[0]): p[1] for t, parts in response.topics for p in parts}
+        finally:
+            await client.close()
+
+    errors = run(errors_of_one_list_offsets())
+    assert len(errors) == 48 and set(errors.values()) == {0}, [tp for tp, e in errors.items() if e]
+
+
 def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
     # Faust's stream hands events over one at a time at ~67 us each, more than the join
     # itself costs: the inputs must go to join_batch through the consumer's batch route.
