@@ -125,9 +125,11 @@ async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, top
 
     The broker publishes a new partition's leader in its metadata before it has created
     the partition's log; until then a produce to it is refused with
-    ``NotLeaderForPartitionError``. Under load that took longer than a producer's request
-    timeout in CI (its records were dropped). A ListOffsets request is answered from the
-    same log, so once it is, producing works.
+    ``NotLeaderForPartitionError``: an idle broker did so for some of 48 new partitions
+    right after their leaders were named, and in CI, under load, for longer than the
+    bench producer's 40 s request timeout (its records were dropped). A ListOffsets
+    request is answered only by a leader that has the log, so once every partition
+    answers one, producing works.
     """
     tps = [TopicPartition(desc["topic"], p["partition"])
            for desc in await admin.describe_topics(topics) for p in desc["partitions"]]
