@@ -63,7 +63,7 @@ from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "cpu_use", "print_table",
-           "produce", "stream", "wait_until"]
+           "produce", "start_split", "stream", "wait_until"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -380,6 +380,21 @@ def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float
         worker.stop()
 
 
+def start_split(settings: Settings, app_id: str, started: list[WorkerProcess],
+                **env: str) -> tuple[WorkerProcess, WorkerProcess]:
+    """Start the two roles (``DRIFTWARDEN_ROLE``) of ``app_id``: the model stage first,
+    and the join once the model stage has its partitions, so that what is measured from
+    the join's first event does not include the model stage's start-up. Each process is
+    appended to ``started`` as it starts (for the caller to stop); returns (join,
+    model stage)."""
+    monitor = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="monitor", **env)
+    started.append(monitor)
+    wait_until(monitor.assigned, 180, "the model stage's partitions")
+    join = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="join", **env)
+    started.append(join)
+    return join, monitor
+
+
 def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, dict[str,
                                                                              float]],
                                                               dict[str, int]]:
@@ -387,15 +402,9 @@ def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, d
     model-stage process, ``DRIFTWARDEN_ROLE``), from the join's first consumed event to
     the model stage's last absorbed outcome, the CPU each used (:func:`cpu_use`), and
     each one's peak RSS."""
-    app_id = f"bench-split-{run}"
-    # The model stage first, given its partitions before the join starts: the clock
-    # must not count its start-up.
-    monitor = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="monitor")
-    workers = [monitor]
+    workers: list[WorkerProcess] = []
     try:
-        wait_until(monitor.assigned, 180, "the model stage's partitions")
-        join = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="join")
-        workers.append(join)
+        join, monitor = start_split(settings, f"bench-split-{run}", workers)
         started = wait_until(lambda: join.sample("driftwarden_events_consumed_total") > 0, 180,
                              "the join's first event", interval=0.02)
         before = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]

@@ -43,7 +43,7 @@ from typing import Any
 
 import orjson
 
-from streams.bench_e2e import WorkerProcess, print_table, produce, stream, wait_until
+from streams.bench_e2e import WorkerProcess, print_table, produce, start_split, stream, wait_until
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
@@ -137,14 +137,14 @@ def soak(a: argparse.Namespace) -> int:
           f"labelled, label TTL {a.ttl:g} s, {layout}, topics {settings.topic_prefix}*",
           flush=True)
     env = {"DRIFTWARDEN_LABEL_TTL_SECONDS": str(a.ttl)}
-    workers: list[WorkerProcess] = []  # in the order of roles
+    started: list[WorkerProcess] = []
     samples: list[Sample] = []
     try:
-        if a.split:  # the model stage first, given its partitions before the join starts
-            monitor = WorkerProcess(settings, "soak", DRIFTWARDEN_ROLE="monitor", **env)
-            workers.append(monitor)
-            wait_until(monitor.assigned, 180, "the model stage's partitions")
-        workers.insert(0, WorkerProcess(settings, "soak", DRIFTWARDEN_ROLE=roles[0], **env))
+        if a.split:  # in the order of roles: join, model stage
+            workers = list(start_split(settings, "soak", started, **env))
+        else:
+            started.append(WorkerProcess(settings, "soak", DRIFTWARDEN_ROLE="all", **env))
+            workers = started[:]
         asyncio.run(workers[0].settled())
         events, labels, seconds = asyncio.run(_run(settings, a, workers, samples))
         outcomes_of = workers[-1]  # the process that runs the model stage
@@ -157,7 +157,7 @@ def soak(a: argparse.Namespace) -> int:
         outcomes = int(outcomes_of.sample("driftwarden_outcomes_total"))
         peaks = [w.peak_rss() for w in workers]
     finally:
-        for worker in workers:
+        for worker in started:
             worker.stop()
 
     after = [s for s in samples if s[0] >= a.warmup_minutes * 60]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -97,10 +98,12 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
                 await admin.create_topics(missing)
         # Producing before every partition has a leader only earns retries and warnings;
         # the topics may also have just been created by another process.
-        await _wait_for_leaders(admin, list(wanted), timeout)
+        descs = await _wait_for_leaders(admin, list(wanted), timeout)
         if missing:
-            await _wait_until_served(settings, admin, [t.name for t in missing], timeout)
-        counts = await _partition_counts(admin, [names.predictions, names.labels])
+            created = {t.name for t in missing}
+            await _wait_until_served(settings, [d for d in descs if d["topic"] in created],
+                                     timeout)
+        counts = {desc["topic"]: len(desc["partitions"]) for desc in descs}
         if counts[names.predictions] != counts[names.labels]:
             raise ConfigError(
                 f"topic {names.predictions!r} has {counts[names.predictions]} partitions but "
@@ -119,9 +122,9 @@ async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> di
     return out
 
 
-async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, topics: list[str],
+async def _wait_until_served(settings: Settings, descs: list[dict[str, Any]],
                              timeout: float) -> None:
-    """Return once the leader of every partition of ``topics`` serves it.
+    """Return once the leader of every partition of the described topics serves it.
 
     The broker publishes a new partition's leader in its metadata before it has created
     the partition's log; until then a produce to it is refused with
@@ -132,7 +135,7 @@ async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, top
     answers one, producing works.
     """
     tps = [TopicPartition(desc["topic"], p["partition"])
-           for desc in await admin.describe_topics(topics) for p in desc["partitions"]]
+           for desc in descs for p in desc["partitions"]]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
                                 request_timeout_ms=int(timeout * 1000),
                                 **settings.aiokafka_security())
@@ -140,6 +143,7 @@ async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, top
     try:
         await consumer.end_offsets(tps)
     except KafkaTimeoutError:
+        topics = [desc["topic"] for desc in descs]
         raise ConfigError(f"topics {topics} were created but the broker at "
                           f"DRIFTWARDEN_BROKER={settings.broker!r} did not serve all their "
                           f"partitions within {timeout:.0f}s") from None
@@ -147,14 +151,16 @@ async def _wait_until_served(settings: Settings, admin: AIOKafkaAdminClient, top
         await consumer.stop()
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str], timeout: float) -> None:
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
+                            timeout: float) -> list[dict[str, Any]]:
+    """The descriptions of ``topics`` once every partition of theirs has a leader."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         descs = await admin.describe_topics(topics)
         if all(desc.get("error_code", 0) == 0 and desc.get("partitions")
                and all(p.get("leader", -1) >= 0 for p in desc["partitions"])
                for desc in descs):
-            return
+            return descs
         if asyncio.get_running_loop().time() > deadline:
             raise ConfigError(f"topics {topics} have no partition leaders after {timeout:.0f}s")
         await asyncio.sleep(0.1)
