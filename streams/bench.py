@@ -28,7 +28,7 @@ __all__ = ["add_parser", "bench_drift"]
 
 
 def add_parser(sub: Any) -> None:
-    from streams import bench_e2e
+    from streams import bench_compare, bench_e2e
 
     parser = sub.add_parser("bench", help="end-to-end benchmark (or: bench drift)")
     bench_e2e.add_arguments(parser)
@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
                        help="predictions per add_predictions call (the bulk path)")
     drift.add_argument("--json", action="store_true", help="also print one JSON line")
     drift.set_defaults(func=bench_drift)
+    bench_compare.add_parser(bench)
 
 
 def _run(events: list[tuple[float, dict[str, Any], Any]], config: DriftConfig,

@@ -62,8 +62,9 @@ from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
-__all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "cpu_use", "print_table",
-           "produce", "start_split", "stream", "wait_until"]
+__all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "bench_input", "cpu_use",
+           "print_table", "produce", "split_run", "start_split", "stream", "wait_until",
+           "worker_run"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -77,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="also print one JSON line")
 
 
-def _records(names: TopicNames, n: int, seed: int = 1) -> list[tuple[str, bytes, bytes]]:
+def bench_input(names: TopicNames, n: int, seed: int = 1) -> list[tuple[str, bytes, bytes]]:
     """Predictions and their labels, each label LABEL_LAG predictions behind."""
     return list(stream(names, n, seed=seed, start_ts=time.time() - n / 1000))
 
@@ -233,19 +234,20 @@ def free_port() -> int:
 
 class WorkerProcess:
     """A ``python -m streams worker`` subprocess (or another ``command`` built on the
-    app, such as the Faust floor) and its metrics endpoint."""
+    app, such as the Faust floor) and its metrics endpoint; ``cwd``, when given, is the
+    directory it runs in (and imports ``command`` from first: ``streams.bench_compare``)."""
 
     def __init__(self, settings: Settings, app_id: str,
                  command: Sequence[str] = ("streams", "worker", "-l", "warn"),
-                 **env: str) -> None:
+                 cwd: str | None = None, **env: str) -> None:
         self.port, web_port = free_port(), free_port()
         env = {**os.environ, **env, "DRIFTWARDEN_BROKER": settings.broker,
                "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
-               "DRIFTWARDEN_DATA_DIR": f".local/bench/{app_id}"}
+               "DRIFTWARDEN_DATA_DIR": os.path.abspath(f".local/bench/{app_id}")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", *command, "--web-port", str(web_port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def sample(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples (those with ``labels``); 0 until the endpoint answers."""
@@ -361,12 +363,13 @@ def cpu_use(before: CpuTimes, after: CpuTimes, seconds: float, events: int) -> d
             "machine_cores": d.machine_all / seconds}
 
 
-def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float,
-                                                              dict[str, float]]:
+def worker_run(settings: Settings, n: int, run: int, cwd: str | None = None,
+                **env: str) -> tuple[float, int, float, dict[str, float]]:
     """Events/s of one worker over the whole input, its peak RSS, the seconds from the
     join's last input event (prediction or label) to the model stage's last outcome, and
-    the CPU it and the machine used meanwhile (:func:`cpu_use`)."""
-    worker = WorkerProcess(settings, f"bench-{run}")
+    the CPU it and the machine used meanwhile (:func:`cpu_use`). ``cwd`` and ``env``: as
+    for :class:`WorkerProcess`."""
+    worker = WorkerProcess(settings, f"bench-{run}", cwd=cwd, **env)
     try:
         started = wait_until(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
                         "the worker's first event", interval=0.02)
@@ -381,30 +384,29 @@ def _worker_run(settings: Settings, n: int, run: int) -> tuple[float, int, float
 
 
 def start_split(settings: Settings, app_id: str, started: list[WorkerProcess],
-                **env: str) -> tuple[WorkerProcess, WorkerProcess]:
+                cwd: str | None = None, **env: str) -> tuple[WorkerProcess, WorkerProcess]:
     """Start the two roles (``DRIFTWARDEN_ROLE``) of ``app_id``: the model stage first,
     and the join once the model stage has its partitions, so that what is measured from
     the join's first event does not include the model stage's start-up. Each process is
     appended to ``started`` as it starts (for the caller to stop); returns (join,
     model stage)."""
-    monitor = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="monitor", **env)
+    monitor = WorkerProcess(settings, app_id, cwd=cwd, DRIFTWARDEN_ROLE="monitor", **env)
     started.append(monitor)
     wait_until(monitor.assigned, 180, "the model stage's partitions")
-    join = WorkerProcess(settings, app_id, DRIFTWARDEN_ROLE="join", **env)
+    join = WorkerProcess(settings, app_id, cwd=cwd, DRIFTWARDEN_ROLE="join", **env)
     started.append(join)
     return join, monitor
 
 
-def _split_run(settings: Settings, n: int, run: int) -> tuple[float, dict[str, dict[str,
-                                                                             float]],
-                                                              dict[str, int]]:
+def split_run(settings: Settings, n: int, run: int, cwd: str | None = None,
+               **env: str) -> tuple[float, dict[str, dict[str, float]], dict[str, int]]:
     """Events/s of the two roles side by side over the whole input (a join process and a
     model-stage process, ``DRIFTWARDEN_ROLE``), from the join's first consumed event to
     the model stage's last absorbed outcome, the CPU each used (:func:`cpu_use`), and
-    each one's peak RSS."""
+    each one's peak RSS. ``cwd`` and ``env``: as for :class:`WorkerProcess`."""
     workers: list[WorkerProcess] = []
     try:
-        join, monitor = start_split(settings, f"bench-split-{run}", workers)
+        join, monitor = start_split(settings, f"bench-split-{run}", workers, cwd, **env)
         started = wait_until(lambda: join.sample("driftwarden_events_consumed_total") > 0, 180,
                              "the join's first event", interval=0.02)
         before = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
@@ -441,7 +443,7 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
     """Label-to-absorbed latencies (s) of a stream at ``rate`` events/s."""
     n = int(rate * seconds / 2)
     names = TopicNames.from_settings(settings)
-    records = _records(names, n, seed=2)
+    records = bench_input(names, n, seed=2)
     worker = WorkerProcess(settings, "bench-latency")
     sent: list[float] = []
     absorbed: list[tuple[float, float]] = []  # (time, outcomes)
@@ -522,7 +524,7 @@ def _state_bytes(n: int = 20_000) -> tuple[float, float]:
     keeps between batches: the entry (key and value objects, the table's dict slot) and
     its expiry-heap item."""
     names = TopicNames.from_settings(Settings())
-    values = [v for t, _, v in _records(names, n + LABEL_LAG) if t == names.predictions][:n]
+    values = [v for t, _, v in bench_input(names, n + LABEL_LAG) if t == names.predictions][:n]
     store: dict[str, bytes] = {}
     part = JoinPartition(store, 0, 7 * 86400.0)
     tracemalloc.start()
@@ -584,7 +586,7 @@ def bench(a: argparse.Namespace) -> int:
     partitions = asyncio.run(ensure_topics(settings))
     print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
-    records = _records(names, a.events)
+    records = bench_input(names, a.events)
     asyncio.run(produce(settings, records))
     total = 2 * a.events
     ceilings, floors, rates, rss, trails, splits = [], [], [], [], [], []
@@ -594,12 +596,12 @@ def bench(a: argparse.Namespace) -> int:
     for run in range(a.repeat):
         ceilings.append(total / asyncio.run(_ceiling(settings, names, total)))
         floors.append(_floor_run(settings, a.events, run))
-        rate, peak, trail, cpu = _worker_run(settings, a.events, run)
+        rate, peak, trail, cpu = worker_run(settings, a.events, run)
         rates.append(rate)
         rss.append(peak)
         trails.append(trail)
         cpus.append(cpu)
-        split, split_cpu, peaks = _split_run(settings, a.events, run)
+        split, split_cpu, peaks = split_run(settings, a.events, run)
         splits.append(split)
         split_cpus.append(split_cpu)
         split_rss.append(peaks)

@@ -173,3 +173,65 @@ def test_publishing_says_which_records_the_broker_never_acknowledged(
     assert arrived == 100  # the good topic's records, each once
     # Not a retriable error: nothing is published again.
     assert "publishing them again" not in capsys.readouterr().err
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_compared_revision_runs_its_own_code_not_the_installed_package() -> None:
+    """A worker of a revision imports that revision's packages, although the editable
+    install points every interpreter at this checkout."""
+    from streams.bench_compare import resolve
+
+    build = resolve("HEAD:DRIFTWARDEN_BATCH_SIZE=1000")
+    assert build.commit == _git("rev-parse", "HEAD")
+    assert (build.path / "streams" / "agents.py").read_bytes() == subprocess.run(
+        ["git", "-C", str(ROOT), "show", "HEAD:streams/agents.py"], capture_output=True,
+        check=True).stdout
+    # As the bench starts a worker: in the build's directory, with its environment.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import os, models, streams; print(streams.__file__); "
+         "print(models.__file__); print(os.environ['DRIFTWARDEN_BATCH_SIZE'])"],
+        cwd=build.path, env={**os.environ, **build.worker_env()}, capture_output=True,
+        text=True, check=True)
+    assert probe.stdout.split() == [str(build.path / "streams" / "__init__.py"),
+                                    str(build.path / "models" / "__init__.py"), "1000"]
+
+
+def test_compare_names_a_build_that_is_not_a_revision() -> None:
+    done = subprocess.run([sys.executable, "-m", "streams", "bench", "compare", "HEAD",
+                           "no-such-rev:DRIFTWARDEN_BATCH_SIZE=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "driftwarden: build 'no-such-rev:DRIFTWARDEN_BATCH_SIZE=1': 'no-such-rev' is not a "
+        f"commit of the git repository at {ROOT}")
+
+
+def test_compare_alternates_builds_over_one_input_and_reports_each(kafka_broker: str,
+                                                                   prefix: str) -> None:
+    rc, out = _run(kafka_broker, prefix, "bench", "compare", "HEAD",
+                   ".:DRIFTWARDEN_BATCH_SIZE=1000", "--events", "2000", "--rounds", "2",
+                   timeout=540)
+    assert rc == 0
+    assert (out["events"], out["layout"], out["rounds"]) == (4000, "one", 2)
+    head, here = out["builds"]
+    assert (head["build"], head["commit"], head["env"]) == ("HEAD", _git("rev-parse", "HEAD"),
+                                                            {})
+    assert (here["build"], here["commit"], here["env"]) == (
+        ".:DRIFTWARDEN_BATCH_SIZE=1000", None, {"DRIFTWARDEN_BATCH_SIZE": "1000"})
+    for build in (head, here):
+        runs = build["runs"]
+        assert len(runs) == 2 and all(run["events_per_second"] > 0 for run in runs)
+        # Medians of two runs: their means.
+        assert build["events_per_second"] == sum(r["events_per_second"] for r in runs) / 2
+        assert build["main_thread_seconds_per_event"] == sum(
+            r["cpu"]["main_thread_seconds_per_event"] for r in runs) / 2
+        assert all(r["peak_rss_bytes"] > 0 for r in runs)
+    # 'ahead' counts rounds, each build against the first in the same round.
+    assert head["ahead_of_first"] == 0
+    assert here["ahead_of_first"] == sum(
+        h["events_per_second"] < r["events_per_second"]
+        for h, r in zip(head["runs"], here["runs"], strict=True))
