@@ -7,11 +7,14 @@ consumer group, and each round compares like with like. A change is judged by th
 medians and by how many rounds it was ahead in.
 
 A BUILD is a git revision of this checkout (its ``streams/`` and ``models/``, extracted
-once under ``.local/bench/builds/<commit>``) or ``.`` (this checkout's files as they are
-now), optionally followed by environment for its workers: ``.:DRIFTWARDEN_BATCH_SIZE=24000``
-or ``HEAD~1:DRIFTWARDEN_COMPRESSION=none,DRIFTWARDEN_BATCH_SIZE=1000``. A build's workers
-run with its directory as their working directory, first on ``sys.path``: the installed
-package (an editable install points at this checkout) cannot shadow it.
+once under ``.local/bench/builds/<commit>``; a revision containing ``:`` is not taken) or
+``.`` (this checkout's files as they are now), optionally followed by environment for its
+workers: ``.:DRIFTWARDEN_BATCH_SIZE=24000`` or
+``HEAD~1:DRIFTWARDEN_COMPRESSION=none,DRIFTWARDEN_BATCH_SIZE=1000``. A build's workers run
+with its directory as their working directory, first on ``sys.path``: the installed
+package (an editable install points at this checkout) cannot shadow it. The builds take
+turns in a rotating order (the first build of one round is the last of the next), so
+that none always runs first after the input was published.
 
 Per run: events/s from the first consumed event to the last absorbed outcome, the CPU
 per event and the busy share of the main thread (the join's, with ``--layout two``), and
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import io
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,6 +52,11 @@ __all__ = ["Build", "add_parser", "compare", "resolve"]
 ROOT = Path(__file__).resolve().parents[1]
 #: What a build is made of: the code a worker imports.
 PACKAGES = ("streams", "models")
+_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+#: Set for every worker by the bench (WorkerProcess, start_split): not a build's to choose.
+_RESERVED = frozenset({"DRIFTWARDEN_BROKER", "DRIFTWARDEN_TOPIC_PREFIX", "DRIFTWARDEN_APP_ID",
+                       "DRIFTWARDEN_METRICS_PORT", "DRIFTWARDEN_DATA_DIR", "DRIFTWARDEN_ROLE",
+                       "PYTHONPATH"})
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class Build:
         -m`` puts the working directory first on ``sys.path``, ahead of ``PYTHONPATH``
         and of the installed package; ``PYTHONPATH`` names it too, for any other
         interpreter the worker starts."""
-        return {**self.env, "PYTHONPATH": str(self.path)}
+        path = os.pathsep.join(filter(None, (str(self.path), os.environ.get("PYTHONPATH"))))
+        return {**self.env, "PYTHONPATH": path}
 
 
 def add_parser(sub: Any) -> None:
@@ -84,47 +94,71 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=compare)
 
 
+def parse(spec: str) -> tuple[str, dict[str, str]]:
+    """A BUILD argument's revision (or ``.``) and environment; raises ConfigError
+    saying what is wrong with it.
+
+    >>> parse(".:DRIFTWARDEN_BATCH_SIZE=24000,DRIFTWARDEN_COMPRESSION=none")
+    ('.', {'DRIFTWARDEN_BATCH_SIZE': '24000', 'DRIFTWARDEN_COMPRESSION': 'none'})
+    >>> for spec in (".:BATCH", "x:DRIFTWARDEN_ROLE=join"):
+    ...     try:
+    ...         parse(spec)
+    ...     except ConfigError as exc:
+    ...         print(exc)
+    build '.:BATCH': 'BATCH' is not NAME=VALUE (and a revision cannot contain ':')
+    build 'x:DRIFTWARDEN_ROLE=join': DRIFTWARDEN_ROLE is set by the bench (by --layout)
+    """
+    rev, _, assignments = spec.partition(":")
+    if not rev:
+        raise ConfigError(f"build {spec!r}: no revision (a git revision, or '.')")
+    env: dict[str, str] = {}
+    for item in filter(None, assignments.split(",")):
+        name, eq, value = item.partition("=")
+        if not eq or not _NAME.fullmatch(name):
+            raise ConfigError(f"build {spec!r}: {item!r} is not NAME=VALUE (and a revision "
+                              "cannot contain ':')")
+        if name in _RESERVED:
+            why = "by --layout" if name == "DRIFTWARDEN_ROLE" else "per worker"
+            raise ConfigError(f"build {spec!r}: {name} is set by the bench ({why})")
+        env[name] = value
+    return rev, env
+
+
 def resolve(spec: str, root: Path = ROOT) -> Build:
-    """The Build a BUILD argument names; raises ConfigError saying what is wrong with it.
+    """The Build a BUILD argument names, its revision extracted; raises ConfigError.
 
     >>> b = resolve(".:DRIFTWARDEN_BATCH_SIZE=24000")
     >>> b.commit, b.path == ROOT, b.env
     (None, True, {'DRIFTWARDEN_BATCH_SIZE': '24000'})
-    >>> resolve(".:BATCH")
-    Traceback (most recent call last):
-    ...
-    models.errors.ConfigError: build '.:BATCH': 'BATCH' is not NAME=VALUE
     """
-    rev, _, assignments = spec.partition(":")
-    env: dict[str, str] = {}
-    for item in filter(None, assignments.split(",")):
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            raise ConfigError(f"build {spec!r}: {item!r} is not NAME=VALUE")
-        env[name] = value
+    rev, env = parse(spec)
     if rev == ".":
         return Build(spec, None, root, env)
-    if not rev:
-        raise ConfigError(f"build {spec!r}: no revision (a git revision, or '.')")
-    found = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
-                            f"{rev}^{{commit}}"], capture_output=True, text=True)
+    found = _git(spec, root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     if found.returncode != 0:
         raise ConfigError(f"build {spec!r}: {rev!r} is not a commit of the git repository "
                           f"at {root}")
-    commit = found.stdout.strip()
-    return Build(spec, commit, _extract(root, commit), env)
+    commit = found.stdout.decode().strip()
+    return Build(spec, commit, _extract(spec, root, commit), env)
 
 
-def _extract(root: Path, commit: str) -> Path:
-    """The packages of ``commit``, extracted once (into a temporary directory, renamed
-    into place when complete, so an interrupted extraction is never taken for one)."""
+def _git(spec: str, root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True)
+    except OSError as exc:  # no git
+        raise ConfigError(f"build {spec!r}: git cannot be run: {exc}") from None
+
+
+def _extract(spec: str, root: Path, commit: str) -> Path:
+    """The packages of ``commit``, extracted once (into a directory of this process,
+    renamed into place when complete: an interrupted extraction is never taken for one,
+    and of two processes extracting at once, the second keeps the first's)."""
     dest = root / ".local" / "bench" / "builds" / commit
     if dest.is_dir():
         return dest
-    archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", commit,
-                              *PACKAGES], capture_output=True)
+    archive = _git(spec, root, "archive", "--format=tar", commit, *PACKAGES)
     if archive.returncode != 0:
-        raise ConfigError(f"build {commit[:12]}: git archive failed: "
+        raise ConfigError(f"build {spec!r}: git archive of {commit} failed: "
                           f"{archive.stderr.decode(errors='replace').strip()}")
     partial = dest.with_name(f"{commit}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -133,7 +167,12 @@ def _extract(root: Path, commit: str) -> Path:
             tar.extractall(partial, filter="data")
         else:  # Python < 3.11.4: no filters; the archive is this repository's own
             tar.extractall(partial)
-    partial.rename(dest)
+    try:
+        partial.rename(dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process was first
     return dest
 
 
@@ -151,8 +190,11 @@ def _run(settings: Settings, build: Build, layout: str, n: int,
 def compare(a: argparse.Namespace) -> int:
     if len(a.builds) < 2:
         raise ConfigError("compare needs two builds or more (e.g. HEAD .)")
-    if a.rounds < 1 or a.events < 1:
-        raise ConfigError("--rounds and --events must be positive")
+    for flag, value in (("--rounds", a.rounds), ("--events", a.events)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    for spec in a.builds:  # every argument checked before any revision is extracted
+        parse(spec)
     builds = [resolve(spec) for spec in a.builds]
     base = Settings.from_env()
     settings = replace(base, topic_prefix=f"{base.topic_prefix}compare-{uuid.uuid4().hex[:8]}.")
@@ -165,9 +207,11 @@ def compare(a: argparse.Namespace) -> int:
         settings), a.events)))
     runs: list[list[dict[str, Any]]] = [[] for _ in builds]
     for r in range(a.rounds):
-        for i, build in enumerate(builds):
+        for k in range(len(builds)):
+            i = (r + k) % len(builds)  # rotating: each build runs first in some round
+            build = builds[i]
             try:
-                run = _run(settings, build, a.layout, a.events, r * len(builds) + i)
+                run = _run(settings, build, a.layout, a.events, r * len(builds) + k)
             except RuntimeError as exc:  # a worker exited, or timed out: say whose
                 print(f"compare: build {build.spec!r}, round {r + 1}: {exc}", file=sys.stderr)
                 return 1

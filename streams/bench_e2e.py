@@ -235,19 +235,24 @@ def free_port() -> int:
 class WorkerProcess:
     """A ``python -m streams worker`` subprocess (or another ``command`` built on the
     app, such as the Faust floor) and its metrics endpoint; ``cwd``, when given, is the
-    directory it runs in (and imports ``command`` from first: ``streams.bench_compare``)."""
+    directory it runs in (and imports ``command`` from first: ``streams.bench_compare``).
+    Its standard error goes to :attr:`log`, which the error of a worker that exits names."""
 
     def __init__(self, settings: Settings, app_id: str,
                  command: Sequence[str] = ("streams", "worker", "-l", "warn"),
                  cwd: str | None = None, **env: str) -> None:
         self.port, web_port = free_port(), free_port()
+        data_dir = os.path.abspath(f".local/bench/{app_id}")
         env = {**os.environ, **env, "DRIFTWARDEN_BROKER": settings.broker,
                "DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
                "DRIFTWARDEN_APP_ID": app_id, "DRIFTWARDEN_METRICS_PORT": str(self.port),
-               "DRIFTWARDEN_DATA_DIR": os.path.abspath(f".local/bench/{app_id}")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *command, "--web-port", str(web_port)],
-            env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "DRIFTWARDEN_DATA_DIR": data_dir}
+        os.makedirs(os.path.dirname(data_dir), exist_ok=True)
+        self.log = f"{data_dir}.log"
+        with open(self.log, "wb") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", *command, "--web-port", str(web_port)],
+                env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
 
     def sample(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples (those with ``labels``); 0 until the endpoint answers."""
@@ -263,7 +268,8 @@ class WorkerProcess:
                 text = r.read().decode()
         except OSError:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.proc.returncode}") from None
+                raise RuntimeError(f"the worker exited with {self.proc.returncode} (its "
+                                   f"standard error: {self.log})") from None
             return []
         return [s.value for f in text_string_to_metric_families(text)
                 for s in f.samples if s.name == name

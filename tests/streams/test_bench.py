@@ -200,6 +200,44 @@ def test_a_compared_revision_runs_its_own_code_not_the_installed_package() -> No
                                     str(build.path / "models" / "__init__.py"), "1000"]
 
 
+class _Launched(Exception):
+    """Raised by a stand-in worker launcher once it has recorded what it was given."""
+
+
+def test_every_worker_of_a_build_is_launched_in_its_directory_with_its_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams import bench_compare, bench_e2e
+
+    build = bench_compare.resolve(".:DRIFTWARDEN_BATCH_SIZE=1000")
+    worker_process = bench_e2e.WorkerProcess
+    launched: list[tuple[str | None, dict[str, str]]] = []
+
+    def launcher(settings: Settings, app_id: str, command: Any = None, cwd: str | None = None,
+                 **env: str) -> None:
+        launched.append((cwd, env))
+        raise _Launched
+
+    monkeypatch.setattr(bench_e2e, "WorkerProcess", launcher)
+    for layout in ("one", "two"):  # the two-process layout starts the model stage first
+        with pytest.raises(_Launched):
+            bench_compare._run(Settings(), build, layout, 10, 0)
+    assert [cwd for cwd, _ in launched] == [str(build.path)] * 2
+    for _, env in launched:
+        assert env["DRIFTWARDEN_BATCH_SIZE"] == "1000"
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(build.path)
+    assert launched[1][1]["DRIFTWARDEN_ROLE"] == "monitor"
+
+    # And the process itself: started there, with that environment, its errors kept.
+    popen: list[dict[str, Any]] = []
+    monkeypatch.setattr(bench_e2e.subprocess, "Popen", lambda args, **kw: popen.append(kw))
+    worker = worker_process(Settings(), "launch-probe", cwd="/nonexistent/build",
+                            DRIFTWARDEN_BATCH_SIZE="7")
+    [kw] = popen
+    assert kw["cwd"] == "/nonexistent/build" and kw["env"]["DRIFTWARDEN_BATCH_SIZE"] == "7"
+    assert kw["env"]["DRIFTWARDEN_DATA_DIR"] == str(ROOT / ".local" / "bench" / "launch-probe")
+    assert kw["stderr"].name == worker.log == kw["env"]["DRIFTWARDEN_DATA_DIR"] + ".log"
+
+
 def test_compare_names_a_build_that_is_not_a_revision() -> None:
     done = subprocess.run([sys.executable, "-m", "streams", "bench", "compare", "HEAD",
                            "no-such-rev:DRIFTWARDEN_BATCH_SIZE=1"], cwd=ROOT,
@@ -208,6 +246,13 @@ def test_compare_names_a_build_that_is_not_a_revision() -> None:
     assert done.stderr.strip() == (
         "driftwarden: build 'no-such-rev:DRIFTWARDEN_BATCH_SIZE=1': 'no-such-rev' is not a "
         f"commit of the git repository at {ROOT}")
+    # Every argument is checked before any revision is extracted.
+    done = subprocess.run([sys.executable, "-m", "streams", "bench", "compare", "HEAD",
+                           ".:DRIFTWARDEN_APP_ID=x"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (2, (
+        "driftwarden: build '.:DRIFTWARDEN_APP_ID=x': DRIFTWARDEN_APP_ID is set by the bench "
+        "(per worker)"))
 
 
 def test_compare_alternates_builds_over_one_input_and_reports_each(kafka_broker: str,
