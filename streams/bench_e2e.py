@@ -17,7 +17,9 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
    and 3 run ``--repeat`` times; medians;
 4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99,
-   ``--repeat`` times (fresh topics and worker each time); medians;
+   ``--repeat`` times (fresh topics and worker each time); medians. And the worker's CPU
+   meanwhile: what an event costs at a steady rate, where batches are as small as the
+   rate makes them, not over a backlog as in step 3;
 5. **state**: bytes the join stores per pending prediction (key + value, as on the
    changelog), and the Python heap they take (tracemalloc), in-process; and the cost of
    ``models/`` per input event (join, model stage) over the step-1 input in-process:
@@ -27,7 +29,12 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
    the retraining event's ``outcomes_seen - K``, beside river's ADWIN fed the same error
    sequence in-process.
 
-Prints a table; ``--json`` adds one JSON object on the last line.
+Before step 1 the machine's busy cores are sampled for 3 s: above ``BUSY_BEFORE`` the
+bench says that its numbers will suffer. (It does not see everything that does: a broker
+holding many partitions is quiet until it is written to, yet on the development broker
+after weeks of test runs, 15,446 partitions, p99 latency was five times a fresh
+broker's: README, Performance.) Prints a table; ``--json`` adds one JSON object on the
+last line.
 """
 
 from __future__ import annotations
@@ -445,8 +452,12 @@ def _floor_run(settings: Settings, n: int, run: int) -> float:
         worker.stop()
 
 
-async def _latency(settings: Settings, rate: float, seconds: float) -> list[float]:
-    """Label-to-absorbed latencies (s) of a stream at ``rate`` events/s."""
+async def _latency(settings: Settings, rate: float,
+                   seconds: float) -> tuple[list[float], dict[str, float]]:
+    """Label-to-absorbed latencies (s) of a stream at ``rate`` events/s, and the CPU the
+    worker used from the first event published to the last outcome absorbed
+    (:func:`cpu_use`): what an event costs at a steady rate, in batches as small as the
+    rate makes them, rather than over a backlog."""
     n = int(rate * seconds / 2)
     names = TopicNames.from_settings(settings)
     records = bench_input(names, n, seed=2)
@@ -463,8 +474,10 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
                 await asyncio.sleep(0.05)
 
         scraping = asyncio.create_task(scrape())
+        before, started = CpuTimes.read(worker.proc.pid), time.monotonic()
         await produce(settings, records, rate=rate, sent=sent)
         await asyncio.wait_for(scraping, timeout=600)
+        cpu = cpu_use(before, CpuTimes.read(worker.proc.pid), time.monotonic() - started, 2 * n)
     finally:
         worker.stop()
     counts = [c for _, c in absorbed]
@@ -473,7 +486,18 @@ async def _latency(settings: Settings, rate: float, seconds: float) -> list[floa
         k = bisect.bisect_left(counts, j + 1)  # first scrape covering label j
         if k < len(absorbed) and t_sent > sent[0] + 2.0:  # skip the first 2 s: warm-up
             out.append(absorbed[k][0] - t_sent)
-    return out
+    return out, cpu
+
+
+def machine_busy(seconds: float = 3.0) -> float:
+    """Cores the machine keeps busy over ``seconds`` (all processes; this one sleeps)."""
+    before = CpuTimes.read(os.getpid())
+    time.sleep(seconds)
+    return cpu_use(before, CpuTimes.read(os.getpid()), seconds, 1)["machine_busy_cores"]
+
+
+#: Machine busy before the bench (cores) above which it says the numbers will suffer.
+BUSY_BEFORE = 0.2
 
 
 def _stages(records: list[tuple[str, bytes, bytes]], names: TopicNames,
@@ -592,6 +616,12 @@ def bench(a: argparse.Namespace) -> int:
     partitions = asyncio.run(ensure_topics(settings))
     print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
+    idle = machine_busy()
+    print(f"  machine busy before the bench: {idle:.2f} cores", flush=True)
+    if idle > BUSY_BEFORE:
+        print(f"bench: the machine is already busy ({idle:.2f} cores, before any worker "
+              "runs): every number below will be lower and noisier than on an idle one",
+              file=sys.stderr, flush=True)
     records = bench_input(names, a.events)
     asyncio.run(produce(settings, records))
     total = 2 * a.events
@@ -625,15 +655,20 @@ def bench(a: argparse.Namespace) -> int:
                   for role in ("join", "monitor")}
 
     p50s, p99s = [], []
+    steady_cpus: list[dict[str, float]] = []
     for run in range(a.repeat):
         latency_settings = replace(settings, topic_prefix=f"{settings.topic_prefix}lat{run}.")
         asyncio.run(ensure_topics(latency_settings))
-        latencies = sorted(asyncio.run(_latency(latency_settings, rate / 2, a.latency_seconds)))
+        latencies, steady = asyncio.run(_latency(latency_settings, rate / 2, a.latency_seconds))
+        latencies.sort()
         p50s.append(latencies[len(latencies) // 2])
         p99s.append(latencies[int(len(latencies) * 0.99)])
+        steady_cpus.append(steady)
         print(f"  latency run {run + 1}: p50 {p50s[-1] * 1000:,.0f} ms, "
-              f"p99 {p99s[-1] * 1000:,.0f} ms", flush=True)
+              f"p99 {p99s[-1] * 1000:,.0f} ms, main thread "
+              f"{steady['main_thread_seconds_per_event'] * 1e6:.1f} us/event", flush=True)
     p50, p99 = statistics.median(p50s), statistics.median(p99s)
+    steady_cpu = {key: statistics.median(c[key] for c in steady_cpus) for key in cpus[0]}
     stored, heap = _state_bytes()
     stage_runs = [_stages(records, names) for _ in range(a.repeat)]
     join_cost = statistics.median(j for j, _ in stage_runs)
@@ -679,6 +714,11 @@ def bench(a: argparse.Namespace) -> int:
          f"{1 / (join_cost + model_cost):,.0f} events/s"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p50", f"{p50 * 1000:,.0f} ms"),
         (f"label -> absorbed at {rate / 2:,.0f} ev/s, p99", f"{p99 * 1000:,.0f} ms"),
+        (f"worker at {rate / 2:,.0f} ev/s: main thread busy",
+         f"{steady_cpu['main_thread_busy']:.0%}"),
+        (f"worker at {rate / 2:,.0f} ev/s: main thread CPU per event",
+         f"{steady_cpu['main_thread_seconds_per_event'] * 1e6:.1f} us"),
+        ("machine busy before the bench", f"{idle:.2f} cores"),
         ("worker peak RSS", f"{statistics.median(rss) / 2**20:,.0f} MiB"),
         ("join state per pending prediction, stored", f"{stored:,.0f} bytes"),
         ("join state per pending prediction, Python heap", f"{heap:,.0f} bytes"),
@@ -695,7 +735,8 @@ def bench(a: argparse.Namespace) -> int:
             "faust_floor_events_per_second": floor,
             "models_seconds_per_event": {"join": join_cost, "model_stage": model_cost},
             "p50_latency_seconds": p50, "p99_latency_seconds": p99,
-            "latency_rate_events_per_second": rate / 2,
+            "latency_rate_events_per_second": rate / 2, "latency_worker_cpu": steady_cpu,
+            "idle_machine_busy_cores": idle,
             "peak_rss_bytes": statistics.median(rss),
             "model_stage_trail_seconds": statistics.median(trails),
             "worker_cpu": cpu,
@@ -706,6 +747,7 @@ def bench(a: argparse.Namespace) -> int:
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
                      "p50_latency_seconds": p50s, "p99_latency_seconds": p99s,
+                     "latency_worker_cpu": steady_cpus,
                      "peak_rss_bytes": rss, "model_stage_trail_seconds": trails,
                      "worker_cpu": cpus, "split": splits, "split_cpu": split_cpus,
                      "split_peak_rss_bytes": split_rss,

@@ -53,6 +53,12 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
     assert out["latency_rate_events_per_second"] == out["events_per_second"] / 2
     assert 0 < out["p50_latency_seconds"] <= out["p99_latency_seconds"]
     assert out["runs"]["p99_latency_seconds"] == [out["p99_latency_seconds"]]
+    # The worker's CPU at that steady rate, and the machine's load before the bench.
+    steady = out["latency_worker_cpu"]
+    assert out["runs"]["latency_worker_cpu"] == [steady]
+    assert 0 < steady["main_thread_busy"] <= steady["process_cores"] + 0.1
+    assert steady["main_thread_seconds_per_event"] > 0
+    assert 0 <= out["idle_machine_busy_cores"] <= os.cpu_count()
     assert out["peak_rss_bytes"] > 0
     assert out["runs"]["model_stage_trail_seconds"] == [out["model_stage_trail_seconds"]]
     assert set(out["models_seconds_per_event"]) == {"join", "model_stage"}
