@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KAFKA := deploy/kafka/kafka.sh
 
-.PHONY: setup tools run test lint kafka-start kafka-stop kafka-status clean
+.PHONY: setup tools run test lint kafka-start kafka-stop kafka-status kafka-reset clean
 
 # Root installs directly; otherwise through sudo when there is one.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
@@ -51,6 +51,9 @@ kafka-stop:
 	@$(KAFKA) stop
 kafka-status:
 	@$(KAFKA) status
+# Stop the broker and delete its topics and data (not the jars): a fresh broker.
+kafka-reset:
+	@$(KAFKA) reset
 
 clean: kafka-stop
 	rm -rf $(VENV) .local

@@ -177,3 +177,37 @@ def test_restart_in_the_same_home_waits_for_the_new_broker(launcher: Launcher) -
         assert stopped.returncode == 0, f"stop {round_}: {_describe(stopped)}"
     log = (launcher.home / "kafka.log").read_text()
     assert log.count("Kafka Server started") == 2
+
+
+def test_reset_stops_the_broker_and_the_next_start_has_no_topics(launcher: Launcher) -> None:
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    async def admin(create: bool) -> set[str]:
+        client = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{PORT}")
+        await client.start()
+        try:
+            if create:
+                await client.create_topics([NewTopic("reset-probe", 3, 1)])
+            return set(await client.list_topics())
+        finally:
+            await client.close()
+
+    started = launcher.run("start", timeout=START_TIMEOUT + 60)
+    assert started.returncode == 0, _describe(started)
+    pid = int(launcher.pidfile.read_text().strip())
+    assert "reset-probe" in asyncio.run(admin(create=True))
+
+    reset = launcher.run("reset", timeout=90)
+    assert reset.returncode == 0, _describe(reset)
+    assert not _alive(pid) and not _port_open(PORT)
+    # The data goes; the rest of its home (log, properties; by default the jars) stays.
+    assert not (launcher.home / "data").exists()
+    assert (launcher.home / "kafka.log").exists()
+    assert (launcher.home / "server.properties").exists()
+
+    again = launcher.run("start", timeout=START_TIMEOUT + 60)
+    assert again.returncode == 0, _describe(again)
+    assert "formatting storage" in again.stderr
+    assert "reset-probe" not in asyncio.run(admin(create=False))
