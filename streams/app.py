@@ -125,7 +125,9 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: kafka_driver.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_WAIT_MS  # Faust passes no setting through
+        # Faust passes neither setting through (App.fetch_min_bytes says why the minimum).
+        consumer._fetch_max_wait_ms = FETCH_WAIT_MS
+        consumer._fetch_min_bytes = cast(App, self.app).fetch_min_bytes
         return consumer
 
     async def _fetch_records(self, consumer: Any, active_partitions: set[TP],
@@ -377,6 +379,12 @@ class App(faust.App):
 
     batch_topics: tuple[str, ...] = ()
     batch_handler: BatchHandler | None = None
+    #: Bytes a fetch waits for (at most FETCH_WAIT_MS), ``Settings.fetch_min_bytes``. The
+    #: broker answers a fetch as soon as it has this much: with Kafka's 1 byte, a worker
+    #: fed at a steady rate took a fetch, a join batch and its four rounds of writes per
+    #: ~400 events at 16,000 events/s, and spent 34 us of main thread per event (53 at
+    #: 8,000/s) against 24 over a backlog; with 256 KiB, 30 and 34 us (README, Performance).
+    fetch_min_bytes: int = 1
 
     def route_batches(self, topics: Sequence[str], handler: BatchHandler) -> None:
         self.batch_topics = tuple(topics)
@@ -405,7 +413,7 @@ def _credentials(settings: Settings) -> Any:
 def create_app(settings: Settings, partitions: int) -> App:
     """Faust app with driftwarden's defaults: loopback web server, no standby replicas."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return App(
+    app = App(
         # The app id is the consumer group: the prefix isolates deployments (and test
         # runs) sharing a cluster, and each role has a group of its own. The tables name
         # their changelogs themselves (streams.tables), the same for every role.
@@ -447,3 +455,5 @@ def create_app(settings: Settings, partitions: int) -> App:
         value_serializer="raw",
         Worker=Worker,
     )
+    app.fetch_min_bytes = settings.fetch_min_bytes
+    return app

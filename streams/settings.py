@@ -51,6 +51,7 @@ class Settings:
     batch_size: int = 3000
     batch_seconds: float = 0.05
     fetch_bytes: int = 1024 * 1024
+    fetch_min_bytes: int = 256 * 1024
     compression: str = "zstd"
     role: str = "all"
     security_protocol: str = "PLAINTEXT"
@@ -87,6 +88,8 @@ class Settings:
             batch_size=get.integer("BATCH_SIZE", cls.batch_size, 1, 1_000_000),
             batch_seconds=get.number("BATCH_SECONDS", cls.batch_seconds),
             fetch_bytes=get.integer("FETCH_BYTES", cls.fetch_bytes, 64 * 1024, 256 * 1024 * 1024),
+            fetch_min_bytes=get.integer("FETCH_MIN_BYTES", cls.fetch_min_bytes, 1,
+                                        64 * 1024 * 1024),
             compression=get.choice("COMPRESSION", cls.compression, _COMPRESSIONS),
             role=get.choice("ROLE", cls.role, ROLES),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),

@@ -431,12 +431,15 @@ def test_the_producer_compresses_with_the_configured_codec(prefix, tmp_path):
         Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": "brotli"})
 
 
-def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix, tmp_path):
+def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms_for_min_bytes(
+        prefix, tmp_path):
     # One model's records share a partition of the records topic: with 128 KiB fetches
     # the model stage got one message per fetch, and with Faust's 1,500 ms fetch wait
     # about one fetch a second once the inputs were read; it starved either way. (2 MiB
     # kept it in step with the join on the bench input, 1 MiB leaves it 1.7 s behind;
-    # but with 2 MiB hostile input left the worker 21-27% larger, test_hostile.)
+    # but with 2 MiB hostile input left the worker 21-27% larger, test_hostile.) And a
+    # fetch waits, up to those 100 ms, for DRIFTWARDEN_FETCH_MIN_BYTES: at a steady rate
+    # Kafka's 1 byte made a join batch, and its writes, of every few hundred events.
     from models.errors import ConfigError
     from streams.app import create_app
     from streams.settings import Settings
@@ -444,20 +447,25 @@ def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms(prefix,
     env = {"DRIFTWARDEN_TOPIC_PREFIX": prefix, "DRIFTWARDEN_DATA_DIR": str(tmp_path)}
     app = create_app(Settings.from_env(env), 8)
     assert app.conf.consumer_max_fetch_size == 1024 * 1024
-    app = create_app(Settings.from_env({**env, "DRIFTWARDEN_FETCH_BYTES": "8388608"}), 8)
+    assert app.fetch_min_bytes == 256 * 1024
+    app = create_app(Settings.from_env({**env, "DRIFTWARDEN_FETCH_BYTES": "8388608",
+                                        "DRIFTWARDEN_FETCH_MIN_BYTES": "1"}), 8)
     assert app.conf.consumer_max_fetch_size == 8 * 1024 * 1024
     with pytest.raises(ConfigError, match="DRIFTWARDEN_FETCH_BYTES"):
         Settings.from_env({**env, "DRIFTWARDEN_FETCH_BYTES": "1000"})
+    with pytest.raises(ConfigError, match="DRIFTWARDEN_FETCH_MIN_BYTES must be between 1"):
+        Settings.from_env({**env, "DRIFTWARDEN_FETCH_MIN_BYTES": "0"})
 
-    async def made() -> tuple[int, int]:
+    async def made() -> tuple[int, int, int]:
         consumer = app.consumer._thread._create_worker_consumer(app.transport)
         try:
-            return consumer._fetch_max_wait_ms, consumer._max_partition_fetch_bytes
+            return (consumer._fetch_max_wait_ms, consumer._max_partition_fetch_bytes,
+                    consumer._fetch_min_bytes)
         finally:
             await consumer.stop()
 
     try:
-        assert run(made()) == (100, 8 * 1024 * 1024)
+        assert run(made()) == (100, 8 * 1024 * 1024, 1)
     finally:
         app.consumer._thread.thread_loop.close()  # made for the consumer's thread, unused
 
