@@ -52,7 +52,7 @@ from models.reference import ReferenceProfile
 from streams.app import App
 from streams.metrics import EVENTS_CONSUMED, INVALID_REFERENCES, REPLAYS_SKIPPED, Snapshot
 from streams.settings import Settings
-from streams.tables import Tables, entries, write
+from streams.tables import Tables, entries, track_topics, write
 from streams.topics import TopicNames
 
 __all__ = ["Pipeline"]
@@ -153,7 +153,7 @@ class Pipeline:
 
         @self.app.timer(5.0)
         async def lag() -> None:
-            self.narrow_producer_metadata()
+            self.track_producer_topics()
             await self.check_broker()
             await self.measure_lag()
             await self.open_assigned()
@@ -203,22 +203,20 @@ class Pipeline:
             own |= {n.retraining, n.dead_letters}  # invalid reference profiles
         return sorted(own)
 
-    def narrow_producer_metadata(self) -> asyncio.Future[Any] | None:
-        """Have the producer keep metadata for :meth:`producer_topics` only.
+    def track_producer_topics(self) -> asyncio.Future[Any] | None:
+        """Have the producer keep metadata of :meth:`producer_topics` (and whatever
+        aiokafka added), not of the whole cluster: :func:`streams.tables.track_topics`.
+        Checked before each batch writes anything, so that every topic this worker
+        writes is tracked before its first write. Returns the metadata update's future
+        when the tracked topics grew, else None."""
+        # Faust keeps no public view of the aiokafka producer under its own.
+        return track_topics(getattr(self.app.producer, "_producer", None),
+                            self.producer_topics())
 
-        aiokafka's producer learns every topic of the cluster when it bootstraps, so it
-        never adds the topics it sends to its own list, and with an empty list its
-        refresh (every ``metadata.max.age.ms``, five minutes) fetches the whole cluster's
-        metadata again (8,858 partitions on the development broker): memory, time and
-        broker load that grow with everything else on the cluster. A topic left out is
-        added back by aiokafka when it is first sent to. Returns the metadata update's
-        future once narrowed, else None.
-        """
-        # Faust and aiokafka keep no public view of the producer's client or its list.
-        client = getattr(getattr(self.app.producer, "_producer", None), "client", None)
-        if client is None or client._topics:
-            return None
-        return cast("asyncio.Future[Any]", client.set_topics(self.producer_topics()))
+    async def _producer_ready(self) -> None:
+        update = self.track_producer_topics()
+        if update is not None:
+            await update
 
     def _is_regression(self, model: str) -> bool:
         return self.policies.for_model(model).task == "regression"
@@ -295,6 +293,7 @@ class Pipeline:
     async def join_batch(self, batch: Sequence[tuple[TP, Sequence[Any]]]) -> None:
         """Join a fetch: ``(input partition, its aiokafka records)``, predictions first."""
         async with self._join_lock:
+            await self._producer_ready()
             touched: dict[int, JoinPartition] = {}
             # Counted per batch: a labelled metric costs a lookup and a lock per call.
             consumed: Counter[str] = Counter()
@@ -383,6 +382,7 @@ class Pipeline:
         if not self._recovered:
             return
         async with self._join_lock:
+            await self._producer_ready()
             for tp in self.app.consumer.assignment():
                 if not self._recovered:  # a rebalance began while a batch was re-sent
                     return
@@ -504,6 +504,7 @@ class Pipeline:
             log.warning("reference at %s[%d]@%d rejected: %s", rec.topic, rec.partition,
                         rec.offset, exc)
             INVALID_REFERENCES.inc()
+            await self._producer_ready()
             await self._dead_letter(DeadLetter("references", rec.partition, rec.offset,
                                                "invalid_reference", rec.value, rec.key))
             return
@@ -514,6 +515,7 @@ class Pipeline:
     # -- monitor ------------------------------------------------------------------------
 
     async def monitor_batch(self, events: Sequence[faust.EventT]) -> None:
+        await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
         for event in events:

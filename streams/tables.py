@@ -9,7 +9,8 @@ batch.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, MutableMapping
+import asyncio
+from collections.abc import Awaitable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,7 +21,7 @@ from faust.types import AppT
 
 from streams.settings import Settings
 
-__all__ = ["Tables", "declare_tables", "entries", "write"]
+__all__ = ["Tables", "declare_tables", "entries", "track_topics", "write"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,32 @@ async def write(table: faust.Table, partition: int,
     if batch.record_count():
         acks.append(await producer.send_batch(batch, topic, partition=partition))
     return acks
+
+
+def track_topics(producer: AIOKafkaProducer | None,
+                 topics: Collection[str]) -> asyncio.Future[Any] | None:
+    """Have ``producer`` keep metadata of ``topics``, and of those it tracks already.
+
+    aiokafka's producer bootstraps with the whole cluster's metadata and refreshes all of
+    it (every ``metadata.max.age.ms``) while its list of topics is empty; once the list
+    has a topic, it refreshes the listed ones only, and adds a topic to the list only when
+    a send finds it missing from the metadata. So the first send to a topic made after
+    the producer started (a changelog Faust creates at start-up) narrowed the metadata to
+    that one topic, and a batch already accepted for another topic (the records) lost its
+    partition's leader for good: the sender then asked for metadata thousands of times a
+    second and the batch, and the worker waiting for it, never moved (every bench of
+    100,000 predictions on a freshly reset broker, from a fresh consumer group). Called
+    before a worker writes: from then on every topic it writes is listed, whatever else
+    aiokafka adds, and the rest of the cluster is not fetched. Returns the metadata
+    update's future when the list grew, else None (also before the producer started).
+    """
+    client = getattr(producer, "client", None)
+    if client is None:
+        return None
+    tracked: set[str] = client._topics  # aiokafka keeps no public view of its list
+    if tracked.issuperset(topics):
+        return None
+    return cast("asyncio.Future[Any]", client.set_topics(tracked | set(topics)))
 
 
 def entries(table: faust.Table) -> MutableMapping[str, bytes]:
