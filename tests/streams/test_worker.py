@@ -187,7 +187,7 @@ def test_a_topic_first_written_after_start_up_strands_no_batch_of_another(kafka_
     # A changelog Faust creates at start-up is unknown to the producer's bootstrap
     # metadata; aiokafka's first send to it made it the only topic the producer tracked,
     # and a batch for the records topic, accepted before, lost its leader for good: the
-    # worker hung (every 100,000-prediction bench on a freshly reset broker). Tracking
+    # worker hung (6 of 7 fed 100,000 predictions on a freshly reset broker). Tracking
     # every topic the worker writes before it writes keeps both. The linger holds the
     # first batch in the producer while the second send refreshes the metadata.
     from aiokafka import AIOKafkaProducer
