@@ -34,8 +34,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ import orjson
 from models.errors import ConfigError
 from streams import bench_e2e
 from streams.settings import Settings
-from streams.topics import TopicNames, ensure_topics
+from streams.topics import TopicNames
 
 __all__ = ["Build", "add_parser", "compare", "resolve"]
 
@@ -131,7 +130,10 @@ def resolve(spec: str, root: Path = ROOT) -> Build:
     >>> b.commit, b.path == ROOT, b.env
     (None, True, {'DRIFTWARDEN_BATCH_SIZE': '24000'})
     """
-    rev, env = parse(spec)
+    return _build(spec, *parse(spec), root)
+
+
+def _build(spec: str, rev: str, env: dict[str, str], root: Path = ROOT) -> Build:
     if rev == ".":
         return Build(spec, None, root, env)
     found = _git(spec, root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
@@ -193,12 +195,10 @@ def compare(a: argparse.Namespace) -> int:
     for flag, value in (("--rounds", a.rounds), ("--events", a.events)):
         if value < 1:
             raise ConfigError(f"{flag} must be positive, got {value}")
-    for spec in a.builds:  # every argument checked before any revision is extracted
-        parse(spec)
-    builds = [resolve(spec) for spec in a.builds]
-    base = Settings.from_env()
-    settings = replace(base, topic_prefix=f"{base.topic_prefix}compare-{uuid.uuid4().hex[:8]}.")
-    partitions = asyncio.run(ensure_topics(settings))
+    # Every argument checked before any revision is extracted.
+    parsed = [(spec, *parse(spec)) for spec in a.builds]
+    builds = [_build(spec, rev, env) for spec, rev, env in parsed]
+    settings, partitions = bench_e2e.fresh_topics("compare")
     print(f"compare: {a.events:,} predictions + {a.events:,} labels, {partitions} partitions, "
           f"layout {a.layout}, {a.rounds} round(s) of {len(builds)} builds", flush=True)
     for build in builds:

@@ -70,8 +70,8 @@ from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "bench_input", "cpu_use",
-           "print_table", "produce", "split_run", "start_split", "stream", "wait_until",
-           "worker_run"]
+           "fresh_topics", "print_table", "produce", "split_run", "start_split", "stream",
+           "wait_until", "worker_run"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -83,6 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--change-at", type=int, default=20_000,
                    help="outcome at which the error rate steps up (detection delay)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
+
+
+def fresh_topics(kind: str) -> tuple[Settings, int]:
+    """Settings from the environment with a topic prefix of their own (``<prefix><kind>-
+    <random>.``), and the partition count of the topics :func:`ensure_topics` made."""
+    base = Settings.from_env()
+    settings = replace(base, topic_prefix=f"{base.topic_prefix}{kind}-{uuid.uuid4().hex[:8]}.")
+    return settings, asyncio.run(ensure_topics(settings))
 
 
 def bench_input(names: TopicNames, n: int, seed: int = 1) -> list[tuple[str, bytes, bytes]]:
@@ -610,10 +618,8 @@ async def _detection(settings: Settings, change_at: int, rate: float) -> tuple[i
 
 
 def bench(a: argparse.Namespace) -> int:
-    base = Settings.from_env()
-    settings = replace(base, topic_prefix=f"{base.topic_prefix}bench-{uuid.uuid4().hex[:8]}.")
+    settings, partitions = fresh_topics("bench")
     names = TopicNames.from_settings(settings)
-    partitions = asyncio.run(ensure_topics(settings))
     print(f"bench: {a.events:,} predictions + {a.events:,} labels, 20 features, "
           f"{partitions} partitions, topics {settings.topic_prefix}*", flush=True)
     idle = machine_busy()
@@ -668,7 +674,7 @@ def bench(a: argparse.Namespace) -> int:
               f"p99 {p99s[-1] * 1000:,.0f} ms, main thread "
               f"{steady['main_thread_seconds_per_event'] * 1e6:.1f} us/event", flush=True)
     p50, p99 = statistics.median(p50s), statistics.median(p99s)
-    steady_cpu = {key: statistics.median(c[key] for c in steady_cpus) for key in cpus[0]}
+    steady_cpu = {key: statistics.median(c[key] for c in steady_cpus) for key in steady_cpus[0]}
     stored, heap = _state_bytes()
     stage_runs = [_stages(records, names) for _ in range(a.repeat)]
     join_cost = statistics.median(j for j, _ in stage_runs)

@@ -37,15 +37,21 @@ import argparse
 import asyncio
 import statistics
 import time
-import uuid
-from dataclasses import replace
 from typing import Any
 
 import orjson
 
-from streams.bench_e2e import WorkerProcess, print_table, produce, start_split, stream, wait_until
+from streams.bench_e2e import (
+    WorkerProcess,
+    fresh_topics,
+    print_table,
+    produce,
+    start_split,
+    stream,
+    wait_until,
+)
 from streams.settings import Settings
-from streams.topics import TopicNames, ensure_topics
+from streams.topics import TopicNames
 
 __all__ = ["add_parser", "soak"]
 
@@ -128,9 +134,7 @@ def _memory(steady: list[tuple[float, int]], max_trend: float) -> dict[str, Any]
 
 
 def soak(a: argparse.Namespace) -> int:
-    base = Settings.from_env()
-    settings = replace(base, topic_prefix=f"{base.topic_prefix}soak-{uuid.uuid4().hex[:8]}.")
-    asyncio.run(ensure_topics(settings))
+    settings, _ = fresh_topics("soak")
     roles = ("join", "monitor") if a.split else ("all",)
     layout = "join + model stage processes" if a.split else "one worker process"
     print(f"soak: {a.rate:,.0f} events/s for {a.minutes:g} min, {a.unlabelled:.0%} never "
