@@ -79,20 +79,27 @@ def _worker(argv: list[str]) -> None:
 
 
 def keep_gc_off_the_event_path() -> None:
-    """Freeze what start-up made and let the young generation grow to 10,000 objects.
+    """Freeze what start-up made and let the young generation grow to 100,000 objects.
 
     faust, aiokafka, river, numpy, scipy and pandas leave ~150,000 tracked objects that
     live as long as the worker, and every full collection walked them all: about 95 ms
     each, 15 of them over the bench's 200,000 events, 14% of the worker's CPU time. Frozen
     (``gc.freeze``), the collector skips them; reference counting still frees whatever
-    becomes garbage, only cycles among start-up objects would stay. A young generation of
-    10,000 instead of 700 lets a batch's temporaries die by reference count before a
-    collection looks at them. Measured over 100,000 predictions: GC 1.70 -> 0.08 s,
-    worker CPU 10.35 -> 9.17 s.
+    becomes garbage, only cycles among start-up objects would stay.
+
+    The young generation's count is objects made less objects freed, never below zero:
+    a batch's records (a few per event) raise it by ~30,000 while they live, then their
+    frees take it back to zero. At 10,000 every batch set off young collections that
+    found nothing to free (they walked the live batch: ~2.5 ms each, 140 of them and 12
+    older ones over the bench's 300,000 events, ~5% of the worker's CPU); at 100,000 a
+    batch no longer reaches it, and cyclic garbage (the event path makes none; asyncio and
+    Faust some) still sets off a collection once 100,000 objects of it accumulate:
+    ``python -m streams bench compare`` 36,942 vs 38,411 events/s (ahead 3/3), main
+    thread 22.4 vs 21.3 us per event.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    gc.set_threshold(100_000, 10, 10)
 
 
 def _version(dist: str) -> str:
