@@ -5,6 +5,7 @@ Each module holds one concept with river-style ``update()`` objects.
 
 __all__ = [
     "codec",
+    "columns",
     "errors",
     "estimate",
     "events",

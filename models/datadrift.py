@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial.distance import jensenshannon
 
+from models.columns import Categories, Column, FeatureColumns, column_values
 from models.reference import FeatureProfile, ProfileBuilder, ReferenceProfile
 
 __all__ = [
@@ -188,6 +189,20 @@ class FeatureWindow:
     def add_many(self, values: Sequence[Any], types: AbstractSet[type] | None = None) -> None:
         """:meth:`add` of each value, counted in bulk (``types``: ``set(map(type, values))``)."""
         counts, missing = self.profile.bin_counts(values, types)
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.missing += missing
+
+    def add_column(self, column: Column) -> None:
+        """:meth:`add` of each value of a run's column (:mod:`models.columns`): a float
+        array of a numeric feature, or the codes of a categorical one's strings, binned
+        with a numpy call; any other pairing value by value as :meth:`add_many`."""
+        profile = self.profile
+        if isinstance(column, np.ndarray) and profile.kind == "numeric":
+            counts, missing = profile.bin_floats(column)
+        elif isinstance(column, Categories) and profile.kind == "categorical":
+            counts, missing = profile.bin_codes(column.values, column.codes), 0
+        else:
+            counts, missing = profile.bin_counts(column_values(column))
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
         self.missing += missing
 
@@ -327,11 +342,13 @@ class DataDriftMonitor:
             return self._close()
         return []
 
-    def add_predictions(self, ts: Sequence[float], features: Sequence[dict[str, Any]],
+    def add_predictions(self, ts: Sequence[float],
+                        features: Sequence[dict[str, Any]] | FeatureColumns,
                         predictions: Sequence[Any]) -> list[tuple[int, list[dict[str, Any]]]]:
         """:meth:`add_prediction` of each prediction in order, binned a window's worth at a
         time; returns ``(i, reasons)`` for each window that prediction ``i`` closed with
         drift reasons. The counts, windows and reasons are those of one call per prediction.
+        ``features`` is a dict per prediction, or a run's columns (:mod:`models.columns`).
 
         >>> from models.reference import FeatureProfile, ReferenceProfile
         >>> f = FeatureProfile("categorical", counts=(50, 50, 0), missing=0, categories=("a", "b"))
@@ -348,14 +365,27 @@ class DataDriftMonitor:
         i, n = 0, len(ts)
         while i < n:
             if self.reference is None:  # bootstrapping: the builder takes one at a time
-                reasons = self.add_prediction(ts[i], features[i], predictions[i])
-                if reasons:
-                    closed.append((i, reasons))
-                i += 1
+                assert self._builder is not None
+                stop = min(n, i + self._builder.size - self._builder.n)
+                rows = (features.rows(i, stop) if isinstance(features, FeatureColumns)
+                        else features[i:stop])
+                for k, row in enumerate(rows, i):
+                    reasons = self.add_prediction(ts[k], row, predictions[k])
+                    if reasons:
+                        closed.append((k, reasons))
+                i = stop
                 continue
             last = self._window_end(ts, i)
             end = n if last is None else last + 1
-            self._add_chunk(ts, features, predictions, i, end)
+            if isinstance(features, FeatureColumns):
+                self._add_columns(features.slice(i, end))
+            else:
+                self._add_rows(features[i:end])
+            if self.prediction is not None:
+                self.prediction.add_many(predictions[i:end])
+            self.window_n += end - i
+            if self.window_start is None:
+                self.window_start = ts[i]
             if last is not None:
                 reasons = self._close()
                 if reasons:
@@ -375,9 +405,7 @@ class DataDriftMonitor:
                     return k
         return stop - 1 if stop - i == room else None
 
-    def _add_chunk(self, ts: Sequence[float], features: Sequence[dict[str, Any]],
-                   predictions: Sequence[Any], i: int, end: int) -> None:
-        chunk = features[i:end]
+    def _add_rows(self, chunk: Sequence[dict[str, Any]]) -> None:
         absent = 0
         for name, window, values in zip(self.features, self.features.values(),
                                         _columns(chunk, self.features), strict=True):
@@ -388,11 +416,17 @@ class DataDriftMonitor:
             window.add_many(values, types)
         # Features the reference does not track (a capped or a new feature) are counted.
         self.untracked += sum(map(len, chunk)) - (len(chunk) * len(self.features) - absent)
-        if self.prediction is not None:
-            self.prediction.add_many(predictions[i:end])
-        self.window_n += end - i
-        if self.window_start is None:
-            self.window_start = ts[i]
+
+    def _add_columns(self, chunk: FeatureColumns) -> None:
+        n, absent = len(chunk), 0
+        for name, window in self.features.items():
+            column = chunk.columns.get(name)
+            if column is None:  # no prediction of the run has it: missing in each
+                window.missing += n
+                absent += n
+            else:
+                window.add_column(column)
+        self.untracked += n * len(chunk.columns) - (n * len(self.features) - absent)
 
     def add_label(self, label: Any) -> None:
         """Absorb the label of an outcome (judged when the prediction window closes)."""

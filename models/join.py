@@ -61,14 +61,18 @@ Examples
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable, Collection, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from itertools import accumulate, groupby
+from operator import lt
 from typing import Any, NamedTuple
 
 import orjson
 
 from models import schema
+from models.columns import FeatureColumns, PredictionRun
 from models.errors import InvalidEvent, StateError
 from models.events import (
     DEFAULT_LIMITS,
@@ -80,8 +84,9 @@ from models.events import (
     parse_prediction,
 )
 
-__all__ = ["RECORDS_MESSAGE_BYTES", "DeadLetter", "Flush", "JoinPartition", "ModelRecord",
-           "decode_records", "encode_records", "expiry_heaps", "meta_key", "wal_key"]
+__all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "JoinPartition",
+           "ModelRecord", "decode_records", "encode_records", "expiry_heaps", "meta_key",
+           "run_records", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -143,16 +148,25 @@ class ModelRecord:
 RECORDS_MESSAGE_BYTES = 900_000
 #: Records in a model's first message of a batch, before their size per record is known.
 _FIRST_MESSAGE_RECORDS = 256
+#: Fewer consecutive predictions than this travel a record each, not as a run: a run's
+#: columns cost a numpy call each, which a few predictions do not repay.
+RUN_MIN = 16
+#: Bytes a run's entry may take per prediction beyond the event's own: its offset,
+#: timestamp, prediction and confidence, and a float's 8 bytes in base64 per feature.
+_RUN_ENTRY_BYTES, _RUN_VALUE_BYTES = 64, 11
 
 
 def encode_records(records: list[ModelRecord],
                    limit: int = RECORDS_MESSAGE_BYTES) -> list[tuple[str, bytes]]:
     """Records as the model stage receives them: orjson messages ``(model, value)``, each
-    model's in order, a message at most ``limit`` bytes unless one record alone is more.
+    model's in order, a message at most ``limit`` bytes unless one entry alone is more.
 
-    A ``"p"`` record with its event's bytes travels as kind ``"e"``, the event in place
-    of the features: embedding the validated bytes (``orjson.Fragment``) costs a tenth
-    of encoding the features again (their floats dominate).
+    ``RUN_MIN`` or more consecutive predictions of a version from one source partition
+    that all name the same features travel as one ``"c"`` entry, their features as
+    columns (:class:`models.columns.PredictionRun`), at most about ``limit / 2`` bytes
+    each. Other predictions with their event's bytes travel as kind ``"e"``, the event
+    in place of the features: embedding the validated bytes (``orjson.Fragment``) costs
+    a tenth of encoding the features again (their floats dominate).
 
     >>> record = ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])
     >>> [(model, raw)] = encode_records([record])
@@ -167,19 +181,20 @@ def encode_records(records: list[ModelRecord],
     b'[["e","1","p0",8,0,[2.0,{"id":"a","model":"m","features":{"x":0.1},"prediction":1},1,null]]]'
     >>> list(decode_records("m", raw))[0].item
     [2.0, {'x': 0.1}, 1, None]
+    >>> run = [ModelRecord("p", "m", "1", "p0", (i, 0), [float(i), {"x": i / 4}, 1, None])
+    ...        for i in range(RUN_MIN)]
+    >>> [(_, raw)] = encode_records(run)
+    >>> [decoded] = decode_records("m", raw)
+    >>> decoded.offsets[:3], decoded.features.columns["x"][:3]
+    ([0, 1, 2], array([0.  , 0.25, 0.5 ]))
     """
-    by_model: dict[str, list[list[Any]]] = {}
+    by_model: dict[str, list[ModelRecord]] = {}
     for r in records:
-        if r.raw is not None and r.kind == "p":
-            ts, _, prediction, confidence = r.item
-            entry = ["e", r.version, r.source, *r.position,
-                     [ts, orjson.Fragment(r.raw), prediction, confidence]]
-        else:
-            entry = [r.kind, r.version, r.source, *r.position, r.item]
-        by_model.setdefault(r.model, []).append(entry)
+        by_model.setdefault(r.model, []).append(r)
     out: list[tuple[str, bytes]] = []
-    for model, items in by_model.items():
-        # Each message is encoded once, sized from the bytes per record of the last one
+    for model, of_model in by_model.items():
+        items = _entries(of_model, limit // 2)
+        # Each message is encoded once, sized from the bytes per entry of the last one
         # (aiming at 90% of the limit); one that comes out too large is encoded again,
         # smaller. Halving a batch's worth until the halves fit encoded it ~3x over.
         start, count = 0, _FIRST_MESSAGE_RECORDS
@@ -193,12 +208,86 @@ def encode_records(records: list[ModelRecord],
     return out
 
 
-def decode_records(model: str, raw: bytes) -> Iterator[ModelRecord]:
-    """The records of one :func:`encode_records` message, for ``model``."""
-    for kind, version, source, offset, sub, item in orjson.loads(raw):
+def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
+    """One model's records as message entries: runs of predictions, the rest one each."""
+    entries: list[Any] = []
+    i = 0
+    for (kind, _, _, sub), group in groupby(
+            [(r.kind, r.version, r.source, r.position[1]) for r in records]):
+        span = records[i:i + len(list(group))]
+        i += len(span)
+        if kind != "p" or sub != 0 or len(span) < RUN_MIN:
+            entries += map(_entry, span)
+            continue
+        offsets = [r.position[0] for r in span]
+        if not all(map(lt, offsets, offsets[1:])):  # not made by the join: one each
+            entries += map(_entry, span)
+            continue
+        # Cut where the entry would pass run_bytes (by an upper bound of its size).
+        per = _RUN_ENTRY_BYTES + _RUN_VALUE_BYTES * len(span[0].item[1])
+        ends = list(accumulate(per if r.raw is None else per + len(r.raw) for r in span))
+        start = 0
+        while start < len(span):
+            base = ends[start - 1] if start else 0
+            end = max(start + 1, bisect.bisect_right(ends, base + run_bytes, lo=start))
+            end = _run(span, offsets, start, end, entries)
+            start = end
+    return entries
+
+
+def _run(span: list[ModelRecord], offsets: list[int], start: int, end: int,
+         entries: list[Any]) -> int:
+    """Append the run of ``span[start:end]`` (or of its first records, those naming the
+    same features as the first), else the first records one each; return where it ended."""
+    items = [r.item for r in span[start:end]]
+    columns = FeatureColumns.from_rows([item[1] for item in items]) \
+        if end - start >= RUN_MIN else None
+    if columns is None and end - start >= RUN_MIN:
+        names, k = items[0][1].keys(), 1
+        while k < len(items) and items[k][1].keys() == names:
+            k += 1
+        end, items = start + k, items[:k]
+        if k >= RUN_MIN:
+            columns = FeatureColumns.from_rows([item[1] for item in items])
+    if columns is None:
+        entries += map(_entry, span[start:end])
+        return end
+    ts, _, predictions, confidences = map(list, zip(*items, strict=True))
+    first = span[start]
+    entries.append(PredictionRun(first.version, first.source, offsets[start:end], ts,
+                                 predictions, confidences, columns).encode())
+    return end
+
+
+def _entry(r: ModelRecord) -> list[Any]:
+    if r.raw is not None and r.kind == "p":
+        ts, _, prediction, confidence = r.item
+        return ["e", r.version, r.source, *r.position,
+                [ts, orjson.Fragment(r.raw), prediction, confidence]]
+    return [r.kind, r.version, r.source, *r.position, r.item]
+
+
+def decode_records(model: str, raw: bytes) -> Iterator[ModelRecord | PredictionRun]:
+    """The records of one :func:`encode_records` message, for ``model``: a
+    :class:`models.columns.PredictionRun` for each run, a ModelRecord for each other."""
+    for entry in orjson.loads(raw):
+        kind = entry[0]
+        if kind == "c":
+            yield PredictionRun.decode(entry)
+            continue
+        kind, version, source, offset, sub, item = entry
         if kind == "e":  # a prediction as its event: the features are the event's
             kind, item[1] = "p", item[1]["features"]
         yield ModelRecord(kind, model, version, source, (offset, sub), item)
+
+
+def run_records(model: str, run: PredictionRun) -> list[ModelRecord]:
+    """The ModelRecords of a run, as the join made them (less the event bytes)."""
+    return [ModelRecord("p", model, run.version, run.source, (offset, 0),
+                        [ts, features, prediction, confidence])
+            for offset, ts, features, prediction, confidence in zip(
+                run.offsets, run.ts, run.features.rows(), run.predictions, run.confidences,
+                strict=True)]
 
 
 class Flush(NamedTuple):

@@ -19,9 +19,11 @@ Examples
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from models.columns import FeatureColumns, PredictionRun
 from models.datadrift import DataDriftMonitor
 from models.estimate import ConfidenceEstimate
 from models.events import class_key
@@ -96,15 +98,25 @@ class VersionMonitor:
         order, the data drift binned in bulk; returns the RetrainingEvents fired."""
         if len(items) < _BULK:
             return [event for item in items if (event := self.add_prediction(*item))]
-        ts = [item[0] for item in items]
-        closed = self.data.add_predictions(ts, [item[1] for item in items],
-                                           [item[2] for item in items])
+        return self._add_bulk([item[0] for item in items], [item[1] for item in items],
+                              [item[2] for item in items], [item[3] for item in items])
+
+    def add_run(self, run: PredictionRun, start: int = 0) -> list[dict[str, Any]]:
+        """:meth:`add_predictions` of the run's predictions from ``start`` on, binned a
+        column at a time; returns the RetrainingEvents fired."""
+        features = run.features.slice(start, len(run)) if start else run.features
+        return self._add_bulk(run.ts[start:], features, run.predictions[start:],
+                              run.confidences[start:])
+
+    def _add_bulk(self, ts: list[float], features: Sequence[dict[str, Any]] | FeatureColumns,
+                  predictions: list[Any], confidences: list[float | None],
+                  ) -> list[dict[str, Any]]:
+        closed = self.data.add_predictions(ts, features, predictions)
         events: list[dict[str, Any]] = []
         done = 0
-        for last, reasons in [*closed, (len(items) - 1, None)]:
+        for last, reasons in [*closed, (len(ts) - 1, None)]:
             # Up to the prediction that closed a window: what the policy sees when it fires.
-            self.estimate.update_many(
-                item[3] for item in items[done:last + 1] if item[3] is not None)
+            self.estimate.update_many(c for c in confidences[done:last + 1] if c is not None)
             self.predictions_seen += last + 1 - done
             if done <= last:
                 self._seen(max(ts[done:last + 1]))
@@ -206,16 +218,23 @@ class ModelState:
         fired = self.absorb_many((record,))
         return fired[0] if fired else None
 
-    def absorb_many(self, records: Iterable[ModelRecord]) -> list[dict[str, Any]]:
+    def absorb_many(self, records: Iterable[ModelRecord | PredictionRun]) -> list[dict[str, Any]]:
         """Absorb records in order, each unless already absorbed; return the
         RetrainingEvents fired. Consecutive predictions of a version go to
-        :meth:`VersionMonitor.add_predictions` together: the same result as one
-        :meth:`absorb` each, with the drift histograms updated in bulk."""
+        :meth:`VersionMonitor.add_predictions` together, a run of them
+        (:class:`models.columns.PredictionRun`) to :meth:`VersionMonitor.add_run`: the same
+        result as one :meth:`absorb` each, with the drift histograms updated in bulk."""
         fired: list[dict[str, Any]] = []
         run: list[list[Any]] = []  # items of consecutive "p" records of run_version
         run_version = ""
         positions = self.positions
         for record in records:
+            if isinstance(record, PredictionRun):
+                if run:
+                    fired += self.version(run_version).add_predictions(run)
+                    run = []
+                fired += self._run(record)
+                continue
             position = tuple(record.position)
             last = positions.get(record.source)
             if last is not None and position <= last:
@@ -238,6 +257,20 @@ class ModelState:
         if run:
             fired += self.version(run_version).add_predictions(run)
         return fired
+
+    def _run(self, run: PredictionRun) -> list[dict[str, Any]]:
+        # Its predictions are at (offset, 0), offsets increasing: those at or below the
+        # last position absorbed from the source are a prefix.
+        last = self.positions.get(run.source)
+        start = 0
+        if last is not None:
+            offset, sub = last
+            start = (bisect.bisect_right if sub >= 0 else bisect.bisect_left)(run.offsets, offset)
+        self.replays_skipped += start
+        if start == len(run):
+            return []
+        self.positions[run.source] = (run.offsets[-1], 0)
+        return self.version(run.version).add_run(run, start)
 
     def _outcome(self, record: ModelRecord) -> dict[str, Any] | None:
         monitor = self.version(record.version)

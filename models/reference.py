@@ -185,11 +185,7 @@ class FeatureProfile:
         size = len(self.counts)
         types = set(map(type, values)) if types is None else types
         if self.kind == "numeric" and types <= _NUMERIC_TYPES:
-            array = np.array(values, dtype=np.float64)  # None -> NaN
-            present = array[~np.isnan(array)]
-            bins = np.searchsorted(np.asarray(self.edges, dtype=np.float64), present,
-                                   side="right")
-            return np.bincount(bins, minlength=size).tolist(), len(values) - len(present)
+            return self.bin_floats(np.array(values, dtype=np.float64))  # None -> NaN
         if self.kind == "categorical" and types == _STR_TYPES:
             index, other = self._index, len(self.categories)
             return np.bincount([index.get(v, other) for v in values],
@@ -208,6 +204,30 @@ class FeatureProfile:
             else:
                 counts[i] += 1
         return counts, missing
+
+    def bin_floats(self, array: np.ndarray) -> tuple[list[int], int]:
+        """:meth:`bin_counts` of a numeric feature's float64 values, NaN missing.
+
+        >>> FeatureProfile("numeric", counts=(2, 5, 3), missing=1, edges=(0.5, 2.0)).bin_floats(
+        ...     np.array([0.1, 0.5, 2.0, np.nan]))
+        ([1, 1, 1], 1)
+        """
+        present = array[~np.isnan(array)]
+        bins = np.searchsorted(np.asarray(self.edges, dtype=np.float64), present, side="right")
+        return np.bincount(bins, minlength=len(self.counts)).tolist(), len(array) - len(present)
+
+    def bin_codes(self, strings: Sequence[str], codes: np.ndarray) -> list[int]:
+        """:meth:`bin_counts` of a categorical feature's strings given as distinct
+        ``strings`` and a code per value (an index into them): each distinct one looked
+        up once.
+
+        >>> FeatureProfile("categorical", counts=(3, 1, 0), missing=0,
+        ...                categories=("a", "b")).bin_codes(["b", "z"], np.array([0, 1, 1]))
+        [0, 1, 2]
+        """
+        index, other = self._index, len(self.categories)
+        lookup = np.array([index.get(s, other) for s in strings], dtype=np.intp)
+        return np.bincount(lookup[codes], minlength=len(self.counts)).tolist()  # type: ignore[no-any-return]
 
     def proportions(self) -> np.ndarray:
         """``counts / sum(counts)`` as float64, missing values excluded; zeros if all missing."""

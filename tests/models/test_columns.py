@@ -1,0 +1,167 @@
+"""Runs of predictions as columns: exact round trips, and a model stage that absorbs them
+exactly as it absorbs one record per prediction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from models import codec
+from models.columns import Categories, FeatureColumns, PredictionRun
+from models.errors import StateError
+from models.join import (
+    RUN_MIN,
+    JoinPartition,
+    ModelRecord,
+    decode_records,
+    encode_records,
+    run_records,
+)
+from models.monitor import ModelState
+from models.policy import PolicyBook
+from models.simulation import WideScenario, simulate_wide
+
+
+def typed(rows: list[dict[str, Any]]) -> list[list[tuple[str, type, Any]]]:
+    """Rows as (name, type, value): 1 == 1.0 == True in Python, not here."""
+    return [[(k, type(v), v) for k, v in row.items()] for row in rows]
+
+
+def test_columns_give_back_every_value_with_its_type() -> None:
+    rows = [
+        {"f": 0.30000000000000004, "s": "DE", "i": 1, "m": 1.0, "b": True, "n": None,
+         "u": "\u00e9\u4e2d\U0001f600"},
+        {"f": -0.0, "s": "FR", "i": 2**62, "m": 2, "b": False, "n": 3.5, "u": ""},
+        {"f": 5e-324, "s": "DE", "i": -7, "m": "x", "b": True, "n": None, "u": "a\"b\\"},
+        {"f": 1.7976931348623157e308, "s": "", "i": 0, "m": None, "b": False, "n": 0,
+         "u": "\x00"},
+    ]
+    columns = FeatureColumns.from_rows(rows)
+    assert columns is not None
+    assert isinstance(columns.columns["f"], np.ndarray)
+    assert isinstance(columns.columns["s"], Categories)
+    assert columns.columns["s"].values == ["DE", "FR", ""]
+    assert all(isinstance(columns.columns[k], list) for k in "imbnu" if k != "u")
+    assert isinstance(columns.columns["u"], Categories)
+    back = FeatureColumns.decode(orjson.loads(orjson.dumps(columns.encode())), len(rows))
+    assert typed(back.rows()) == typed(rows)
+    assert math.copysign(1.0, back.rows()[1]["f"]) == -1.0  # -0.0 keeps its sign
+    assert typed(back.rows(1, 3)) == typed(rows[1:3])
+    assert typed(back.slice(2, 4).rows()) == typed(rows[2:])
+
+
+def test_rows_with_other_feature_names_make_no_columns() -> None:
+    assert FeatureColumns.from_rows([{"a": 1.0, "b": 2.0}, {"a": 1.0, "c": 2.0}]) is None
+    assert FeatureColumns.from_rows([{"a": 1.0}, {"a": 1.0, "b": 2.0}]) is None
+    assert FeatureColumns.from_rows([{"a": 1.0}, {"b": 2.0}]) is None
+    assert FeatureColumns.from_rows([]) is None
+    same = FeatureColumns.from_rows([{"a": 1.0, "b": "x"}, {"b": "y", "a": 2.0}])  # any order
+    assert same is not None and same.rows() == [{"a": 1.0, "b": "x"}, {"a": 2.0, "b": "y"}]
+    empty = FeatureColumns.from_rows([{}, {}])
+    assert empty is not None and empty.rows() == [{}, {}]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (["c", "1", "p0", [1, 2], [1.0], ["a", "b"], [None, None], {}], "unequal length"),
+    (["c", "1", "p0", [2, 2], [1.0, 2.0], ["a", "b"], [None, None], {}], "out of order"),
+    (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
+      {"x": ["f", "AAAAAAAA4D8="]}], "column 'x' has 1 values, not 2"),
+    (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
+      {"c": ["s", ["a"], "AAAAAAEAAAA="]}], "column 'c' has codes out of range"),
+    (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
+      {"j": ["j", [1]]}], "column 'j' is not a column of 2"),
+    (["c", "1", "p0", [1, 2]], "a run entry has 4 fields"),
+])
+def test_a_run_that_does_not_hold_is_refused_naming_what(entry: list[Any],
+                                                          message: str) -> None:
+    with pytest.raises(StateError, match=message):
+        list(decode_records("m", orjson.dumps([entry])))
+
+
+def join_records(events: list[dict[str, Any]], partition: int = 0) -> list[ModelRecord]:
+    part = JoinPartition({}, partition=partition, ttl=600.0)
+    for offset, event in enumerate(events):
+        part.absorb("predictions", orjson.dumps(event), offset, event["ts"])
+    return part.drain().records
+
+
+def wide_events(n: int, **scenario: Any) -> list[dict[str, Any]]:
+    return [ev.value for ev in simulate_wide(WideScenario(n=n, **scenario))]
+
+
+def test_a_join_batch_travels_as_runs_and_comes_back_as_its_records() -> None:
+    events = wide_events(200, seed=3)
+    for event in events[50:60]:  # a run of another version, too short for columns
+        event["version"] = "2"
+    for event in events[120:140]:  # no "c0": a run of its own
+        del event["features"]["c0"]
+    sent = join_records(events)
+    [(model, message)] = encode_records(sent)
+    entries = orjson.loads(message)
+    assert [(e[0], len(e[3]) if e[0] == "c" else 1) for e in entries] == (
+        [("c", 50)] + [("e", 1)] * 10 + [("c", 60), ("c", 20), ("c", 60)])
+    received = [record for item in decode_records(model, message)
+                for record in (run_records(model, item) if isinstance(item, PredictionRun)
+                               else [item])]
+    assert received == sent  # the event's bytes (compare=False) aside
+    assert typed([r.item[1] for r in received]) == typed([r.item[1] for r in sent])
+    assert len(message) < 0.5 * sum(len(r.raw or b"") for r in sent)
+
+
+def test_runs_are_cut_to_keep_messages_under_the_limit() -> None:
+    sent = join_records(wide_events(2_000, seed=4))
+    messages = encode_records(sent, limit=40_000)
+    assert len(messages) > 10 and all(len(raw) <= 40_000 for _, raw in messages)
+    runs = [item for _, raw in messages for item in decode_records("wide", raw)]
+    assert all(isinstance(run, PredictionRun) and len(run) >= RUN_MIN for run in runs)
+    assert [offset for run in runs for offset in run.offsets] == list(range(2_000))
+
+
+def absorbed(state: ModelState) -> tuple[bytes, dict[str, Any]]:
+    return codec.dumps(state.versions), dict(state.positions)
+
+
+def test_runs_are_absorbed_exactly_as_one_record_each_replays_included() -> None:
+    """Feature drift (a numeric and a categorical shift), nulls and a missing feature:
+    runs through encode/decode give the events, their order and the state of one absorb
+    per record; re-sent messages, whole or from the middle of a run, add nothing."""
+    events = wide_events(30_000, seed=5, shift_feature="n2", shift_at=16_000)
+    for i in range(16_000, 30_000):  # a categorical drift too
+        c1 = events[i]["features"]["c1"]
+        events[i]["features"]["c1"] = {"a": "c", "c": "a"}.get(c1, c1)
+    for event in events[12_000:12_400]:
+        event["features"]["n5"] = None  # nulls: a column of values
+    for event in events[14_000:14_100]:
+        del event["features"]["c3"]  # absent: missing, and runs without it
+    for event in events[20_000:20_100]:
+        event["features"]["new"] = 1.0  # untracked
+    records = join_records(events)
+
+    one = ModelState("wide", PolicyBook())
+    bulk = ModelState("wide", PolicyBook())
+    expected: list[dict[str, Any]] = []
+    got: list[dict[str, Any]] = []
+    runs = 0
+    for start in range(0, len(records), 1_700):
+        chunk = records[start:start + 1_700]
+        expected += [event for r in chunk if (event := one.absorb(r)) is not None]
+        for _, raw in encode_records(chunk, limit=200_000):
+            items = list(decode_records("wide", raw))
+            runs += sum(isinstance(item, PredictionRun) for item in items)
+            got += bulk.absorb_many(items)
+        assert absorbed(bulk) == absorbed(one)  # open windows' counts and all
+        replay = encode_records(records[max(0, start - 900):start + 1_700], limit=200_000)
+        before = bulk.replays_skipped
+        for _, raw in replay:  # a replay from the middle of an earlier run: nothing new
+            assert bulk.absorb_many(decode_records("wide", raw)) == []
+        assert bulk.replays_skipped - before == len(records[max(0, start - 900):start + 1_700])
+        assert absorbed(bulk) == absorbed(one)
+    assert runs > 40
+    reasons = [(r["kind"], r.get("feature")) for event in expected for r in event["reasons"]]
+    assert ("feature_drift", "n2") in reasons and ("feature_drift", "c1") in reasons
+    assert got == expected
+    assert bulk.versions["1"].data.untracked == one.versions["1"].data.untracked == 100
