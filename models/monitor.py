@@ -1,9 +1,10 @@
 """Everything driftwarden knows about one model: per-version monitors and absorbed offsets.
 
 :class:`ModelState` is the value the worker keeps per model. It absorbs the records the
-join produces (:class:`models.join.ModelRecord`) idempotently: it remembers, per source
-partition, the position of the last record it absorbed and skips anything at or below it,
-so a record replayed after a crash is never counted twice.
+join produces (:class:`models.join.ModelRecord`, and runs of predictions as columns,
+:class:`models.columns.PredictionRun`) idempotently: it remembers, per source partition,
+the position of the last record it absorbed and skips anything at or below it, so a
+record replayed after a crash is never counted twice.
 
 Examples
 --------
