@@ -43,6 +43,7 @@ True
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter, lt
@@ -102,7 +103,11 @@ def _b64(array: np.ndarray) -> str:
 
 
 def _array(text: str, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray:
-    array = np.frombuffer(base64.b64decode(text), dtype=dtype)
+    try:
+        array = np.frombuffer(base64.b64decode(text, validate=True), dtype=dtype)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise StateError(f"records message: column {name!r} is not base64 of "
+                         f"{dtype.name} values: {exc}") from None
     if len(array) != n:
         raise StateError(f"records message: column {name!r} has {len(array)} values, not {n}")
     return array

@@ -366,7 +366,7 @@ class DataDriftMonitor:
         while i < n:
             if self.reference is None:  # bootstrapping: the builder takes one at a time
                 assert self._builder is not None
-                stop = min(n, i + self._builder.size - self._builder.n)
+                stop = max(i + 1, min(n, i + self._builder.size - self._builder.n))
                 rows = (features.rows(i, stop) if isinstance(features, FeatureColumns)
                         else features[i:stop])
                 for k, row in enumerate(rows, i):

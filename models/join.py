@@ -152,21 +152,25 @@ _FIRST_MESSAGE_RECORDS = 256
 #: columns cost a numpy call each, which a few predictions do not repay.
 RUN_MIN = 16
 #: Bytes a run's entry may take per prediction beyond the event's own: its offset,
-#: timestamp, prediction and confidence, and a float's 8 bytes in base64 per feature.
-_RUN_ENTRY_BYTES, _RUN_VALUE_BYTES = 64, 11
+#: timestamp, prediction and confidence, and per feature what a value may grow by when
+#: written again (a float's base64 is 11 bytes; in a list of values, orjson writes
+#: ``1e15`` as ``1000000000000000.0`` and any number in at most 24).
+_RUN_ENTRY_BYTES, _RUN_VALUE_BYTES = 64, 24
 
 
-def encode_records(records: list[ModelRecord],
-                   limit: int = RECORDS_MESSAGE_BYTES) -> list[tuple[str, bytes]]:
+def encode_records(records: list[ModelRecord], limit: int = RECORDS_MESSAGE_BYTES,
+                   runs: bool = True) -> list[tuple[str, bytes]]:
     """Records as the model stage receives them: orjson messages ``(model, value)``, each
     model's in order, a message at most ``limit`` bytes unless one entry alone is more.
 
-    ``RUN_MIN`` or more consecutive predictions of a version from one source partition
-    that all name the same features travel as one ``"c"`` entry, their features as
-    columns (:class:`models.columns.PredictionRun`), at most about ``limit / 2`` bytes
-    each. Other predictions with their event's bytes travel as kind ``"e"``, the event
-    in place of the features: embedding the validated bytes (``orjson.Fragment``) costs
-    a tenth of encoding the features again (their floats dominate).
+    With ``runs``, ``RUN_MIN`` or more consecutive predictions of a version from one
+    source partition that all name the same features travel as one ``"c"`` entry, their
+    features as columns (:class:`models.columns.PredictionRun`), each entry at most
+    ``limit / 2`` bytes by an upper bound of its size. Other predictions with their
+    event's bytes travel as kind ``"e"``, the event in place of the features: embedding
+    the validated bytes (``orjson.Fragment``) costs a tenth of encoding the features
+    again (their floats dominate). Without ``runs`` no ``"c"`` entry is made: the form
+    releases before runs read.
 
     >>> record = ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])
     >>> [(model, raw)] = encode_records([record])
@@ -187,13 +191,16 @@ def encode_records(records: list[ModelRecord],
     >>> [decoded] = decode_records("m", raw)
     >>> decoded.offsets[:3], decoded.features.columns["x"][:3]
     ([0, 1, 2], array([0.  , 0.25, 0.5 ]))
+    >>> [(_, raw)] = encode_records(run, runs=False)
+    >>> raw.count(b'["p",')
+    16
     """
     by_model: dict[str, list[ModelRecord]] = {}
     for r in records:
         by_model.setdefault(r.model, []).append(r)
     out: list[tuple[str, bytes]] = []
     for model, of_model in by_model.items():
-        items = _entries(of_model, limit // 2)
+        items = _entries(of_model, limit // 2) if runs else list(map(_entry, of_model))
         # Each message is encoded once, sized from the bytes per entry of the last one
         # (aiming at 90% of the limit); one that comes out too large is encoded again,
         # smaller. Halving a batch's worth until the halves fit encoded it ~3x over.
@@ -212,8 +219,12 @@ def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
     """One model's records as message entries: runs of predictions, the rest one each."""
     entries: list[Any] = []
     i = 0
-    for (kind, _, _, sub), group in groupby(
-            [(r.kind, r.version, r.source, r.position[1]) for r in records]):
+    # Spans of records alike: predictions of one version and source with as many
+    # features (cheaper to compare than their names: _run splits by names when needed),
+    # or anything else.
+    for (kind, _, _, sub, _), group in groupby(
+            [(r.kind, r.version, r.source, r.position[1],
+              len(r.item[1]) if r.kind == "p" else -1) for r in records]):
         span = records[i:i + len(list(group))]
         i += len(span)
         if kind != "p" or sub != 0 or len(span) < RUN_MIN:
@@ -224,39 +235,39 @@ def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
             entries += map(_entry, span)
             continue
         # Cut where the entry would pass run_bytes (by an upper bound of its size).
-        per = _RUN_ENTRY_BYTES + _RUN_VALUE_BYTES * len(span[0].item[1])
-        ends = list(accumulate(per if r.raw is None else per + len(r.raw) for r in span))
+        ends = list(accumulate(
+            _RUN_ENTRY_BYTES + _RUN_VALUE_BYTES * len(r.item[1])
+            + (0 if r.raw is None else len(r.raw)) for r in span))
         start = 0
         while start < len(span):
             base = ends[start - 1] if start else 0
             end = max(start + 1, bisect.bisect_right(ends, base + run_bytes, lo=start))
-            end = _run(span, offsets, start, end, entries)
+            _run(span[start:end], offsets[start:end], entries)
             start = end
     return entries
 
 
-def _run(span: list[ModelRecord], offsets: list[int], start: int, end: int,
-         entries: list[Any]) -> int:
-    """Append the run of ``span[start:end]`` (or of its first records, those naming the
-    same features as the first), else the first records one each; return where it ended."""
-    items = [r.item for r in span[start:end]]
+def _run(records: list[ModelRecord], offsets: list[int], entries: list[Any],
+         split: bool = True) -> None:
+    """Append ``records`` (predictions with as many features) as a run, or one each; as
+    runs of those naming the same features (``split``) when they do not all."""
+    items = [r.item for r in records]
     columns = FeatureColumns.from_rows([item[1] for item in items]) \
-        if end - start >= RUN_MIN else None
-    if columns is None and end - start >= RUN_MIN:
-        names, k = items[0][1].keys(), 1
-        while k < len(items) and items[k][1].keys() == names:
-            k += 1
-        end, items = start + k, items[:k]
-        if k >= RUN_MIN:
-            columns = FeatureColumns.from_rows([item[1] for item in items])
+        if len(items) >= RUN_MIN else None
+    if columns is None and split and len(items) >= RUN_MIN:
+        start = 0  # one pass over the names (dict views compare as sets), no retries
+        for _, group in groupby(item[1].keys() for item in items):
+            end = start + len(list(group))
+            _run(records[start:end], offsets[start:end], entries, split=False)
+            start = end
+        return
     if columns is None:
-        entries += map(_entry, span[start:end])
-        return end
+        entries += map(_entry, records)
+        return
     ts, _, predictions, confidences = map(list, zip(*items, strict=True))
-    first = span[start]
-    entries.append(PredictionRun(first.version, first.source, offsets[start:end], ts,
-                                 predictions, confidences, columns).encode())
-    return end
+    first = records[0]
+    entries.append(PredictionRun(first.version, first.source, offsets, ts, predictions,
+                                 confidences, columns).encode())
 
 
 def _entry(r: ModelRecord) -> list[Any]:

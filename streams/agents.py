@@ -419,7 +419,7 @@ class Pipeline:
         """Send records (a model's in one message or, past RECORDS_MESSAGE_BYTES, several)
         and dead letters; return once all are acked."""
         sends = [await self._dead_letter(d) for d in dead]
-        for model, raw in encode_records(records):
+        for model, raw in encode_records(records, runs=self.settings.records_format == "runs"):
             sends.append(await self.app.producer.send(
                 self.names.model_records, model.encode(), raw, None, None, None))
         await asyncio.gather(*sends)

@@ -21,13 +21,16 @@ from typing import Any
 from models.errors import ConfigError
 from models.policy import PolicyBook
 
-__all__ = ["ROLES", "Settings"]
+__all__ = ["RECORDS_FORMATS", "ROLES", "Settings"]
 
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 #: What a worker process runs: both stages, or one of them (README, "One process or two").
 ROLES = ("all", "join", "monitor")
+#: How the join sends predictions to the model stage: ``runs`` (columns, this release on)
+#: or ``records`` (one each: what model stages of earlier releases read).
+RECORDS_FORMATS = ("runs", "records")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Settings:
     fetch_min_bytes: int = 256 * 1024
     compression: str = "zstd"
     role: str = "all"
+    records_format: str = "runs"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "SCRAM-SHA-512"
     sasl_username: str | None = None
@@ -92,6 +96,7 @@ class Settings:
                                         64 * 1024 * 1024),
             compression=get.choice("COMPRESSION", cls.compression, _COMPRESSIONS),
             role=get.choice("ROLE", cls.role, ROLES),
+            records_format=get.choice("RECORDS_FORMAT", cls.records_format, RECORDS_FORMATS),
             security_protocol=get.choice("SECURITY_PROTOCOL", "PLAINTEXT", _SECURITY_PROTOCOLS),
             sasl_mechanism=get.choice("SASL_MECHANISM", "SCRAM-SHA-512", _SASL_MECHANISMS),
             sasl_username=env.get("DRIFTWARDEN_SASL_USERNAME"),

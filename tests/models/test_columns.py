@@ -75,6 +75,8 @@ def test_rows_with_other_feature_names_make_no_columns() -> None:
     (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
       {"j": ["j", [1]]}], "column 'j' is not a column of 2"),
     (["c", "1", "p0", [1, 2]], "a run entry has 4 fields"),
+    (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
+      {"x": ["f", "not base64!"]}], "column 'x' is not base64 of float64 values"),
 ])
 def test_a_run_that_does_not_hold_is_refused_naming_what(entry: list[Any],
                                                           message: str) -> None:
@@ -114,11 +116,69 @@ def test_a_join_batch_travels_as_runs_and_comes_back_as_its_records() -> None:
 
 def test_runs_are_cut_to_keep_messages_under_the_limit() -> None:
     sent = join_records(wide_events(2_000, seed=4))
-    messages = encode_records(sent, limit=40_000)
-    assert len(messages) > 10 and all(len(raw) <= 40_000 for _, raw in messages)
-    runs = [item for _, raw in messages for item in decode_records("wide", raw)]
-    assert all(isinstance(run, PredictionRun) and len(run) >= RUN_MIN for run in runs)
-    assert [offset for run in runs for offset in run.offsets] == list(range(2_000))
+    messages = encode_records(sent, limit=60_000)
+    assert len(messages) >= 10 and all(len(raw) <= 60_000 for _, raw in messages)
+    items = [item for _, raw in messages for item in decode_records("wide", raw)]
+    runs = [item for item in items if isinstance(item, PredictionRun)]
+    assert all(len(run) >= RUN_MIN for run in runs)
+    assert sum(map(len, runs)) >= 1_900  # a span's last few may go one each
+    assert [o for item in items for o in (
+        item.offsets if isinstance(item, PredictionRun) else [item.position[0]])] == list(
+        range(2_000))
+
+
+def test_optional_features_cost_no_rescans() -> None:
+    """Spans are cut where the feature names change: a feature in every second
+    prediction makes no run and no repeated attempt at one (it had made the join's
+    encoding quadratic in the batch)."""
+    events = wide_events(3_000, seed=6)
+    for event in events[::2]:
+        event["features"]["optional"] = 1.0
+    sent = join_records(events)
+    calls = 0
+    real = FeatureColumns.from_rows
+
+    def counted(rows: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(rows)
+
+    FeatureColumns.from_rows = counted  # type: ignore[method-assign]
+    try:
+        messages = encode_records(sent)
+    finally:
+        FeatureColumns.from_rows = real  # type: ignore[method-assign]
+    assert calls == 0
+    assert [r for _, raw in messages for r in decode_records("wide", raw)] == sent
+    # As many features but other names, every 50: one attempt over each part of the
+    # span cut by size (about 400 predictions), then one per 50 (not per prediction).
+    events = wide_events(1_000, seed=6)
+    for i, event in enumerate(events):
+        if i // 50 % 2:
+            event["features"]["renamed"] = event["features"].pop("n0")
+    sent = join_records(events)
+    calls = 0
+    FeatureColumns.from_rows = counted  # type: ignore[method-assign]
+    try:
+        messages = encode_records(sent)
+    finally:
+        FeatureColumns.from_rows = real  # type: ignore[method-assign]
+    items = [item for _, raw in messages for item in decode_records("wide", raw)]
+    runs = [item for item in items if isinstance(item, PredictionRun)]
+    assert [r for item in items for r in (
+        run_records("wide", item) if isinstance(item, PredictionRun) else [item])] == sent
+    assert sum(map(len, runs)) > 950
+    assert all(run.offsets[0] // 50 == run.offsets[-1] // 50 for run in runs)
+    assert calls <= 3 + 23
+
+    events = wide_events(3_000, seed=6)
+    for event in events[1_000:2_000]:
+        event["features"]["optional"] = 1.0
+    items = [item for _, raw in encode_records(join_records(events))
+             for item in decode_records("wide", raw)]
+    runs = [item for item in items if isinstance(item, PredictionRun)]
+    assert sum(map(len, runs)) == 3_000  # all in runs, none across a change of names
+    assert all(run.offsets[0] // 1_000 == run.offsets[-1] // 1_000 for run in runs)
 
 
 def absorbed(state: ModelState) -> tuple[bytes, dict[str, Any]]:

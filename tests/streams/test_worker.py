@@ -595,3 +595,66 @@ def test_held_labels_go_on_with_their_predictions_or_once_those_stall(monkeypatc
         thread._held[later] = _Held(now[0])
         thread._held[later].records = [SimpleNamespace(offset=9, timestamp=10**6)]
         assert release() == {later: [9]}
+
+
+def test_records_format_records_sends_one_record_per_prediction(kafka_broker, prefix,
+                                                                 tmp_path):
+    # Model stages of earlier releases cannot read a run of predictions as columns:
+    # DRIFTWARDEN_RECORDS_FORMAT=records keeps the join to the form they read, for a
+    # rolling upgrade (README, "Topics").
+    from aiokafka import AIOKafkaConsumer
+
+    from models.errors import ConfigError
+    from models.join import JoinPartition, decode_records
+    from models.simulation import WideScenario, simulate_wide
+    from streams.agents import Pipeline
+    from streams.app import create_app
+    from streams.metrics import Snapshot
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+    from streams.topics import TopicNames, ensure_topics
+
+    part = JoinPartition({}, partition=0, ttl=600.0)
+    for offset, ev in enumerate(simulate_wide(WideScenario(n=40, seed=1))):
+        part.absorb("predictions", orjson.dumps(ev.value), offset, ev.ts)
+    records = part.drain().records
+    assert Settings.from_env({}).records_format == "runs"
+    with pytest.raises(ConfigError, match="DRIFTWARDEN_RECORDS_FORMAT must be one of runs, "):
+        Settings.from_env({"DRIFTWARDEN_RECORDS_FORMAT": "columns"})
+
+    def sent(records_format: str) -> list[str]:
+        """The entry kinds the join's records message holds with this setting."""
+        settings = Settings.from_env({"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}",
+                                      "DRIFTWARDEN_TOPIC_PREFIX": f"{prefix}{records_format}.",
+                                      "DRIFTWARDEN_DATA_DIR": str(tmp_path),
+                                      "DRIFTWARDEN_RECORDS_FORMAT": records_format})
+        partitions = run(ensure_topics(settings))
+        app = create_app(settings, partitions)
+        pipeline = Pipeline(app, settings, declare_tables(app, partitions, settings),
+                            Snapshot(max_models=10))
+        topic = TopicNames.from_settings(settings).model_records
+
+        async def send_and_read() -> bytes:
+            await app.producer.start()
+            try:
+                await pipeline._send(records, [])
+            finally:
+                await app.producer.stop()
+            consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_broker,
+                                        auto_offset_reset="earliest")
+            await consumer.start()
+            try:
+                message = await asyncio.wait_for(consumer.getone(), 30)
+            finally:
+                await consumer.stop()
+            return message.value
+
+        raw = run(send_and_read())
+        items = list(decode_records("wide", raw))
+        assert [r for item in items for r in (
+            item.offsets if not hasattr(item, "position") else [item.position[0]])] == list(
+            range(40))
+        return [entry[0] for entry in orjson.loads(raw)]
+
+    assert sent("runs") == ["c"]
+    assert sent("records") == ["e"] * 40
