@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter, lt
 from typing import Any
@@ -53,7 +53,8 @@ import numpy as np
 
 from models.errors import StateError
 
-__all__ = ["Categories", "Column", "FeatureColumns", "PredictionRun", "column_values"]
+__all__ = ["Categories", "Column", "FeatureColumns", "PredictionRun", "column_values",
+           "transpose"]
 
 _FLOAT = np.dtype("<f8")
 _CODE = np.dtype("<i4")
@@ -83,6 +84,25 @@ def column_values(column: Column, start: int = 0, end: int | None = None) -> lis
     if isinstance(column, Categories):
         return list(map(column.values.__getitem__, column.codes[start:end].tolist()))
     return column[start:end]
+
+
+def transpose(rows: Sequence[Mapping[str, Any]],
+              names: Collection[str]) -> list[Sequence[Any]] | None:
+    """The values of each of ``names`` in ``rows``, read by ``operator.itemgetter`` and
+    transposed by ``zip``, in C, rather than by a lookup per value in Python; None when
+    a row lacks one of them.
+
+    >>> transpose([{"a": 1, "b": 2}, {"a": 3, "b": 4}], ["a", "b"])
+    [(1, 3), (2, 4)]
+    >>> transpose([{"a": 1}, {"b": 2}], ["a"]) is None
+    True
+    """
+    try:
+        if len(names) < 2:  # itemgetter of one name returns no tuple
+            return [[row[name] for row in rows] for name in names]
+        return list(zip(*map(itemgetter(*names), rows), strict=True))
+    except KeyError:
+        return None
 
 
 def _column(values: Sequence[Any]) -> Column:
@@ -142,15 +162,9 @@ class FeatureColumns:
         names = tuple(rows[0])
         if set(map(len, rows)) != {len(names)}:
             return None
-        if len(names) < 2:  # itemgetter of one name returns no tuple
-            if names and any(names[0] not in row for row in rows):
-                return None
-            table: list[Sequence[Any]] = [[row[name] for row in rows] for name in names]
-        else:
-            try:
-                table = list(zip(*map(itemgetter(*names), rows), strict=True))
-            except KeyError:  # as many names, not the same ones
-                return None
+        table = transpose(rows, names)  # None: as many names, not the same ones
+        if table is None:
+            return None
         return cls({name: _column(values) for name, values in zip(names, table, strict=True)},
                    len(rows))
 

@@ -105,9 +105,8 @@ class VersionMonitor:
     def add_run(self, run: PredictionRun, start: int = 0) -> list[dict[str, Any]]:
         """:meth:`add_predictions` of the run's predictions from ``start`` on, binned a
         column at a time; returns the RetrainingEvents fired."""
-        features = run.features.slice(start, len(run)) if start else run.features
-        return self._add_bulk(run.ts[start:], features, run.predictions[start:],
-                              run.confidences[start:])
+        return self._add_bulk(run.ts[start:], run.features.slice(start, len(run)),
+                              run.predictions[start:], run.confidences[start:])
 
     def _add_bulk(self, ts: list[float], features: Sequence[dict[str, Any]] | FeatureColumns,
                   predictions: list[Any], confidences: list[float | None],
