@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Collection, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from itertools import accumulate, groupby
 from operator import lt
@@ -84,13 +84,24 @@ from models.events import (
     parse_prediction,
 )
 
-__all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "JoinPartition",
-           "ModelRecord", "decode_records", "encode_records", "expiry_heaps", "meta_key",
-           "run_records", "wal_key"]
+__all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "InputRecord",
+           "JoinPartition", "ModelRecord", "decode_records", "encode_records", "expiry_heaps",
+           "meta_key", "run_records", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
 _SOURCE_CODE = {PREDICTIONS: "p", LABELS: "l"}
+_NEVER = float("-inf")
+
+
+class InputRecord(NamedTuple):
+    """An input record, with what the join reads of it: aiokafka's ``ConsumerRecord``
+    has these attributes (and more), and :meth:`JoinPartition.absorb_many` takes either."""
+
+    offset: int
+    timestamp: int  # milliseconds, as Kafka keeps it
+    key: bytes | None
+    value: bytes | None
 
 
 def meta_key(partition: int) -> str:
@@ -421,6 +432,9 @@ class JoinPartition:
         self.ttl = ttl
         self.limits = limits
         self.regression = regression
+        self._numeric: dict[str, bool] = {}  # regression(model), asked once per model
+        self._sources = ("p" + str(partition), "o" + str(partition))  # of its records
+        self._meta_key = meta_key(partition)
         self.max_versions = max_versions
         self.records: list[ModelRecord] = []
         self.dead_letters: list[DeadLetter] = []
@@ -458,40 +472,40 @@ class JoinPartition:
 
     def watermark(self, source: str) -> float:
         """Newest event time seen on this partition of ``source`` (``"p"`` or ``"l"``)."""
-        return self._meta.watermarks.get(source, float("-inf"))
+        return self._meta.watermarks.get(source, _NEVER)
 
     def absorb(
         self, topic: str, raw: bytes | None, offset: int, kafka_ts: float, key: bytes | None = None
     ) -> None:
         """Take one input event (``topic`` is ``"predictions"`` or ``"labels"``)."""
+        if self._absorb(_SOURCE_CODE[topic], topic, raw, offset, kafka_ts, key):
+            self.dirty.add(self._meta_key)
+
+    def absorb_many(self, topic: str, records: Iterable[InputRecord],
+                    budget: float = float("inf")) -> int:
+        """Take input records of ``topic`` in offset order, as :meth:`absorb` one each,
+        until :attr:`held` reaches ``budget`` bytes; return how many were taken.
+
+        >>> part = JoinPartition({}, partition=0, ttl=60.0)
+        >>> labels = [InputRecord(offset, 1000, None, b'{"id": "%d", "label": 1}' % offset)
+        ...           for offset in (7, 8, 9)]
+        >>> part.absorb_many("labels", labels, budget=40), part.held
+        (2, 46)
+        >>> part.absorb_many("labels", labels[2:]), part.expected("labels")
+        (1, 10)
+        """
         source = _SOURCE_CODE[topic]
-        if offset <= self._meta.offsets.get(source, -1):
-            self.skipped += 1
-            return
-        raw = raw or b""
-        self.held += len(raw)
-        event: Prediction | Label
-        try:
-            # The msgspec decoders take well-formed events; the rest get the full
-            # validator, which names the reason (models.schema).
-            if topic == PREDICTIONS:
-                event = (schema.prediction(raw, kafka_ts, self.limits)
-                         or parse_prediction(raw, kafka_ts, self.limits))
-            else:
-                event = (schema.label(raw, kafka_ts, self.limits)
-                         or parse_label(raw, kafka_ts, self.limits))
-        except InvalidEvent as exc:
-            self._dead(topic, offset, exc.reason, raw, key, stateful=False)
-        else:
-            try:
-                if isinstance(event, Prediction):
-                    self._prediction(event, offset, raw)
-                else:
-                    self._label(event, offset, raw)
-            except InvalidEvent as exc:
-                self._dead(topic, offset, exc.reason, raw, key)
-        self._meta.offsets[source] = offset
-        self._touch_meta()
+        absorb = self._absorb
+        taken = changed = 0
+        for rec in records:
+            changed |= absorb(source, topic, rec.value, rec.offset, rec.timestamp / 1000.0,
+                              rec.key)
+            taken += 1
+            if self.held >= budget:
+                break
+        if changed:
+            self.dirty.add(self._meta_key)  # encoded once per drain, not per event
+        return taken
 
     def expire(self, budget: float = float("inf")) -> None:
         """Remove entries their partner can no longer join; count or dead-letter them.
@@ -519,7 +533,7 @@ class JoinPartition:
                         self.held += len(raw_label)
                         self._dead(LABELS, cand[3], "unmatched_label", raw_label,
                                    event_id.encode())
-                self._touch_meta()
+                self.dirty.add(self._meta_key)
 
     def expected(self, topic: str) -> int | None:
         """The offset of ``topic`` (``"predictions"`` or ``"labels"``) this partition
@@ -566,8 +580,51 @@ class JoinPartition:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _absorb(self, source: str, topic: str, raw: bytes | None, offset: int,
+                kafka_ts: float, key: bytes | None) -> bool:
+        """One input event; False when it is a replay (skipped)."""
+        offsets = self._meta.offsets
+        if offset <= offsets.get(source, -1):
+            self.skipped += 1
+            return False
+        raw = raw or b""
+        self.held += len(raw)
+        event: Prediction | Label | None
+        try:
+            # The msgspec decoders take well-formed events; the rest get the full
+            # validator, which names the reason (models.schema).
+            if source == "p":
+                event = (schema.prediction(raw, kafka_ts, self.limits)
+                         or parse_prediction(raw, kafka_ts, self.limits))
+            else:
+                event = (schema.label(raw, kafka_ts, self.limits)
+                         or parse_label(raw, kafka_ts, self.limits))
+        except InvalidEvent as exc:
+            self._dead(topic, offset, exc.reason, raw, key, stateful=False)
+            event = None
+        if event is not None:
+            # The watermark of the event's side; an event dead-lettered below (a
+            # duplicate, a mismatch) was still seen.
+            watermarks = self._meta.watermarks
+            if event.ts > watermarks.get(source, _NEVER):
+                watermarks[source] = event.ts
+            try:
+                if source == "p":
+                    self._prediction(event, offset, raw)  # type: ignore[arg-type]
+                else:
+                    self._label(event, offset, raw)  # type: ignore[arg-type]
+            except InvalidEvent as exc:
+                self._dead(topic, offset, exc.reason, raw, key)
+        offsets[source] = offset
+        return True
+
+    def _numeric_model(self, model: str) -> bool:
+        numeric = self._numeric.get(model)
+        if numeric is None:
+            numeric = self._numeric[model] = self.regression(model)
+        return numeric
+
     def _prediction(self, p: Prediction, offset: int, raw: bytes) -> None:
-        self._see("p", p.ts)
         existing = self.store.get(p.id)
         label_first = None
         if existing is not None:
@@ -575,7 +632,7 @@ class JoinPartition:
             if entry[0] != "L":
                 raise InvalidEvent("duplicate_prediction", f"prediction id {p.id!r} seen before")
             label_first = entry
-        numeric = self.regression(p.model)
+        numeric = self._numeric_model(p.model)
         if numeric and not isinstance(p.prediction, float):
             raise InvalidEvent("invalid_prediction",
                                f"field 'prediction' must be a number: {p.model!r} is a regression")
@@ -588,7 +645,7 @@ class JoinPartition:
         self._count("predictions", mv)
         confidence = p.confidence
         self.records.append(
-            ModelRecord("p", p.model, p.version, "p" + str(self.partition), (offset, 0),
+            ModelRecord("p", p.model, p.version, self._sources[0], (offset, 0),
                         [p.ts, p.features, p.prediction, confidence], raw)
         )
         if label_first is not None:
@@ -615,7 +672,6 @@ class JoinPartition:
         self._put(p.id, ["P", p.ts, self.partition, p.model, p.version, p.prediction, p.scores])
 
     def _label(self, lab: Label, offset: int, raw: bytes) -> None:
-        self._see("l", lab.ts)
         existing = self.store.get(lab.id)
         if existing is None:
             entry = ["L", lab.ts, self.partition, lab.label, lab.model, offset, raw.decode()]
@@ -634,7 +690,7 @@ class JoinPartition:
         _, p_ts, _, model, version, prediction, scores = entry
         if lab.model is not None and lab.model != model:
             raise InvalidEvent("model_mismatch", f"label names model {lab.model!r}, not {model!r}")
-        if self.regression(model) and not isinstance(lab.label, float):
+        if self._numeric_model(model) and not isinstance(lab.label, float):
             raise InvalidEvent("invalid_label",
                                f"field 'label' must be a number: {model!r} is a regression")
         self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts, p_ts)
@@ -649,13 +705,14 @@ class JoinPartition:
         if scores:
             confidence = max(scores.values())
             p_label = scores.get(class_key(label), 0.0)
-        delay = max(0.0, l_ts - p_ts)
+        delay = l_ts - p_ts
         # Positioned by batch, not by the event that completed the pair: a replay may
         # pair them the other way round (module docstring).
         self.records.append(
-            ModelRecord("o", model, version, f"o{self.partition}",
+            ModelRecord("o", model, version, self._sources[1],
                         (self._meta.batches + 1, self._outcomes),
-                        [max(p_ts, l_ts), prediction, label, p_label, confidence, delay])
+                        [l_ts if delay > 0.0 else p_ts, prediction, label, p_label, confidence,
+                         delay if delay > 0.0 else 0.0])
         )
         self._outcomes += 1
         self._put(event_id, ["D", entry_ts, self.partition])
@@ -665,10 +722,6 @@ class JoinPartition:
         self._count("dead", f"{topic}|{reason}")
         self.dead_letters.append(
             DeadLetter(topic, self.partition, offset, reason, raw, key, stateful))
-
-    def _see(self, source: str, ts: float) -> None:
-        if ts > self._meta.watermarks.get(source, float("-inf")):
-            self._meta.watermarks[source] = ts
 
     def _count(self, counter: str, label: str) -> None:
         bucket = self._meta.counts.setdefault(counter, {})
@@ -683,9 +736,6 @@ class JoinPartition:
         del self.store[event_id]
         self.dirty.add(event_id)
 
-    def _touch_meta(self) -> None:
-        # The meta entry is encoded once per drain, not per event.
-        self.dirty.add(meta_key(self.partition))
 
 
 

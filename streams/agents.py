@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import faust
 import orjson
@@ -39,6 +39,7 @@ from models.errors import ConfigError
 from models.join import (
     DeadLetter,
     Flush,
+    InputRecord,
     JoinPartition,
     ModelRecord,
     decode_records,
@@ -65,23 +66,34 @@ _PARTITIONER = DefaultPartitioner()
 _FLUSH_BYTES = 1 << 20
 
 
-class _Record(NamedTuple):
-    """What the join reads of an input record (aiokafka's ``ConsumerRecord`` has more)."""
-
-    offset: int
-    timestamp: int  # milliseconds
-    key: bytes | None
-    value: bytes | None
-
-
-def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[_Record]]]:
+def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[InputRecord]]]:
     """Faust messages as the batch route hands records over: runs by partition."""
-    out: list[tuple[TP, list[_Record]]] = []
+    out: list[tuple[TP, list[InputRecord]]] = []
     for msg in messages:
         if not out or out[-1][0] != msg.tp:
             out.append((msg.tp, []))
-        out[-1][1].append(_Record(msg.offset, round(msg.timestamp * 1000), msg.key, msg.value))
+        out[-1][1].append(InputRecord(msg.offset, round(msg.timestamp * 1000), msg.key,
+                                      msg.value))
     return out
+
+
+def _none_missing(records: Sequence[Any], expected: int | None) -> bool:
+    """Do ``records`` (in offset order) follow on from offset ``expected`` (None: no
+    offset absorbed yet) without a missing offset?
+
+    >>> from models.join import InputRecord
+    >>> def fetch(*offsets):
+    ...     return [InputRecord(o, 0, None, b"") for o in offsets]
+    >>> _none_missing(fetch(5, 6), 5), _none_missing(fetch(3, 4, 5), 5)  # replays too
+    (True, True)
+    >>> _none_missing(fetch(6, 7), 5), _none_missing(fetch(5, 7), 5)
+    (False, False)
+    >>> _none_missing(fetch(0, 1), None), _none_missing(fetch(0, 2), None)
+    (True, False)
+    """
+    first = records[0].offset
+    return (records[-1].offset - first == len(records) - 1
+            and (expected is None or first <= expected))
 
 
 def _required(table: faust.Table | None, name: str) -> faust.Table:
@@ -303,16 +315,16 @@ class Pipeline:
                 topic = self.logical[tp.topic]
                 touched[tp.partition] = part
                 before = part.skipped
-                for rec in records:
-                    expected = part.expected(topic)
-                    if expected is not None and rec.offset > expected:  # rare: no await per event
-                        for missed in await self._missed(expected, tp, rec.offset):
-                            part.absorb(topic, missed.value, missed.offset,
-                                        missed.timestamp / 1000.0, missed.key)
-                            consumed[topic] += 1
-                    part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000.0, rec.key)
-                    if part.held >= _FLUSH_BYTES:
-                        await self._flush([part])
+                if _none_missing(records, part.expected(topic)):  # the usual case
+                    await self._absorb(part, topic, records)
+                else:
+                    for rec in records:
+                        expected = part.expected(topic)
+                        if expected is not None and rec.offset > expected:
+                            missed = await self._missed(expected, tp, rec.offset)
+                            await self._absorb(part, topic, missed)
+                            consumed[topic] += len(missed)
+                        await self._absorb(part, topic, [rec])
                 skipped[topic] += part.skipped - before
                 consumed[topic] += len(records)
                 self.next_offset[tp] = records[-1].offset + 1
@@ -324,6 +336,16 @@ class Pipeline:
             for topic, n in skipped.items():
                 if n:
                     REPLAYS_SKIPPED.labels(topic).inc(n)
+
+    async def _absorb(self, part: JoinPartition, topic: str, records: Sequence[Any]) -> None:
+        """Absorb records in offset order, draining the partition early whenever it holds
+        _FLUSH_BYTES of input."""
+        taken = 0
+        while taken < len(records):
+            taken += part.absorb_many(topic, records[taken:] if taken else records,
+                                      budget=_FLUSH_BYTES)
+            if part.held >= _FLUSH_BYTES:
+                await self._flush([part])
 
     async def _missed(self, expected: int, tp: TP, offset: int) -> list[Any]:
         """The records of ``tp`` from offset ``expected`` up to ``offset``.

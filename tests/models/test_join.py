@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import groupby
 
 import orjson
 import pytest
@@ -11,6 +12,7 @@ from models.errors import StateError
 from models.join import (
     DeadLetter,
     Flush,
+    InputRecord,
     JoinPartition,
     ModelRecord,
     decode_records,
@@ -508,6 +510,67 @@ def test_seeded_stream_accounts_for_every_prediction_and_label() -> None:
     # Each label is matched, dead-lettered unmatched or still waiting.
     assert c["matched"] + unmatched + kinds["L"] == n_labels
     assert {d.reason for d in dead} == {"unmatched_label"}
+
+
+def test_records_taken_a_fetch_at_a_time_join_as_taken_one_at_a_time() -> None:
+    # The worker hands each partition's run of records to absorb_many: the state, the
+    # records and the dead letters must be what absorbing them one by one makes, with
+    # bad events, duplicates and replayed offsets among them.
+    rng = random.Random(7)
+    events: list[tuple[str, InputRecord]] = []
+    offsets = {"predictions": 0, "labels": 0}
+    for topic, raw, ts in sim_events(seed=7, n=1500):
+        roll = rng.random()
+        if roll < 0.03:
+            raw = raw[: len(raw) // 2]  # invalid JSON: a dead letter
+        elif roll < 0.06:
+            events.append((topic, InputRecord(offsets[topic], round(ts * 1000), b"k", raw)))
+            offsets[topic] += 1  # the same event again: a duplicate
+        elif roll < 0.08 and offsets[topic] > 3:
+            replayed = offsets[topic] - 3  # at or below an absorbed offset: skipped
+            events.append((topic, InputRecord(replayed, round(ts * 1000), b"k", raw)))
+            continue
+        events.append((topic, InputRecord(offsets[topic], round(ts * 1000), b"k", raw)))
+        offsets[topic] += 1
+
+    def run(many: bool) -> tuple[dict[str, bytes], list[Flush], int]:
+        store: dict[str, bytes] = {}
+        part = JoinPartition(store, partition=0, ttl=TTL)
+        flushes = []
+        for start in range(0, len(events), 200):
+            batch = events[start:start + 200]
+            runs = [(topic, [rec for _, rec in group]) for topic, group in groupby(
+                batch, key=lambda event: event[0])]
+            for topic, records in runs:
+                if many:
+                    assert part.absorb_many(topic, records) == len(records)
+                else:
+                    for rec in records:
+                        part.absorb(topic, rec.value, rec.offset, rec.timestamp / 1000, rec.key)
+            part.expire()
+            flushes.append(part.drain())
+        return store, flushes, part.skipped
+
+    def comparable(result: tuple[dict[str, bytes], list[Flush], int]) -> object:
+        # A write-ahead entry lists its keys in the order of a set: compared decoded.
+        store, flushes, skipped = result
+        return ({k: orjson.loads(v) if k == wal_key(0) else v for k, v in store.items()},
+                [f._replace(wal=orjson.loads(f.wal or b"null")) for f in flushes], skipped)
+
+    one_each, many = run(False), run(True)
+    assert comparable(many) == comparable(one_each)
+    _, flushes, skipped = many
+    dead = [d.reason for f in flushes for d in f.dead_letters]
+    assert skipped > 0 and "invalid_json" in dead and "duplicate_prediction" in dead
+
+    # A fetch of bad events only still stores its offsets; Kafka timestamps are in ms.
+    part = JoinPartition({}, partition=0, ttl=TTL)
+    assert part.absorb_many("predictions", [InputRecord(o, 5000, None, b"{") for o in (0, 1)]) == 2
+    flush = part.drain()
+    assert [d.offset for d in flush.dead_letters] == [0, 1] and meta_key(0) in flush.writes
+    event = b'{"id": "a", "model": "m", "features": {}, "prediction": 1}'  # no ts of its own
+    part.absorb_many("predictions", [InputRecord(2, 5000, None, event)])
+    assert part.expected("predictions") == 3 and part.watermark("p") == 5.0
 
 
 def test_duplicates_in_a_seeded_stream_change_no_count() -> None:
