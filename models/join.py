@@ -232,13 +232,13 @@ def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
     i = 0
     # Spans of records alike: predictions of one version and source with as many
     # features (cheaper to compare than their names: _run splits by names when needed),
-    # or anything else.
-    for (kind, _, _, sub, _), group in groupby(
-            [(r.kind, r.version, r.source, r.position[1],
-              len(r.item[1]) if r.kind == "p" else -1) for r in records]):
+    # or other records (None: one each, a batch's outcomes in one span).
+    for key, group in groupby(
+            [(r.version, r.source, r.position[1], len(r.item[1])) if r.kind == "p" else None
+             for r in records]):
         span = records[i:i + len(list(group))]
         i += len(span)
-        if kind != "p" or sub != 0 or len(span) < RUN_MIN:
+        if key is None or key[2] != 0 or len(span) < RUN_MIN:
             entries += map(_entry, span)
             continue
         offsets = [r.position[0] for r in span]
@@ -405,6 +405,9 @@ class JoinPartition:
         ModelRecords produced since the last :meth:`drain`.
     dead_letters
         DeadLetters produced since the last :meth:`drain`.
+    changed
+        Entries changed since the last :meth:`drain`: key -> value (None: deleted); the
+        meta entry's key marks that it changed, and is encoded at the drain.
     skipped
         Replayed events skipped because their offset was already absorbed.
     held
@@ -438,7 +441,9 @@ class JoinPartition:
         self.max_versions = max_versions
         self.records: list[ModelRecord] = []
         self.dead_letters: list[DeadLetter] = []
-        self.dirty: set[str] = set()
+        # Values kept as they are written, not looked up at the drain: by then the store's
+        # slots for a batch's keys are out of the processor's caches.
+        self.changed: dict[str, bytes | None] = {}
         self.skipped = 0
         self.held = 0
         self._outcomes = 0  # o records made in the current batch
@@ -479,7 +484,7 @@ class JoinPartition:
     ) -> None:
         """Take one input event (``topic`` is ``"predictions"`` or ``"labels"``)."""
         if self._absorb(_SOURCE_CODE[topic], topic, raw, offset, kafka_ts, key):
-            self.dirty.add(self._meta_key)
+            self.changed[self._meta_key] = None
 
     def absorb_many(self, topic: str, records: Iterable[InputRecord],
                     budget: float = float("inf")) -> int:
@@ -504,7 +509,7 @@ class JoinPartition:
             if self.held >= budget:
                 break
         if changed:
-            self.dirty.add(self._meta_key)  # encoded once per drain, not per event
+            self.changed[self._meta_key] = None  # encoded once per drain, not per event
         return taken
 
     def expire(self, budget: float = float("inf")) -> None:
@@ -533,7 +538,7 @@ class JoinPartition:
                         self.held += len(raw_label)
                         self._dead(LABELS, cand[3], "unmatched_label", raw_label,
                                    event_id.encode())
-                self.dirty.add(self._meta_key)
+                self.changed[self._meta_key] = None
 
     def expected(self, topic: str) -> int | None:
         """The offset of ``topic`` (``"predictions"`` or ``"labels"``) this partition
@@ -560,21 +565,19 @@ class JoinPartition:
 
     def drain(self) -> Flush:
         """Hand over records, dead letters, changed entries and the write-ahead entry."""
-        if not self.dirty:
+        if not self.changed:
             return Flush([], [], {}, None)
         self._meta.batches += 1
-        self.store[meta_key(self.partition)] = self._meta.encode()
-        records, dead = self.records, self.dead_letters
+        records, dead, writes = self.records, self.dead_letters, self.changed
         # The meta entry goes last: once it is stored, so is everything before it, and
         # the write-ahead entry of its batch is spent.
-        meta = meta_key(self.partition)
-        self.dirty.discard(meta)
-        writes = {k: self.store.get(k) for k in self.dirty}
-        writes[meta] = self.store[meta]
+        meta = self._meta_key
+        writes.pop(meta, None)
+        self.store[meta] = writes[meta] = self._meta.encode()
         flush = Flush(records, dead, writes, None)
         wal = _encode_wal(self._meta.batches, writes, *flush.outbox())
         self.store[wal_key(self.partition)] = wal
-        self.records, self.dead_letters, self.dirty = [], [], set()
+        self.records, self.dead_letters, self.changed = [], [], {}
         self.held = self._outcomes = 0
         return flush._replace(wal=wal)
 
@@ -682,8 +685,7 @@ class JoinPartition:
             # The first label named a model: keep this one too until the prediction comes.
             entry = [*entry[:7], [*(entry[7] if len(entry) > 7 else []),
                                   [lab.ts, lab.label, lab.model, offset, raw.decode()]]]
-            self.store[lab.id] = _entry_bytes(entry)
-            self.dirty.add(lab.id)
+            self.store[lab.id] = self.changed[lab.id] = _entry_bytes(entry)
             return
         if entry[0] != "P":
             raise InvalidEvent("duplicate_label", f"label for id {lab.id!r} seen before")
@@ -729,12 +731,11 @@ class JoinPartition:
 
     def _put(self, event_id: str, entry: list[Any]) -> None:
         heapq.heappush(self._heaps[entry[0]], (entry[1], event_id))
-        self.store[event_id] = _entry_bytes(entry)
-        self.dirty.add(event_id)
+        self.store[event_id] = self.changed[event_id] = _entry_bytes(entry)
 
     def _delete(self, event_id: str) -> None:
         del self.store[event_id]
-        self.dirty.add(event_id)
+        self.changed[event_id] = None
 
 
 

@@ -268,7 +268,7 @@ def test_drain_hands_over_records_dead_letters_and_changed_entries() -> None:
     assert [d.reason for d in dead] == ["not_an_object"]
     assert set(writes) == {"a", meta_key(0)}
     assert writes["a"] == part.store["a"]
-    assert part.records == [] and part.dead_letters == [] and part.dirty == set()
+    assert part.records == [] and part.dead_letters == [] and part.changed == {}
     # A deletion is handed over as None.
     feed("labels", label("z", 1_000.0))
     part.expire()
