@@ -624,7 +624,9 @@ class JoinPartition:
     def _numeric_model(self, model: str) -> bool:
         numeric = self._numeric.get(model)
         if numeric is None:
-            numeric = self._numeric[model] = self.regression(model)
+            numeric = self.regression(model)
+            if len(self._numeric) < self.max_versions:  # a flood of names grows nothing
+                self._numeric[model] = numeric
         return numeric
 
     def _prediction(self, p: Prediction, offset: int, raw: bytes) -> None:

@@ -273,8 +273,10 @@ class BatchConsumer(kafka_driver.Consumer):
     ``Consumer.wait_empty`` waits for unacknowledged stream events); a batch is never cut
     short by flow control as a Faust stream's buffered events are. A fetch taken while a
     batch was in flight is dropped when a rebalance or a seek began meanwhile, as Faust
-    drops its fetched records then. A handler's error reaches the fetch loop (and so
-    stops the worker) at its next call.
+    drops its fetched records then. A handler's error is logged when it happens, and
+    raised in the fetch loop (which stops the worker) at its next call; a stop that
+    cancelled the fetch loop meanwhile makes no next call, and the batch, never
+    acknowledged, is read again.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -326,12 +328,21 @@ class BatchConsumer(kafka_driver.Consumer):
         await self._finish_in_flight()
         if self.flow_active and app.consumer_generation_id == generation:
             self._batch_idle.clear()  # from now: a rebalance waits for this batch
-            self._in_flight = asyncio.ensure_future(self._deliver(app.batch_handler, batch))
+            task = asyncio.ensure_future(self._deliver(app.batch_handler, batch))
+            task.add_done_callback(self._batch_done)
+            self._in_flight = task
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        # However the task ended (even cancelled before it began), nothing is in flight.
+        self._batch_idle.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("a join batch failed (its records were not acknowledged and "
+                           "are read again): %r", exc)
 
     async def _finish_in_flight(self) -> None:
         """Wait for the batch in flight, if any; raise its error. Shielded: a fetch loop
         cancelled meanwhile (a stop) leaves the batch to finish, which ``wait_empty``
-        then waits for, and the next call collects."""
+        then waits for."""
         task = self._in_flight
         if task is not None:
             await asyncio.shield(task)
