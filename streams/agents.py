@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, Message
 
@@ -96,6 +96,22 @@ def _none_missing(records: Sequence[Any], expected: int | None) -> bool:
             and (expected is None or first <= expected))
 
 
+def _records_key(partition: int) -> str:
+    """Models-table key of a records partition's marker: the next offset the model stage
+    has to absorb there. No model's key (:func:`_model_key`) is one."""
+    return f"\x00records:{partition}"
+
+
+def _model_key(model: str) -> str:
+    """Models-table key of a model's state: its name, with one more NUL in front when the
+    name starts with one, so that a key starting with a single NUL is always a marker.
+
+    >>> _model_key("fraud"), _model_key("\x00records:1")
+    ('fraud', '\x00\x00records:1')
+    """
+    return "\x00" + model if model.startswith("\x00") else model
+
+
 def _required(table: faust.Table | None, name: str) -> faust.Table:
     if table is None:  # a wiring bug: register() only wires the role's own stages
         raise RuntimeError(f"the {name} table is not this worker's (DRIFTWARDEN_ROLE)")
@@ -134,8 +150,14 @@ class Pipeline:
         self._rebalancing = False
         # The join agent and the timer that opens recovered partitions take turns.
         self._join_lock = asyncio.Lock()
-        # Reads input records Faust skipped (see _missed).
+        # Reads records Faust skipped (see _missed); one reader at a time.
         self._probe: AIOKafkaConsumer | None = None
+        self._probe_lock = asyncio.Lock()
+        # The model stage: per records partition, the next offset it has to absorb (loaded
+        # from the models table's marker, _records_key); dropped on every rebalance.
+        self._records_next: dict[int, int | None] = {}
+        # The model stage's batches and the timer that fills what they missed take turns.
+        self._monitor_lock = asyncio.Lock()
         self.logical[self.names.model_records] = "model-records"
         # Export zeros before the first event, for the topics this worker's role reads.
         read = (["predictions", "labels"] if tables.join is not None else []) + (
@@ -169,6 +191,7 @@ class Pipeline:
             await self.check_broker()
             await self.measure_lag()
             await self.open_assigned()
+            await self.fill_records()
             self.rebuild_snapshot()
 
         # mode's signal stubs want a ``signal`` keyword our receivers take via **kwargs.
@@ -245,6 +268,7 @@ class Pipeline:
         self.joins.clear()
         self._heaps = {}
         self.states.clear()
+        self._records_next.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
 
@@ -253,6 +277,7 @@ class Pipeline:
         self.joins.clear()
         self._heaps = {}
         self.states.clear()
+        self._records_next.clear()
         self._stale_snapshot = True
 
     async def _on_recovered(self, sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -295,7 +320,10 @@ class Pipeline:
             return
         count = self.app.consumer.topic_partitions(self.names.model_records) or max(owned) + 1
         every = list(range(count))
-        for model, raw in list(self.models_table.data.items()):
+        for key, raw in list(self.models_table.data.items()):
+            if key.startswith("\x00") and not key.startswith("\x00\x00"):
+                continue  # a records partition's marker (_records_key)
+            model = key[1:] if key.startswith("\x00") else key
             if model not in self.snapshot.models and _PARTITIONER(model.encode(), every,
                                                                   every) in owned:
                 self.snapshot.set_model(codec.loads(raw))
@@ -356,6 +384,16 @@ class Pipeline:
         offsets is filled from the broker directly; one the broker cannot fill
         (transaction markers, deleted by retention) is accepted.
         """
+        async with self._probe_lock:  # the join and the model stage share the reader
+            missed = await self._read_range(expected, tp, offset)
+        if missed:
+            log.warning("%d records of %s[%d] before offset %d never reached the agent; "
+                        "read them from the broker", len(missed), tp.topic, tp.partition,
+                        offset)
+        return missed
+
+    async def _read_range(self, expected: int, at: TP, offset: int) -> list[Any]:
+        tp = TopicPartition(at.topic, at.partition)  # aiokafka's, not Faust's TP
         if self._probe is None:
             self._probe = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
@@ -370,10 +408,6 @@ class Pipeline:
             missed += [r for r in batch if r.offset < offset]
             if not batch or batch[-1].offset >= offset - 1:
                 break
-        if missed:
-            log.warning("join: %d events of %s[%d] before offset %d never reached the agent; "
-                        "read them from the broker", len(missed), tp.topic, tp.partition,
-                        offset)
         return missed
 
     async def _open(self, partition: int) -> JoinPartition:
@@ -537,26 +571,101 @@ class Pipeline:
     # -- monitor ------------------------------------------------------------------------
 
     async def monitor_batch(self, events: Sequence[faust.EventT]) -> None:
+        """Absorb a batch of the records topic: each partition's messages in offset order,
+        with any offsets missing before them read from the broker first (_records_from)."""
+        runs: list[tuple[TP, list[Any]]] = []
+        for event in events:
+            msg = event.message
+            if not runs or runs[-1][0] != msg.tp:
+                runs.append((msg.tp, []))
+            runs[-1][1].append(msg)
+        async with self._monitor_lock:
+            await self._monitor(runs)
+
+    async def fill_records(self) -> None:
+        """Absorb what the consumer group committed past on an assigned records partition
+        without the model stage having absorbed it (see :meth:`_records_from`); for the
+        last messages of a partition, which no later message would reveal missing."""
+        if not self._recovered or self.tables.models is None:
+            return
+        committed = getattr(self.app.consumer, "_committed_offset", {})  # no public view
+        async with self._monitor_lock:
+            for tp in self.app.consumer.assignment():
+                if tp.topic != self.names.model_records or not self._recovered:
+                    continue
+                expected, done = self._records_expected(tp.partition), committed.get(tp)
+                if expected is not None and done is not None and done > expected:
+                    missed = await self._missed(expected, tp, done)
+                    if self._recovered:  # no rebalance began meanwhile
+                        # What the broker no longer holds (retention) is accepted.
+                        await self._monitor([(tp, missed)], ends={tp.partition: done})
+
+    def _records_expected(self, partition: int) -> int | None:
+        if partition not in self._records_next:
+            raw = self.models_table.data.get(_records_key(partition))
+            self._records_next[partition] = int(raw) if raw is not None else None
+        return self._records_next[partition]
+
+    async def _records_from(self, tp: TP, messages: list[Any], end: int | None = None,
+                            ) -> list[Any]:
+        """``messages`` of a records partition, after any the model stage has not absorbed
+        below the first of them (read from the broker), or within them.
+
+        A model's state skips any record at or below the position it absorbed from that
+        record's source, so the model stage must absorb each records partition in offset
+        order: a message it never sees, or sees only after later ones, is lost. Under
+        repeated kill -9, faust-streaming committed past messages of the records topic
+        that never reached the agent (a CI run lost 773 outcomes of one model: the model
+        stage absorbed offsets up to 755, then from 766 on). So each records partition has
+        a marker in the models table, the next offset to absorb, written after the states
+        of each batch; a message past it first brings in what lies between. ``end``:
+        the messages are all there is below this offset.
+        """
+        expected = self._records_expected(tp.partition)
+        out: list[Any] = []
+        for msg in messages:
+            if expected is not None and msg.offset > expected:
+                out += await self._missed(expected, tp, msg.offset)
+            out.append(msg)
+            if expected is None or msg.offset >= expected:
+                expected = msg.offset + 1
+        if end is not None and (expected is None or end > expected):
+            expected = end
+        self._records_next[tp.partition] = expected
+        return out
+
+    async def _monitor(self, runs: list[tuple[TP, list[Any]]],
+                       ends: dict[int, int] | None = None) -> None:
+        """Absorb runs of records messages (Faust messages or aiokafka records: ``key``,
+        ``value``, ``offset``); then write retraining events, the changed states and each
+        partition's marker, in that order, each step acked before the next. ``ends``: per
+        partition, the offset below which its run is all there is."""
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
-        for event in events:
-            msg = event.message
-            self.next_offset[msg.tp] = msg.offset + 1
-            model = (msg.key or b"").decode()  # the join always keys records by model
-            entry = self.states.get(model)
-            if entry is None:
-                raw = self.models_table.data.get(model)
-                state = codec.loads(raw) if raw is not None else ModelState(model, self.policies)
-                entry = self.states[model] = (msg.partition, state)
-            state = entry[1]
-            for fingerprint, profile in self.references.get(model, {}).values():
-                state.use_reference(profile, fingerprint)
-            skipped = state.replays_skipped
-            retraining += state.absorb_many(decode_records(model, event.value))
-            if state.replays_skipped != skipped:
-                REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
-            touched[model] = entry
+        marks: dict[int, int] = {}
+        for tp, messages in runs:
+            for msg in await self._records_from(tp, messages, (ends or {}).get(tp.partition)):
+                model = (msg.key or b"").decode()  # the join always keys records by model
+                entry = self.states.get(model)
+                if entry is None:
+                    raw = self.models_table.data.get(_model_key(model))
+                    state = (codec.loads(raw) if raw is not None
+                             else ModelState(model, self.policies))
+                    entry = self.states[model] = (tp.partition, state)
+                state = entry[1]
+                for fingerprint, profile in self.references.get(model, {}).values():
+                    state.use_reference(profile, fingerprint)
+                skipped = state.replays_skipped
+                retraining += state.absorb_many(decode_records(model, msg.value))
+                if state.replays_skipped != skipped:
+                    REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
+                touched[model] = entry
+            if messages:
+                self.next_offset[tp] = max(self.next_offset.get(tp, 0), messages[-1].offset + 1)
+            next_ = self._records_next.get(tp.partition)
+            if next_ is not None:
+                marks[tp.partition] = next_
         if retraining:
             sends = []
             for ev in retraining:
@@ -568,9 +677,17 @@ class Pipeline:
         acks = []
         for model, (partition, state) in touched.items():
             blob = codec.dumps(state)
-            self.models_table.data[model] = blob
-            acks.extend(await write(self.models_table, partition, {model: blob}))
+            key = _model_key(model)
+            self.models_table.data[key] = blob
+            acks.extend(await write(self.models_table, partition, {key: blob}))
+        await asyncio.gather(*acks)
+        # Each marker once the states before it are stored: it never runs ahead of them.
+        acks = []
+        for partition, next_ in marks.items():
+            key, value = _records_key(partition), str(next_).encode()
+            if self.models_table.data.get(key) != value:
+                self.models_table.data[key] = value
+                acks.extend(await write(self.models_table, partition, {key: value}))
         await asyncio.gather(*acks)
         for _, state in touched.values():
             self.snapshot.set_model(state)
-
