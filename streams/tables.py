@@ -29,7 +29,7 @@ class Tables:
     """The tables of this process's role (``None``: the other role's)."""
 
     join: faust.Table | None  # prediction id -> pending entry; one meta entry per partition
-    models: faust.Table | None  # model name -> ModelState
+    models: faust.Table | None  # model -> ModelState; one marker per records partition
 
 
 class _Table(faust.Table):
