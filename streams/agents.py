@@ -103,7 +103,7 @@ def _records_key(partition: int) -> str:
 
 
 def _model_key(model: str) -> str:
-    """Models-table key of a model's state: its name, with one more NUL in front when the
+    r"""Models-table key of a model's state: its name, with one more NUL in front when the
     name starts with one, so that a key starting with a single NUL is always a marker.
 
     >>> _model_key("fraud"), _model_key("\x00records:1")
