@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.join import ModelRecord, decode_records
 from models.simulation import Scenario, simulate
 from streams.bench_e2e import free_port
 from tests.streams.oracle import Expected
@@ -177,8 +178,11 @@ def settle(workers: list[Worker], expected: Expected, models: list[str], what: s
     except AssertionError as exc:
         logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
                          for i, w in enumerate(workers))
+        broker, prefix = workers[0].broker, workers[0].prefix
         raise AssertionError(f"{exc}; exported: {exported(workers, models)}, expected "
-                             f"outcomes: {dict(expected.outcomes)}\n{logs}") from None
+                             f"outcomes: {dict(expected.outcomes)}; on the records topic: "
+                             f"{run(outcomes_on_records(broker, prefix))}; not committed to "
+                             f"the end: {run(uncommitted(broker, prefix))}\n{logs}") from None
     for m in models:
         assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
     assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
@@ -238,6 +242,40 @@ async def read_topic(broker: str, topic: str, idle: float = 3.0) -> list[Any]:
                 out.extend(records)
     finally:
         await consumer.stop()
+
+
+async def outcomes_on_records(broker: str, prefix: str) -> dict[str, int]:
+    """Per model, the distinct outcomes the join wrote to the records topic: tells a
+    join that lost outcomes from a model stage that did."""
+    seen: dict[str, set[tuple[str, tuple[int, int]]]] = {}
+    for msg in await read_topic(broker, prefix + "driftwarden-model-records", idle=3.0):
+        model = msg.key.decode()
+        for rec in decode_records(model, msg.value):
+            if isinstance(rec, ModelRecord) and rec.kind == "o":
+                seen.setdefault(model, set()).add((rec.source, tuple(rec.position)))
+    return {model: len(positions) for model, positions in sorted(seen.items())}
+
+
+async def uncommitted(broker: str, prefix: str) -> list[str]:
+    """``group topic[partition] committed/end`` for every partition a consumer group of
+    ``prefix`` has not committed to its end."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker)
+    consumer = AIOKafkaConsumer(bootstrap_servers=broker)
+    await admin.start()
+    await consumer.start()
+    out = []
+    try:
+        for group, _ in await admin.list_consumer_groups():
+            if not group.startswith(prefix):
+                continue
+            committed = await admin.list_consumer_group_offsets(group)
+            ends = await consumer.end_offsets(list(committed)) if committed else {}
+            out += [f"{group} {tp.topic}[{tp.partition}] {meta.offset}/{ends[tp]}"
+                    for tp, meta in sorted(committed.items()) if meta.offset != ends[tp]]
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return out
 
 
 async def group_lag(broker: str, group: str, topics: list[str]) -> int:
