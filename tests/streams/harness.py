@@ -178,11 +178,9 @@ def settle(workers: list[Worker], expected: Expected, models: list[str], what: s
     except AssertionError as exc:
         logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
                          for i, w in enumerate(workers))
-        broker, prefix = workers[0].broker, workers[0].prefix
         raise AssertionError(f"{exc}; exported: {exported(workers, models)}, expected "
-                             f"outcomes: {dict(expected.outcomes)}; on the records topic: "
-                             f"{run(outcomes_on_records(broker, prefix))}; not committed to "
-                             f"the end: {run(uncommitted(broker, prefix))}\n{logs}") from None
+                             f"outcomes: {dict(expected.outcomes)}; {where(workers[0])}"
+                             f"\n{logs}") from None
     for m in models:
         assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
     assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
@@ -242,6 +240,16 @@ async def read_topic(broker: str, topic: str, idle: float = 3.0) -> list[Any]:
                 out.extend(records)
     finally:
         await consumer.stop()
+
+
+def where(worker: Worker) -> str:
+    """What the broker holds of a failed settle: outcomes per model on the records topic,
+    and the partitions not committed to their end (or why they could not be read)."""
+    try:
+        return (f"on the records topic: {run(outcomes_on_records(worker.broker, worker.prefix))}"
+                f"; not committed to the end: {run(uncommitted(worker.broker, worker.prefix))}")
+    except Exception as exc:  # the failure being reported matters more than this
+        return f"the broker could not be read: {exc!r}"
 
 
 async def outcomes_on_records(broker: str, prefix: str) -> dict[str, int]:
