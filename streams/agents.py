@@ -112,6 +112,17 @@ def _model_key(model: str) -> str:
     return "\x00" + model if model.startswith("\x00") else model
 
 
+def _model_of(key: str) -> str | None:
+    r"""The model whose state a models-table key holds; None for a marker.
+
+    >>> _model_of("fraud"), _model_of(_model_key("\x00x")), _model_of(_records_key(3))
+    ('fraud', '\x00x', None)
+    """
+    if not key.startswith("\x00"):
+        return key
+    return key[1:] if key.startswith("\x00\x00") else None
+
+
 def _required(table: faust.Table | None, name: str) -> faust.Table:
     if table is None:  # a wiring bug: register() only wires the role's own stages
         raise RuntimeError(f"the {name} table is not this worker's (DRIFTWARDEN_ROLE)")
@@ -321,11 +332,9 @@ class Pipeline:
         count = self.app.consumer.topic_partitions(self.names.model_records) or max(owned) + 1
         every = list(range(count))
         for key, raw in list(self.models_table.data.items()):
-            if key.startswith("\x00") and not key.startswith("\x00\x00"):
-                continue  # a records partition's marker (_records_key)
-            model = key[1:] if key.startswith("\x00") else key
-            if model not in self.snapshot.models and _PARTITIONER(model.encode(), every,
-                                                                  every) in owned:
+            model = _model_of(key)
+            if (model is not None and model not in self.snapshot.models
+                    and _PARTITIONER(model.encode(), every, every) in owned):
                 self.snapshot.set_model(codec.loads(raw))
 
     # -- join ---------------------------------------------------------------------------
@@ -643,7 +652,6 @@ class Pipeline:
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
-        marks: dict[int, int] = {}
         for tp, messages in runs:
             for msg in await self._records_from(tp, messages, (ends or {}).get(tp.partition)):
                 model = (msg.key or b"").decode()  # the join always keys records by model
@@ -663,9 +671,6 @@ class Pipeline:
                 touched[model] = entry
             if messages:
                 self.next_offset[tp] = max(self.next_offset.get(tp, 0), messages[-1].offset + 1)
-            next_ = self._records_next.get(tp.partition)
-            if next_ is not None:
-                marks[tp.partition] = next_
         if retraining:
             sends = []
             for ev in retraining:
@@ -683,9 +688,10 @@ class Pipeline:
         await asyncio.gather(*acks)
         # Each marker once the states before it are stored: it never runs ahead of them.
         acks = []
-        for partition, next_ in marks.items():
+        for partition in {tp.partition for tp, _ in runs}:
+            next_ = self._records_next.get(partition)
             key, value = _records_key(partition), str(next_).encode()
-            if self.models_table.data.get(key) != value:
+            if next_ is not None and self.models_table.data.get(key) != value:
                 self.models_table.data[key] = value
                 acks.extend(await write(self.models_table, partition, {key: value}))
         await asyncio.gather(*acks)
