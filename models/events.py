@@ -139,6 +139,8 @@ def class_key(value: Any) -> str:
     >>> class_key(1), class_key(1.0), class_key("1"), class_key(True)
     ('1', '1', '1', 'true')
     """
+    if type(value) is str:  # the usual case, first
+        return value
     if value is True:
         return "true"
     if value is False:

@@ -28,9 +28,13 @@ Examples
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import log
 from typing import Any, cast
 
 from river import drift, metrics, stats, utils
+
+#: river's CrossEntropy clamps a probability to these before its logarithm.
+_P_MIN, _P_MAX = 1e-15, 1 - 1e-15
 
 __all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor", "RollingCount"]
 
@@ -203,7 +207,13 @@ class PerformanceMonitor:
             Probability the model gave to the true class, when it published scores.
         """
         self.n += 1
-        before = self._before()
+        detector = self.detector
+        if type(detector) is drift.ADWIN:  # _before(), without its two property lookups
+            helper = detector._helper
+            width = helper.get_width()
+            before = helper.get_total() / width if width else 0.0
+        else:
+            before = self._before()
         if self.task == "classification":
             if self._cm is not None:
                 self._cm.update(label, prediction)
@@ -214,7 +224,9 @@ class PerformanceMonitor:
             self._errors.update(wrong)
             error = float(wrong)
             if p_label is not None:
-                self._log_loss.update(label, {label: p_label})
+                # CrossEntropy.update(label, {label: p_label}) without the dict: its
+                # _eval of a one-class dict is this, to the bit (tested).
+                self._log_loss._mean.update(-log(max(min(p_label, _P_MAX), _P_MIN)))
                 self._scored += 1
         else:
             for metric in self._metrics.values():
@@ -222,13 +234,13 @@ class PerformanceMonitor:
             self._rolling.update(label, prediction)
             error = abs(float(prediction) - float(label))
             self._errors.update(error)
-        self.detector.update(error)
+        detector.update(error)
         self.drift = None
-        if self.detector.drift_detected:
+        if detector.drift_detected:
             after = self._after()
             # ADWIN flags any change of the mean, an improvement too; the others only
             # fire on increases, even when the lagging rolling window does not show it yet.
-            if after > before or not isinstance(self.detector, drift.ADWIN):
+            if after > before or not isinstance(detector, drift.ADWIN):
                 self.drift = DriftSignal(self.detector_name, before, after)
             self._since_drift = stats.Mean()
         self._since_drift.update(error)

@@ -232,12 +232,11 @@ class RetrainingPolicy:
 
     def threshold(self) -> float | None:
         """Accuracy below which the version counts as degraded."""
-        candidates = []
-        if self.config.accuracy_min is not None:
-            candidates.append(self.config.accuracy_min)
-        if self.reference is not None:
-            candidates.append(self.reference * (1.0 - self.config.accuracy_drop))
-        return max(candidates) if candidates else None
+        floor = self.config.accuracy_min
+        if self.reference is None:
+            return floor
+        drop = self.reference * (1.0 - self.config.accuracy_drop)
+        return drop if floor is None or drop > floor else floor
 
     def update(
         self,

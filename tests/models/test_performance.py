@@ -230,6 +230,37 @@ def test_bad_parameters_fail_in_the_constructor(kwargs: dict[str, object], messa
         PerformanceMonitor(**kwargs)  # type: ignore[arg-type]
 
 
+def test_log_loss_equals_river_s_cross_entropy_to_the_bit() -> None:
+    from river import metrics
+
+    monitor, river_loss = PerformanceMonitor(), metrics.CrossEntropy()
+    rng = random.Random(5)
+    extremes = [0.0, 1.0, 1e-20, 1 - 1e-17, 0.5, 1e-15, 1 - 1e-15]
+    for i in range(3_000):
+        p = extremes[i] if i < len(extremes) else rng.random()
+        label = rng.choice("ab")
+        monitor.update(rng.choice("ab"), label, p)
+        river_loss.update(label, {label: p})
+        assert monitor.report()["log_loss"] == river_loss.get()
+
+
+def test_adwin_drift_carries_river_s_estimates_before_and_after_the_outcome() -> None:
+    from river import drift
+
+    monitor, adwin = PerformanceMonitor(), drift.ADWIN()
+    expected, reported = [], []
+    for prediction, label in outcomes(3, 20_000, 0.1, 0.4, change_at=10_000):
+        before = adwin.estimation
+        adwin.update(float(prediction != label))
+        if adwin.drift_detected and adwin.estimation > before:
+            expected.append((monitor.n + 1, DriftSignal("ADWIN", before, adwin.estimation)))
+        monitor.update(prediction, label)
+        if monitor.drift is not None:
+            reported.append((monitor.n, monitor.drift))
+    assert len(expected) == 1 and expected[0][0] > 10_000
+    assert reported == expected  # the same floats
+
+
 def test_rolling_accuracy_equals_river_s_rolling_accuracy_and_the_error_rate_is_exact() -> None:
     from river import metrics, utils
 
