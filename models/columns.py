@@ -1,4 +1,4 @@
-"""A run of predictions as columns: how the records topic carries them to the model stage.
+"""Runs as columns: how the records topic carries predictions and outcomes to the model stage.
 
 The join sends a model version's predictions from one input partition, in offset order,
 as one :class:`PredictionRun` rather than a record each, when every prediction of the run
@@ -38,6 +38,15 @@ Categories(values=['DE', 'FR'], codes=array([0, 1, 0], dtype=int32))
 True
 >>> FeatureColumns.from_rows([{"x": 1.0}, {"y": 1.0}]) is None  # not the same names
 True
+
+A batch's outcomes of a model version from one join partition travel likewise as one
+:class:`OutcomeRun`: a list per field, where one record per outcome meant a list of
+six fields and its envelope per outcome, each decoded into a ``ModelRecord``.
+
+>>> outcomes = OutcomeRun("1", "o0", 4, [0, 2], [10.0, 11.0], ["a", "b"], ["a", "a"],
+...                       [0.9, 0.2], [0.9, 0.8], [2.5, 0.0])
+>>> OutcomeRun.decode(outcomes.encode()) == outcomes
+True
 """
 
 from __future__ import annotations
@@ -53,8 +62,8 @@ import numpy as np
 
 from models.errors import StateError
 
-__all__ = ["Categories", "Column", "FeatureColumns", "PredictionRun", "column_values",
-           "transpose"]
+__all__ = ["Categories", "Column", "FeatureColumns", "OutcomeRun", "PredictionRun",
+           "column_values", "transpose"]
 
 _FLOAT = np.dtype("<f8")
 _CODE = np.dtype("<i4")
@@ -262,3 +271,56 @@ class PredictionRun:
             raise StateError(f"records message: run of {source} has offsets out of order")
         return cls(version, source, offsets, ts, predictions, confidences,
                    FeatureColumns.decode(features, n))
+
+
+@dataclass(slots=True)
+class OutcomeRun:
+    """Consecutive outcomes of one model version from one batch of one join partition.
+
+    Outcome ``i`` is the record ``("o", version, source, (batch, subs[i]), [ts[i],
+    predictions[i], labels[i], p_labels[i], confidences[i], delays[i]])`` of
+    :class:`models.join.ModelRecord`; subs increase.
+    """
+
+    version: str
+    source: str
+    batch: int
+    subs: list[int]
+    ts: list[float]
+    predictions: list[Any]
+    labels: list[Any]
+    p_labels: list[float | None]
+    confidences: list[float | None]
+    delays: list[float]
+
+    def __len__(self) -> int:
+        return len(self.subs)
+
+    def encode(self) -> list[Any]:
+        """The run's records-message entry: ``["oc", version, source, batch, subs, ts,
+        predictions, labels, p_labels, confidences, delays]``."""
+        return ["oc", self.version, self.source, self.batch, self.subs, self.ts,
+                self.predictions, self.labels, self.p_labels, self.confidences, self.delays]
+
+    @classmethod
+    def decode(cls, entry: Sequence[Any]) -> OutcomeRun:
+        """The inverse of :meth:`encode`; raises StateError when the entry does not hold."""
+        if len(entry) != 11:
+            raise StateError(f"records message: an outcome run entry has {len(entry)} fields, "
+                             "not 11")
+        _, version, source, batch, subs, *columns = entry
+        if not all(isinstance(column, list) and len(column) == len(subs)
+                   for column in columns):
+            raise StateError(f"records message: outcome run of {source} has columns of "
+                             "unequal length")
+        if not all(map(lt, subs, subs[1:])):
+            raise StateError(f"records message: outcome run of {source} has positions out "
+                             "of order")
+        return cls(version, source, batch, subs, *columns)
+
+    @staticmethod
+    def halves(entry: list[Any]) -> list[list[Any]]:
+        """An encoded run (:meth:`encode`) of two or more outcomes as two runs, in order."""
+        half = len(entry[4]) // 2
+        return [[*entry[:4], *(column[:half] for column in entry[4:])],
+                [*entry[:4], *(column[half:] for column in entry[4:])]]

@@ -72,7 +72,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from models import schema
-from models.columns import FeatureColumns, PredictionRun
+from models.columns import FeatureColumns, OutcomeRun, PredictionRun
 from models.errors import InvalidEvent, StateError
 from models.events import (
     DEFAULT_LIMITS,
@@ -86,7 +86,7 @@ from models.events import (
 
 __all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "InputRecord",
            "JoinPartition", "ModelRecord", "decode_records", "encode_records", "expiry_heaps",
-           "meta_key", "run_records", "wal_key"]
+           "meta_key", "outcome_records", "run_records", "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -180,8 +180,10 @@ def encode_records(records: list[ModelRecord], limit: int = RECORDS_MESSAGE_BYTE
     ``limit / 2`` bytes by an upper bound of its size. Other predictions with their
     event's bytes travel as kind ``"e"``, the event in place of the features: embedding
     the validated bytes (``orjson.Fragment``) costs a tenth of encoding the features
-    again (their floats dominate). Without ``runs`` no ``"c"`` entry is made: the form
-    releases before runs read.
+    again (their floats dominate). ``RUN_MIN`` or more consecutive outcomes of a version
+    from one source and batch travel as one ``"oc"`` entry
+    (:class:`models.columns.OutcomeRun`), halved until a message holds it. Without
+    ``runs`` no ``"c"`` or ``"oc"`` entry is made: the form releases before runs read.
 
     >>> record = ModelRecord("p", "m", "1", "p0", (7, 0), [1.0, {}, 1, None])
     >>> [(model, raw)] = encode_records([record])
@@ -220,6 +222,9 @@ def encode_records(records: list[ModelRecord], limit: int = RECORDS_MESSAGE_BYTE
             part = items[start:start + count]
             raw = orjson.dumps(part)
             count = max(1, len(part) * limit * 9 // (10 * len(raw)))
+            if len(raw) > limit and len(part) == 1 and part[0][0] == "oc" and len(part[0][4]) > 1:
+                items[start:start + 1] = OutcomeRun.halves(part[0])  # labels of any size
+                continue
             if len(raw) <= limit or len(part) == 1:
                 out.append((model, raw))
                 start += len(part)
@@ -232,13 +237,17 @@ def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
     i = 0
     # Spans of records alike: predictions of one version and source with as many
     # features (cheaper to compare than their names: _run splits by names when needed),
-    # or other records (None: one each, a batch's outcomes in one span).
+    # outcomes of one version, source and batch, or other records (None: one each).
     for key, group in groupby(
-            [(r.version, r.source, r.position[1], len(r.item[1])) if r.kind == "p" else None
+            [("p", r.version, r.source, r.position[1], len(r.item[1])) if r.kind == "p"
+             else ("o", r.version, r.source, r.position[0]) if r.kind == "o" else None
              for r in records]):
         span = records[i:i + len(list(group))]
         i += len(span)
-        if key is None or key[2] != 0 or len(span) < RUN_MIN:
+        if key is not None and key[0] == "o" and len(span) >= RUN_MIN:
+            _outcome_run(span, entries)
+            continue
+        if key is None or key[0] == "o" or key[3] != 0 or len(span) < RUN_MIN:
             entries += map(_entry, span)
             continue
         offsets = [r.position[0] for r in span]
@@ -281,6 +290,19 @@ def _run(records: list[ModelRecord], offsets: list[int], entries: list[Any],
                                  confidences, columns).encode())
 
 
+def _outcome_run(records: list[ModelRecord], entries: list[Any]) -> None:
+    """Append outcomes of one version, source and batch as one run (one each if their
+    positions do not increase: not made by the join)."""
+    subs = [r.position[1] for r in records]
+    if not all(map(lt, subs, subs[1:])):
+        entries += map(_entry, records)
+        return
+    first = records[0]
+    entries.append(OutcomeRun(first.version, first.source, first.position[0], subs,
+                              *map(list, zip(*(r.item for r in records), strict=True)))
+                   .encode())
+
+
 def _entry(r: ModelRecord) -> list[Any]:
     if r.raw is not None and r.kind == "p":
         ts, _, prediction, confidence = r.item
@@ -289,13 +311,18 @@ def _entry(r: ModelRecord) -> list[Any]:
     return [r.kind, r.version, r.source, *r.position, r.item]
 
 
-def decode_records(model: str, raw: bytes) -> Iterator[ModelRecord | PredictionRun]:
+def decode_records(model: str, raw: bytes,
+                   ) -> Iterator[ModelRecord | PredictionRun | OutcomeRun]:
     """The records of one :func:`encode_records` message, for ``model``: a
-    :class:`models.columns.PredictionRun` for each run, a ModelRecord for each other."""
+    :class:`models.columns.PredictionRun` or :class:`models.columns.OutcomeRun` for each
+    run, a ModelRecord for each other."""
     for entry in orjson.loads(raw):
         kind = entry[0]
         if kind == "c":
             yield PredictionRun.decode(entry)
+            continue
+        if kind == "oc":
+            yield OutcomeRun.decode(entry)
             continue
         kind, version, source, offset, sub, item = entry
         if kind == "e":  # a prediction as its event: the features are the event's
@@ -310,6 +337,13 @@ def run_records(model: str, run: PredictionRun) -> list[ModelRecord]:
             for offset, ts, features, prediction, confidence in zip(
                 run.offsets, run.ts, run.features.rows(), run.predictions, run.confidences,
                 strict=True)]
+
+
+def outcome_records(model: str, run: OutcomeRun) -> list[ModelRecord]:
+    """The ModelRecords of an outcome run, as the join made them."""
+    return [ModelRecord("o", model, run.version, run.source, (run.batch, sub), list(item))
+            for sub, *item in zip(run.subs, run.ts, run.predictions, run.labels, run.p_labels,
+                                  run.confidences, run.delays, strict=True)]
 
 
 class Flush(NamedTuple):

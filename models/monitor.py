@@ -24,7 +24,7 @@ import bisect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from models.columns import FeatureColumns, PredictionRun
+from models.columns import FeatureColumns, OutcomeRun, PredictionRun
 from models.datadrift import DataDriftMonitor
 from models.estimate import ConfidenceEstimate
 from models.events import class_key
@@ -139,39 +139,47 @@ class VersionMonitor:
     def add_outcome(self, ts: float, prediction: Any, label: Any, p_label: float | None,
                     delay: float) -> dict[str, Any] | None:
         """Absorb an outcome; return a RetrainingEvent dict when the policy fires."""
-        self.outcomes_seen += 1
-        self._seen(ts)
-        self.correct += prediction == label
-        self.delay_sum += delay
-        self.delay_counts[_bucket(delay)] += 1
-        self.data.add_label(label)
-        perf = self.performance.update(prediction, label, p_label)
-        if perf.drift is not None:
-            name = perf.drift.detector
-            self.detections[name] = self.detections.get(name, 0) + 1
-        full = perf.n >= perf.window
-        event = self.policy.update(
-            ts=ts,
-            outcomes_seen=self.outcomes_seen,
-            predictions_seen=self.predictions_seen,
-            drift=perf.drift,
-            accuracy=perf.rolling_accuracy if full else None,
-            metrics=self._metrics,
-        )
-        if event is not None:
-            self.events_emitted += 1
-        return event
+        fired = self.add_outcomes([ts], [prediction], [label], [p_label], [delay])
+        return fired[0] if fired else None
+
+    def add_outcomes(self, ts: Sequence[float], predictions: Sequence[Any],
+                     labels: Sequence[Any], p_labels: Sequence[float | None],
+                     delays: Sequence[float]) -> list[dict[str, Any]]:
+        """:meth:`add_outcome` of each outcome in order, one column per argument; returns
+        the RetrainingEvents fired."""
+        fired: list[dict[str, Any]] = []
+        perf, policy, add_label = self.performance, self.policy, self.data.add_label
+        counts, metrics, window = self.delay_counts, self._metrics, perf.window
+        for t, prediction, label, p_label, delay in zip(
+                ts, predictions, labels, p_labels, delays, strict=True):
+            self.outcomes_seen += 1
+            if self.last_ts is None or t > self.last_ts:
+                self.last_ts = t
+            self.correct += prediction == label
+            self.delay_sum += delay
+            counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
+            add_label(label)
+            perf.update(prediction, label, p_label)
+            drift = perf.drift
+            if drift is not None:
+                name = drift.detector
+                self.detections[name] = self.detections.get(name, 0) + 1
+            event = policy.update(
+                ts=t,
+                outcomes_seen=self.outcomes_seen,
+                predictions_seen=self.predictions_seen,
+                drift=drift,
+                accuracy=perf.rolling_accuracy if perf.n >= window else None,
+                metrics=metrics,
+            )
+            if event is not None:
+                self.events_emitted += 1
+                fired.append(event)
+        return fired
 
     def _seen(self, ts: float) -> None:
         if self.last_ts is None or ts > self.last_ts:
             self.last_ts = ts
-
-
-def _bucket(delay: float) -> int:
-    for i, bound in enumerate(DELAY_BUCKETS):
-        if delay <= bound:
-            return i
-    return len(DELAY_BUCKETS)
 
 
 class ModelState:
@@ -218,22 +226,26 @@ class ModelState:
         fired = self.absorb_many((record,))
         return fired[0] if fired else None
 
-    def absorb_many(self, records: Iterable[ModelRecord | PredictionRun]) -> list[dict[str, Any]]:
+    def absorb_many(self, records: Iterable[ModelRecord | PredictionRun | OutcomeRun],
+                    ) -> list[dict[str, Any]]:
         """Absorb records in order, each unless already absorbed; return the
         RetrainingEvents fired. Consecutive predictions of a version go to
         :meth:`VersionMonitor.add_predictions` together, a run of them
-        (:class:`models.columns.PredictionRun`) to :meth:`VersionMonitor.add_run`: the same
-        result as one :meth:`absorb` each, with the drift histograms updated in bulk."""
+        (:class:`models.columns.PredictionRun`) to :meth:`VersionMonitor.add_run`, a run of
+        outcomes (:class:`models.columns.OutcomeRun`) to :meth:`VersionMonitor.add_outcomes`:
+        the same result as one :meth:`absorb` each, with the drift histograms updated in
+        bulk."""
         fired: list[dict[str, Any]] = []
         run: list[list[Any]] = []  # items of consecutive "p" records of run_version
         run_version = ""
         positions = self.positions
         for record in records:
-            if isinstance(record, PredictionRun):
+            if not isinstance(record, ModelRecord):  # a run of predictions or outcomes
                 if run:
                     fired += self.version(run_version).add_predictions(run)
                     run = []
-                fired += self._run(record)
+                fired += (self._run(record) if isinstance(record, PredictionRun)
+                          else self._outcomes(record))
                 continue
             position = tuple(record.position)
             last = positions.get(record.source)
@@ -271,6 +283,30 @@ class ModelState:
             return []
         self.positions[run.source] = (run.offsets[-1], 0)
         return self.version(run.version).add_run(run, start)
+
+    def _outcomes(self, run: OutcomeRun) -> list[dict[str, Any]]:
+        # Its outcomes are at (batch, sub), subs increasing: those at or below the last
+        # position absorbed from the source are a prefix.
+        last = self.positions.get(run.source)
+        start = 0
+        if last is not None and run.batch <= last[0]:
+            start = len(run) if run.batch < last[0] else bisect.bisect_right(run.subs, last[1])
+        self.replays_skipped += start
+        if start == len(run):
+            return []
+        self.positions[run.source] = (run.batch, run.subs[-1])
+        columns: list[list[Any]] = [run.ts[start:], run.predictions[start:],
+                                    run.labels[start:], run.p_labels[start:], run.delays[start:]]
+        predictions, labels = columns[1], columns[2]
+        if self.config.task != "regression":
+            columns[1], columns[2] = list(map(class_key, predictions)), list(map(class_key, labels))
+        elif not all(isinstance(p, float) and isinstance(label, float)
+                     for p, label in zip(predictions, labels, strict=True)):
+            kept = [i for i, (p, label) in enumerate(zip(predictions, labels, strict=True))
+                    if isinstance(p, float) and isinstance(label, float)]
+            self.rejected += len(predictions) - len(kept)  # as _outcome does
+            columns = [[column[i] for i in kept] for column in columns]
+        return self.version(run.version).add_outcomes(*columns)
 
     def _outcome(self, record: ModelRecord) -> dict[str, Any] | None:
         monitor = self.version(record.version)

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from models import codec
-from models.columns import Categories, FeatureColumns, PredictionRun
+from models.columns import Categories, FeatureColumns, OutcomeRun, PredictionRun
 from models.errors import StateError
 from models.join import (
     RUN_MIN,
@@ -19,10 +19,11 @@ from models.join import (
     ModelRecord,
     decode_records,
     encode_records,
+    outcome_records,
     run_records,
 )
 from models.monitor import ModelState
-from models.policy import PolicyBook
+from models.policy import PolicyBook, PolicyConfig
 from models.simulation import WideScenario, simulate_wide
 
 
@@ -75,6 +76,11 @@ def test_rows_with_other_feature_names_make_no_columns() -> None:
     (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
       {"j": ["j", [1]]}], "column 'j' is not a column of 2"),
     (["c", "1", "p0", [1, 2]], "a run entry has 4 fields"),
+    (["oc", "1", "o0", 3, [0, 1], [1.0, 2.0], [1, 0], [1, 1], [None, None], [None, None],
+      [0.5]], "outcome run of o0 has columns of unequal length"),
+    (["oc", "1", "o0", 3, [1, 1], [1.0, 2.0], [1, 0], [1, 1], [None, None], [None, None],
+      [0.5, 0.5]], "outcome run of o0 has positions out of order"),
+    (["oc", "1", "o0", 3, [0, 1]], "an outcome run entry has 5 fields"),
     (["c", "1", "p0", [1, 2], [1.0, 2.0], ["a", "b"], [None, None],
       {"x": ["f", "not base64!"]}], "column 'x' is not base64 of float64 values"),
 ])
@@ -225,3 +231,105 @@ def test_runs_are_absorbed_exactly_as_one_record_each_replays_included() -> None
     assert ("feature_drift", "n2") in reasons and ("feature_drift", "c1") in reasons
     assert got == expected
     assert bulk.versions["1"].data.untracked == one.versions["1"].data.untracked == 100
+
+
+def joined_batches(n: int, seed: int, batch: int = 1_000) -> list[list[ModelRecord]]:
+    """The records of a join fed ``n`` predictions, each followed 50 predictions later by
+    its label, as the worker sends them: per drained batch, the predictions, then the
+    outcomes. The error rate steps from 10% to 35% halfway; every third prediction has
+    scores, every twentieth is of version "2"."""
+    import random
+
+    rng = random.Random(seed)
+    events = wide_events(n, seed=seed)
+    part = JoinPartition({}, partition=2, ttl=1e9)
+    inputs: list[tuple[str, dict[str, Any]]] = []
+    for i, event in enumerate(events):
+        if i % 3 == 0:
+            p = rng.random()
+            event["scores"] = {"0": 1 - p, "1": p}
+        if i % 20 == 0:
+            event["version"] = "2"
+        inputs.append(("predictions", event))
+        if i >= 50:
+            before = events[i - 50]
+            wrong = rng.random() < (0.1 if i < n // 2 else 0.35)
+            inputs.append(("labels", {"id": before["id"], "ts": before["ts"] + 30.0,
+                                      "label": 1 - before["prediction"] if wrong
+                                      else before["prediction"]}))
+    offsets = {"predictions": 0, "labels": 0}
+    batches = []
+    for start in range(0, len(inputs), batch):
+        for topic, event in inputs[start:start + batch]:
+            part.absorb(topic, orjson.dumps(event), offsets[topic], event["ts"])
+            offsets[topic] += 1
+        flush = part.drain()
+        batches.append(flush.early()[0] + flush.outbox()[0])
+    return batches
+
+
+def by_version(state: ModelState) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """:func:`absorbed`, a pickle per version: the versions share feature names decoded by
+    orjson (one str object per name), not those the join decoded, a reference that a
+    pickle of them all would write differently."""
+    return {v: codec.dumps(m) for v, m in state.versions.items()}, dict(state.positions)
+
+
+def test_outcome_runs_are_absorbed_exactly_as_one_record_each_replays_included() -> None:
+    """Outcomes through encode/decode as runs: the state, the retraining events (concept
+    drift and degraded accuracy) and their order of one absorb per record; a message sent
+    again, whole or from the middle of a run, adds nothing."""
+    policies = PolicyBook(PolicyConfig(window=500, min_outcomes=500, cooldown_seconds=0.0))
+    batches = joined_batches(12_000, seed=9)
+    one, bulk = ModelState("wide", policies), ModelState("wide", policies)
+    expected: list[dict[str, Any]] = []
+    got: list[dict[str, Any]] = []
+    runs = 0
+    previous: list[ModelRecord] = []
+    for records in batches:
+        expected += [event for r in records if (event := one.absorb(r)) is not None]
+        for _, raw in encode_records(records, limit=20_000):
+            items = list(decode_records("wide", raw))
+            runs += sum(isinstance(item, OutcomeRun) for item in items)
+            got += bulk.absorb_many(items)
+        assert by_version(bulk) == by_version(one)
+        replayed = previous[len(previous) // 2:] + records
+        before = bulk.replays_skipped
+        for _, raw in encode_records(replayed, limit=20_000):
+            assert bulk.absorb_many(decode_records("wide", raw)) == []
+        assert bulk.replays_skipped - before == len(replayed)
+        assert by_version(bulk) == by_version(one)
+        previous = records
+    assert runs > 30
+    kinds = [r["kind"] for event in expected for r in event["reasons"]]
+    assert "concept_drift" in kinds and "performance" in kinds
+    assert got == expected
+    assert bulk.versions["1"].outcomes_seen + bulk.versions["2"].outcomes_seen == 12_000 - 50
+
+
+def test_an_outcome_run_keeps_a_regression_model_s_rejects_as_one_record_each() -> None:
+    policies = PolicyBook(PolicyConfig(task="regression", window=50, min_outcomes=10))
+    values: list[Any] = [0.5, 1.25, 2, "x", None, 3.0, True, 4.5]
+    records = [ModelRecord("o", "r", "1", "o0", (7, i), [100.0 + i, values[i % 8],
+                                                         values[(i * 3) % 8], None, None, 1.0])
+               for i in range(64)]
+    one, bulk = ModelState("r", policies), ModelState("r", policies)
+    for r in records:
+        one.absorb(r)
+    [(_, raw)] = encode_records(records)
+    assert [entry[0] for entry in orjson.loads(raw)] == ["oc"]
+    bulk.absorb_many(decode_records("r", raw))
+    assert bulk.rejected == one.rejected > 0 and bulk.positions == one.positions == {"o0": (7, 63)}
+    assert absorbed(bulk) == absorbed(one)
+    bulk.absorb_many(decode_records("r", raw))  # sent again: every outcome is a replay
+    assert bulk.replays_skipped == 64 and absorbed(bulk) == absorbed(one)
+
+
+def test_an_outcome_run_too_large_for_a_message_is_halved_until_it_fits() -> None:
+    records = [ModelRecord("o", "m", "1", "o0", (3, i), [1.0, "y" * 300, "n" * 300, None,
+                                                        None, 0.0]) for i in range(100)]
+    messages = encode_records(records, limit=10_000)
+    assert len(messages) >= 7 and all(len(raw) <= 10_000 for _, raw in messages)
+    received = [r for m, raw in messages for item in decode_records(m, raw)
+                for r in outcome_records(m, item)]
+    assert received == records

@@ -8,6 +8,7 @@ from itertools import groupby
 import orjson
 import pytest
 
+from models.columns import OutcomeRun
 from models.errors import StateError
 from models.join import (
     DeadLetter,
@@ -19,6 +20,7 @@ from models.join import (
     encode_records,
     expiry_heaps,
     meta_key,
+    outcome_records,
     wal_key,
 )
 from models.simulation import Scenario, simulate
@@ -712,11 +714,15 @@ def test_a_model_s_records_split_into_messages_under_the_limit_in_order() -> Non
     for i in range(0, 300, 2):
         feed("labels", label(f"id-{i}", 200.0 + i))
     sent = part.drain().records
-    messages = encode_records(sent, limit=4_000)
-    assert all(len(raw) <= 4_000 for _, raw in messages)
-    assert [m for m, _ in messages].count("big") > 5 and [m for m, _ in messages].count("m") > 5
-    for model in ("big", "m"):
-        received = [r for m, raw in messages if m == model for r in decode_records(m, raw)]
-        assert received == [r for r in sent if r.model == model]
+    for runs in (False, True):  # outcomes one each, or as runs (100 and 50 of them)
+        messages = encode_records(sent, limit=4_000, runs=runs)
+        assert all(len(raw) <= 4_000 for _, raw in messages)
+        assert [m for m, _ in messages].count("big") > 5
+        assert [m for m, _ in messages].count("m") > 3
+        for model in ("big", "m"):
+            received = [r for m, raw in messages if m == model for item in decode_records(m, raw)
+                        for r in (outcome_records(m, item) if isinstance(item, OutcomeRun)
+                                  else [item])]
+            assert received == [r for r in sent if r.model == model]
     alone = encode_records(sent[:1], limit=10)  # a record over the limit still goes, alone
     assert [list(decode_records(m, raw)) for m, raw in alone] == [sent[:1]]

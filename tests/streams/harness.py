@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.columns import OutcomeRun
 from models.join import ModelRecord, decode_records
 from models.simulation import Scenario, simulate
 from streams.bench_e2e import free_port
@@ -259,7 +260,10 @@ async def outcomes_on_records(broker: str, prefix: str) -> dict[str, int]:
     for msg in await read_topic(broker, prefix + "driftwarden-model-records", idle=3.0):
         model = msg.key.decode()
         for rec in decode_records(model, msg.value):
-            if isinstance(rec, ModelRecord) and rec.kind == "o":
+            if isinstance(rec, OutcomeRun):
+                seen.setdefault(model, set()).update(
+                    (rec.source, (rec.batch, sub)) for sub in rec.subs)
+            elif isinstance(rec, ModelRecord) and rec.kind == "o":
                 seen.setdefault(model, set()).add((rec.source, tuple(rec.position)))
     return {model: len(positions) for model, positions in sorted(seen.items())}
 
