@@ -261,15 +261,30 @@ class BatchConsumer(kafka_driver.Consumer):
     at once (:meth:`_ack_all`), so commits, rebalances and recovery work as before.
     Records of every other topic take Faust's usual path.
 
+    The handler runs as a task, one batch at a time: while a batch waits for its writes'
+    acknowledgements, the fetch loop takes the next fetch from the consumer thread and
+    hands the stream topics' records (the model stage's) over, and the next batch starts
+    once the one before has returned and been acknowledged. Waiting for the hand-over
+    after each batch had left the worker's main thread with nothing to do for a tenth of
+    a run (100 batches of 3,000: 1.05 s between batches, 0.67 s of it waiting for the
+    consumer thread, against 7.5 s in the handler).
+
     A rebalance waits for the batch in flight before it commits and revokes (as Faust's
     ``Consumer.wait_empty`` waits for unacknowledged stream events); a batch is never cut
-    short by flow control as a Faust stream's buffered events are.
+    short by flow control as a Faust stream's buffered events are. A fetch taken while a
+    batch was in flight is dropped when a rebalance or a seek began meanwhile, as Faust
+    drops its fetched records then. A handler's error is logged when it happens, and
+    raised in the fetch loop (which stops the worker) at its next call; a stop that
+    cancelled the fetch loop meanwhile makes no next call, and the batch, never
+    acknowledged, is read again.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
+        self._in_flight: asyncio.Task[None] | None = None
+        self._seeks = 0  # seeks begun so far (any partition)
 
     def _new_consumer_thread(self) -> kafka_driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -280,6 +295,9 @@ class BatchConsumer(kafka_driver.Consumer):
             async for item in super().getmany(timeout):
                 yield item
             return
+        if self._in_flight is not None and self._in_flight.done():
+            await self._finish_in_flight()  # raises the handler's error, if any
+        seeks = self._seeks
         records, active = await self._wait_next_records(timeout)
         generation = app.consumer_generation_id
         if records is None or self.should_stop:
@@ -307,8 +325,45 @@ class BatchConsumer(kafka_driver.Consumer):
                 return
             yield tp, to_message(tp, record)
         batch = [group for groups in by_topic.values() for group in groups]
-        if batch and self.flow_active and app.consumer_generation_id == generation:
-            await self._deliver(app.batch_handler, batch)
+        if not batch:
+            return
+        await self._finish_in_flight()
+        if self._seeks != seeks:
+            # A seek began after this fetch was asked for, so its records may be from
+            # before it: handed over, the records read again from the seek's offset
+            # would look read before it, never be acknowledged and hold the commit. Read
+            # again from the committed offsets, as Faust does after dropping a fetch.
+            await self.perform_seek()
+            return
+        if self.flow_active and app.consumer_generation_id == generation:
+            self._batch_idle.clear()  # from now: a rebalance waits for this batch
+            task = asyncio.ensure_future(self._deliver(app.batch_handler, batch))
+            task.add_done_callback(self._batch_done)
+            self._in_flight = task
+
+    async def perform_seek(self) -> None:
+        self._seeks += 1
+        await super().perform_seek()
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        self._seeks += 1
+        await super().seek(partition, offset)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        # However the task ended (even cancelled before it began), nothing is in flight.
+        self._batch_idle.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("a join batch failed (its records were not acknowledged and "
+                           "are read again): %r", exc)
+
+    async def _finish_in_flight(self) -> None:
+        """Wait for the batch in flight, if any; raise its error. Shielded: a fetch loop
+        cancelled meanwhile (a stop) leaves the batch to finish, which ``wait_empty``
+        then waits for."""
+        task = self._in_flight
+        if task is not None:
+            await asyncio.shield(task)
+            self._in_flight = None
 
     async def _deliver(self, handler: BatchHandler, batch: list[tuple[TP, list[Any]]]) -> None:
         read = self._read_offset
@@ -328,6 +383,7 @@ class BatchConsumer(kafka_driver.Consumer):
             if kept:
                 fresh.append((tp, kept))
         if not fresh:
+            self._batch_idle.set()
             return
         self._batch_idle.clear()
         try:
