@@ -333,6 +333,8 @@ class BatchConsumer(kafka_driver.Consumer):
             # before it: handed over, the records read again from the seek's offset
             # would look read before it, never be acknowledged and hold the commit. Read
             # again from the committed offsets, as Faust does after dropping a fetch.
+            self.log.info("a fetch taken before a seek was dropped; reading again from "
+                          "the committed offsets")
             await self.perform_seek()
             return
         if self.flow_active and app.consumer_generation_id == generation:
