@@ -295,28 +295,29 @@ class ModelState:
         if start == len(run):
             return []
         self.positions[run.source] = (run.batch, run.subs[-1])
-        columns: list[list[Any]] = [run.ts[start:], run.predictions[start:],
-                                    run.labels[start:], run.p_labels[start:], run.delays[start:]]
-        predictions, labels = columns[1], columns[2]
-        if self.config.task != "regression":
-            columns[1], columns[2] = list(map(class_key, predictions)), list(map(class_key, labels))
-        elif not all(isinstance(p, float) and isinstance(label, float)
-                     for p, label in zip(predictions, labels, strict=True)):
-            kept = [i for i, (p, label) in enumerate(zip(predictions, labels, strict=True))
-                    if isinstance(p, float) and isinstance(label, float)]
-            self.rejected += len(predictions) - len(kept)  # as _outcome does
-            columns = [[column[i] for i in kept] for column in columns]
-        return self.version(run.version).add_outcomes(*columns)
+        return self._score(run.version, run.ts[start:], run.predictions[start:],
+                           run.labels[start:], run.p_labels[start:], run.delays[start:])
 
     def _outcome(self, record: ModelRecord) -> dict[str, Any] | None:
-        monitor = self.version(record.version)
         ts, prediction, label, p_label, _confidence, delay = record.item
-        if self.config.task == "regression":
-            if not (isinstance(prediction, float) and isinstance(label, float)):
-                # The join dead-letters these; a record from before a policy change is
-                # counted and skipped rather than stopping the agent.
-                self.rejected += 1
-                return None
-        else:
-            prediction, label = class_key(prediction), class_key(label)
-        return monitor.add_outcome(ts, prediction, label, p_label, delay)
+        fired = self._score(record.version, [ts], [prediction], [label], [p_label], [delay])
+        return fired[0] if fired else None
+
+    def _score(self, version: str, ts: list[float], predictions: list[Any], labels: list[Any],
+               p_labels: list[float | None], delays: list[float]) -> list[dict[str, Any]]:
+        """:meth:`VersionMonitor.add_outcomes` of the outcomes the model can score: a
+        classifier's as class keys; a regression model's only where prediction and label
+        are both floats. The join dead-letters the others; one from before a policy change
+        is counted (``rejected``) and skipped rather than stopping the agent."""
+        monitor = self.version(version)
+        if self.config.task != "regression":
+            return monitor.add_outcomes(ts, list(map(class_key, predictions)),
+                                        list(map(class_key, labels)), p_labels, delays)
+        kept = [i for i, (p, label) in enumerate(zip(predictions, labels, strict=True))
+                if isinstance(p, float) and isinstance(label, float)]
+        if len(kept) < len(predictions):
+            self.rejected += len(predictions) - len(kept)
+            ts, delays = [ts[i] for i in kept], [delays[i] for i in kept]
+            predictions, labels = [predictions[i] for i in kept], [labels[i] for i in kept]
+            p_labels = [p_labels[i] for i in kept]
+        return monitor.add_outcomes(ts, predictions, labels, p_labels, delays)
