@@ -244,11 +244,11 @@ def _entries(records: list[ModelRecord], run_bytes: int) -> list[Any]:
              for r in records]):
         span = records[i:i + len(list(group))]
         i += len(span)
-        if key is not None and key[0] == "o" and len(span) >= RUN_MIN:
-            _outcome_run(span, entries)
-            continue
-        if key is None or key[0] == "o" or key[3] != 0 or len(span) < RUN_MIN:
+        if key is None or len(span) < RUN_MIN or (key[0] == "p" and key[3] != 0):
             entries += map(_entry, span)
+            continue
+        if key[0] == "o":
+            _outcome_run(span, entries)
             continue
         offsets = [r.position[0] for r in span]
         if not all(map(lt, offsets, offsets[1:])):  # not made by the join: one each
