@@ -208,12 +208,7 @@ class PerformanceMonitor:
         """
         self.n += 1
         detector = self.detector
-        if type(detector) is drift.ADWIN:  # _before(), without its two property lookups
-            helper = detector._helper
-            width = helper.get_width()
-            before = helper.get_total() / width if width else 0.0
-        else:
-            before = self._before()
+        before = self._before()
         if self.task == "classification":
             if self._cm is not None:
                 self._cm.update(label, prediction)
@@ -260,7 +255,11 @@ class PerformanceMonitor:
 
     def _before(self) -> float:
         if isinstance(self.detector, drift.ADWIN):
-            return float(self.detector.estimation)
+            # ADWIN's estimation, read from its helper without two property lookups (this
+            # runs once per outcome)
+            helper = self.detector._helper
+            width = helper.get_width()
+            return float(helper.get_total() / width) if width else 0.0
         return float(self._since_drift.get())
 
     def _after(self) -> float:
