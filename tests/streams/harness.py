@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.columns import OutcomeRun
-from models.join import ModelRecord, decode_records
+from models.join import ModelRecord, decode_records, outcome_records
 from models.simulation import Scenario, simulate
 from streams.bench_e2e import free_port
 from tests.streams.oracle import Expected
@@ -259,12 +259,11 @@ async def outcomes_on_records(broker: str, prefix: str) -> dict[str, int]:
     seen: dict[str, set[tuple[str, tuple[int, int]]]] = {}
     for msg in await read_topic(broker, prefix + "driftwarden-model-records", idle=3.0):
         model = msg.key.decode()
-        for rec in decode_records(model, msg.value):
-            if isinstance(rec, OutcomeRun):
-                seen.setdefault(model, set()).update(
-                    (rec.source, (rec.batch, sub)) for sub in rec.subs)
-            elif isinstance(rec, ModelRecord) and rec.kind == "o":
-                seen.setdefault(model, set()).add((rec.source, tuple(rec.position)))
+        for item in decode_records(model, msg.value):
+            records = outcome_records(model, item) if isinstance(item, OutcomeRun) else [item]
+            seen.setdefault(model, set()).update(
+                (r.source, tuple(r.position)) for r in records
+                if isinstance(r, ModelRecord) and r.kind == "o")
     return {model: len(positions) for model, positions in sorted(seen.items())}
 
 
