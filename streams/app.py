@@ -281,6 +281,8 @@ class BatchConsumer(kafka_driver.Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Set while no batch is in flight: cleared by getmany as it starts one, set again
+        # by _batch_done as it ends.
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
         self._in_flight: asyncio.Task[None] | None = None
@@ -385,14 +387,9 @@ class BatchConsumer(kafka_driver.Consumer):
             if kept:
                 fresh.append((tp, kept))
         if not fresh:
-            self._batch_idle.set()
             return
-        self._batch_idle.clear()
-        try:
-            await handler(fresh)
-            self._ack_all(fresh)
-        finally:
-            self._batch_idle.set()
+        await handler(fresh)
+        self._ack_all(fresh)
         # What a Faust stream's sensor records per event; without it Faust's livelock
         # check logs "Stream has not started processing" for every input partition.
         monitor = self.app.monitor
