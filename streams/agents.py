@@ -51,7 +51,13 @@ from models.monitor import ModelState
 from models.policy import PolicyBook
 from models.reference import ReferenceProfile
 from streams.app import App
-from streams.metrics import EVENTS_CONSUMED, INVALID_REFERENCES, REPLAYS_SKIPPED, Snapshot
+from streams.metrics import (
+    EVENTS_CONSUMED,
+    EVENTS_RECEIVED,
+    INVALID_REFERENCES,
+    REPLAYS_SKIPPED,
+    Snapshot,
+)
 from streams.settings import Settings
 from streams.tables import Tables, entries, track_topics, write
 from streams.topics import TopicNames
@@ -175,6 +181,8 @@ class Pipeline:
             ["model-records"] if tables.models is not None else [])
         for topic in read:
             EVENTS_CONSUMED.labels(topic)
+            if topic != "model-records":
+                EVENTS_RECEIVED.labels(topic)
             REPLAYS_SKIPPED.labels(topic)
 
     # -- wiring -------------------------------------------------------------------------
@@ -342,6 +350,12 @@ class Pipeline:
     async def join_batch(self, batch: Sequence[tuple[TP, Sequence[Any]]]) -> None:
         """Join a fetch: ``(input partition, its aiokafka records)``, predictions first."""
         async with self._join_lock:
+            # Counted as the batch begins; events_consumed once its writes are acknowledged.
+            received: Counter[str] = Counter()
+            for tp, records in batch:
+                received[self.logical[tp.topic]] += len(records)
+            for topic, n in received.items():
+                EVENTS_RECEIVED.labels(topic).inc(n)
             await self._producer_ready()
             touched: dict[int, JoinPartition] = {}
             # Counted per batch: a labelled metric costs a lookup and a lock per call.
@@ -652,8 +666,10 @@ class Pipeline:
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
+        read = 0
         for tp, messages in runs:
             for msg in await self._records_from(tp, messages, (ends or {}).get(tp.partition)):
+                read += 1
                 model = (msg.key or b"").decode()  # the join always keys records by model
                 entry = self.states.get(model)
                 if entry is None:
@@ -697,3 +713,5 @@ class Pipeline:
         await asyncio.gather(*acks)
         for _, state in touched.values():
             self.snapshot.set_model(state)
+        if read:  # counted once stored, as the join counts its input
+            EVENTS_CONSUMED.labels("model-records").inc(read)

@@ -24,11 +24,16 @@ from prometheus_client.registry import Collector
 from models.errors import ConfigError
 from models.monitor import DELAY_BUCKETS, ModelState
 
-__all__ = ["EVENTS_CONSUMED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
+__all__ = ["EVENTS_CONSUMED", "EVENTS_RECEIVED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
 
 EVENTS_CONSUMED = Counter(
-    "driftwarden_events_consumed", "Input events consumed by this worker process.", ["topic"]
-)
+    "driftwarden_events_consumed",
+    "Input events this worker process has processed and stored (for model-records: "
+    "messages).", ["topic"])
+EVENTS_RECEIVED = Counter(
+    "driftwarden_events_received",
+    "Input events handed to this worker process's join, counted as its batch begins.",
+    ["topic"])
 INVALID_REFERENCES = Counter(
     "driftwarden_invalid_references",
     "Reference profiles on the references topic that could not be read (dead-lettered).",

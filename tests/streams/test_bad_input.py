@@ -148,6 +148,20 @@ def test_bad_input_is_dead_lettered_counted_and_harmless(start_worker, kafka_bro
     assert worker.value("driftwarden_accuracy", window="cumulative", **mv) == (
         (N_VALID - N_VALID // 10 + 1) / (N_VALID + 1))
 
+    # Every input event counts once, bad or good: received as its batch begins, consumed
+    # once stored. The model stage counts each message of the records topic it absorbed.
+    produced = Counter(topic for topic, _, _ in records)
+    for topic in ("predictions", "labels"):
+        assert worker.value("driftwarden_events_received_total", topic=topic) == produced[topic]
+        assert worker.value("driftwarden_events_consumed_total", topic=topic) == produced[topic]
+
+    def records_absorbed() -> bool:
+        n = len(run(read_topic(kafka_broker, prefix + "driftwarden-model-records", idle=1.0)))
+        return n > 0 and worker.value("driftwarden_events_consumed_total",
+                                      topic="model-records") == n
+
+    wait_until(records_absorbed, 60, "the model stage to count every records message")
+
     # Each dead letter carries the original key and bytes, and points at the original.
     sources = {}
     for topic in ("predictions", "labels"):

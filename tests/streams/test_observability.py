@@ -224,3 +224,30 @@ def test_metrics_never_expose_ids_or_feature_values(start_worker, kafka_broker, 
     for value in ("id-7f3a9c1d", "someone-4b2e", "98765.4321", "approve-5e8f"):
         assert value not in text, f"{value!r} is exposed on the metrics endpoint"
     assert 'model="fraud"' in text  # the scrape did contain the model's series
+
+
+def test_every_series_the_worker_exports_is_in_the_readme_catalogue(start_worker, kafka_broker,
+                                                                     prefix):
+    worker = start_worker()
+    run(produce(kafka_broker, [
+        (prefix + "predictions", b"c-1", orjson.dumps(
+            {"id": "c-1", "model": "fraud", "features": {"x": 1.0}, "prediction": 1,
+             "scores": {"0": 0.2, "1": 0.8}})),
+        (prefix + "labels", b"c-1", orjson.dumps({"id": "c-1", "label": 0})),
+        (prefix + "labels", b"bad", b"not json")]))
+    wait_until(lambda: worker.total("driftwarden_outcomes_total"), 60,
+               "the outcome to be absorbed")
+    wait_until(lambda: worker.total("driftwarden_dead_letters_total"), 60, "the dead letter")
+    catalogue = (ROOT / "README.md").read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for row in catalogue.splitlines():
+        names = re.findall(r"`(driftwarden)?(_[a-z0-9_]+)`", row)
+        if names and names[0][0]:  # "`driftwarden_precision`, `_recall`, `_f1`"
+            documented.update("driftwarden" + suffix for _, suffix in names)
+    # A histogram's series by its name; a counter's creation time (_created) goes with it.
+    exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in worker.metrics()
+                if name.startswith("driftwarden_") and not name.endswith("_created")}
+    assert {"driftwarden_events_received_total", "driftwarden_label_delay_seconds",
+            "driftwarden_log_loss", "driftwarden_worker_info"} <= exported
+    assert exported - documented == set(), "exported but not in the README's catalogue"
+
