@@ -9,12 +9,12 @@ Against the broker in ``DRIFTWARDEN_BROKER``, on fresh topics of its own:
    driftwarden's whose agent does nothing (:mod:`streams.bench_floor`): what Faust's
    per-event machinery alone allows;
 3. **worker**: ``python -m streams worker`` (join, performance, data drift, metrics: all
-   on) over the same input, from its first consumed event to its last absorbed outcome;
-   events/s, its peak RSS (VmHWM), and the CPU its main thread, the whole worker and the
-   machine used meanwhile (``/proc``: whether the worker waits, or is the wall). Then
-   the same with the two stages in two processes (``DRIFTWARDEN_ROLE=join`` and
-   ``monitor``), from the join's first event to the model stage's last outcome. Steps 2
-   and 3 run ``--repeat`` times; medians;
+   on) over the same input, from just before its first event (:func:`input_start`) to
+   its last absorbed outcome; events/s, its peak RSS (VmHWM), and the CPU its main
+   thread, the whole worker and the machine used meanwhile (``/proc``: whether the
+   worker waits, or is the wall). Then the same with the two stages in two processes
+   (``DRIFTWARDEN_ROLE=join`` and ``monitor``), from just before the join's first event
+   to the model stage's last outcome. Steps 2 and 3 run ``--repeat`` times; medians;
 4. **latency**: a fresh worker fed at half the median worker rate; the time from a label's
    publication to the first scrape (every 50 ms) whose outcome count covers it; p50/p99,
    ``--repeat`` times (fresh topics and worker each time); medians. And the worker's CPU
@@ -70,8 +70,8 @@ from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
 __all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "bench_input", "cpu_use",
-           "fresh_topics", "print_table", "produce", "split_run", "start_split", "stream",
-           "wait_until", "worker_run"]
+           "fresh_topics", "input_start", "print_table", "produce", "split_run", "start_split",
+           "stream", "wait_until", "worker_run"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
@@ -349,6 +349,32 @@ def wait_count(worker: WorkerProcess, metric: str, n: float, started: float,
         time.sleep(min(1.0, max(0.05, (n - count) / rate / 2 if rate else 0.5)))
 
 
+def input_start(join: WorkerProcess, *pids: int) -> tuple[float, list[CpuTimes]]:
+    """The clock and the CPU times of ``pids`` just before the join's last scrape that
+    answered with no input event received yet: from there a window holds all of the
+    join's work on the input, and at most one poll (20 ms) and a scrape of waiting.
+
+    (The first event *consumed* comes once the first batch's writes are acknowledged:
+    measuring from it left that batch out of the clock, and on a small input all of the
+    join's work.)
+    """
+    deadline = time.monotonic() + 180
+    last: tuple[float, list[CpuTimes]] | None = None
+    while True:
+        mark = time.monotonic(), [CpuTimes.read(pid) for pid in pids]
+        received = join._samples("driftwarden_events_received_total")
+        if received and sum(received) > 0:
+            if last is None:
+                raise RuntimeError("bench: the join received input before its first scrape "
+                                   "answered; the clock cannot start before its first event")
+            return last
+        if received:
+            last = mark
+        if time.monotonic() > deadline:
+            raise RuntimeError("bench: timed out after 180s waiting for the join's first event")
+        time.sleep(0.02)
+
+
 class CpuTimes(NamedTuple):
     """CPU seconds so far (user + system): a process's main thread, the whole process,
     and the machine (busy, and busy + idle: the wall clock times its cores)."""
@@ -392,9 +418,7 @@ def worker_run(settings: Settings, n: int, run: int, cwd: str | None = None,
     for :class:`WorkerProcess`."""
     worker = WorkerProcess(settings, f"bench-{run}", cwd=cwd, **env)
     try:
-        started = wait_until(lambda: worker.sample("driftwarden_events_consumed_total") > 0, 180,
-                        "the worker's first event", interval=0.02)
-        before = CpuTimes.read(worker.proc.pid)
+        started, (before,) = input_start(worker, worker.proc.pid)
         joined = max(wait_count(worker, "driftwarden_events_consumed_total", n, started, 1800,
                                 topic=topic) for topic in ("predictions", "labels"))
         done = wait_count(worker, "driftwarden_outcomes_total", n, started, 1800)
@@ -428,9 +452,7 @@ def split_run(settings: Settings, n: int, run: int, cwd: str | None = None,
     workers: list[WorkerProcess] = []
     try:
         join, monitor = start_split(settings, f"bench-split-{run}", workers, cwd, **env)
-        started = wait_until(lambda: join.sample("driftwarden_events_consumed_total") > 0, 180,
-                             "the join's first event", interval=0.02)
-        before = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
+        started, before = input_start(join, join.proc.pid, monitor.proc.pid)
         done = wait_count(monitor, "driftwarden_outcomes_total", n, started, 1800)
         after = [CpuTimes.read(w.proc.pid) for w in (join, monitor)]
         cpu = {role: cpu_use(b, e, done - started, 2 * n)
