@@ -493,6 +493,9 @@ def create_app(settings: Settings, partitions: int) -> App:
         # heartbeats run in the consumer's own thread, so busy agents do not miss them.
         broker_session_timeout=settings.session_timeout_seconds,
         broker_heartbeat_interval=settings.session_timeout_seconds / 3,
+        # Faust refuses a session timeout above its request timeout (90 s by default);
+        # a longer session (README: up to the broker's 1800 s) lengthens that to match.
+        broker_request_timeout=max(90.0, settings.session_timeout_seconds + 10.0),
         producer_acks=-1,
         # What the worker writes goes compressed (records, changelogs, write-ahead
         # entries): a quarter of the bytes for the broker to take and acknowledge (with

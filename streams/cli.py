@@ -56,6 +56,7 @@ def _worker(argv: list[str]) -> None:
     from streams.tables import declare_tables
 
     settings = Settings.from_env()
+    settings.policies()  # a bad policy file stops the worker before Kafka is touched
     if argv[:1] == ["worker"]:
         # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned,
         # or workers of the other layout (DRIFTWARDEN_ROLE) running on the same topics.

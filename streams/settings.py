@@ -12,7 +12,9 @@ Every error names the variable that is wrong::
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ __all__ = ["RECORDS_FORMATS", "ROLES", "Settings"]
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
+#: One bootstrap server of DRIFTWARDEN_BROKER: a host name, IPv4 or [IPv6] address; a port.
+_BROKER_URL = re.compile(r"kafka://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
 #: What a worker process runs: both stages, or one of them (README, "One process or two").
 ROLES = ("all", "join", "monitor")
 #: How the join sends predictions to the model stage: ``runs`` (columns, this release on)
@@ -74,7 +78,7 @@ class Settings:
         settings = cls(
             broker=get.text("BROKER", cls.broker),
             topic_prefix=get.text("TOPIC_PREFIX", cls.topic_prefix),
-            metrics_port=get.integer("METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_port=get.integer("METRICS_PORT", cls.metrics_port, 1, 65535),
             metrics_host=get.text("METRICS_HOST", cls.metrics_host),
             data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
             label_ttl_seconds=get.number("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
@@ -105,11 +109,18 @@ class Settings:
             ssl_certfile=get.path("SSL_CERTFILE"),
             ssl_keyfile=get.path("SSL_KEYFILE"),
         )
-        if not settings.broker.startswith("kafka://"):
+        if not all(_BROKER_URL.fullmatch(url) for url in settings.broker.split(";")):
             raise ConfigError(
-                f"DRIFTWARDEN_BROKER must start with kafka://, got {settings.broker!r}")
-        if settings.store.split("://")[0] not in ("memory", "rocksdb"):
-            raise ConfigError("DRIFTWARDEN_STORE must be memory:// or rocksdb://")
+                "DRIFTWARDEN_BROKER must be kafka://host:port, several separated by ';', got "
+                f"{settings.broker!r}")
+        scheme, sep, _ = settings.store.partition("://")
+        if not sep or scheme not in ("memory", "rocksdb"):
+            raise ConfigError(
+                f"DRIFTWARDEN_STORE must be memory:// or rocksdb://, got {settings.store!r}")
+        for name, value in (("APP_ID", settings.app_id), ("METRICS_HOST", settings.metrics_host)):
+            if not value.strip():
+                raise ConfigError(f"DRIFTWARDEN_{name} must not be empty, got {value!r}")
+        settings._check_tls()
         if settings.security_protocol.startswith("SASL") and not (
             settings.sasl_username and settings.sasl_password
         ):
@@ -118,6 +129,26 @@ class Settings:
                 f"with DRIFTWARDEN_SECURITY_PROTOCOL={settings.security_protocol}"
             )
         return settings
+
+    def _check_tls(self) -> None:
+        """The TLS files exist, go with a protocol that uses them, and load (a bad file
+        named here, not as a traceback at the first connection)."""
+        files = {"SSL_CAFILE": self.ssl_cafile, "SSL_CERTFILE": self.ssl_certfile,
+                 "SSL_KEYFILE": self.ssl_keyfile}
+        for name, path in files.items():
+            if path is None:
+                continue
+            if "SSL" not in self.security_protocol:
+                raise ConfigError(
+                    f"DRIFTWARDEN_{name} is set, but DRIFTWARDEN_SECURITY_PROTOCOL="
+                    f"{self.security_protocol} does not use TLS (set SSL or SASL_SSL)")
+            if not path.is_file():
+                raise ConfigError(f"DRIFTWARDEN_{name}: no such file {str(path)!r}")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ConfigError("DRIFTWARDEN_SSL_KEYFILE is set without DRIFTWARDEN_SSL_CERTFILE, "
+                              "the certificate it is the key of")
+        if "SSL" in self.security_protocol:
+            self.aiokafka_security()  # raises a ConfigError naming a file that does not load
 
     def topic(self, name: str) -> str:
         """Full name of a topic of DESIGN.md section 2 (prefix applied)."""
@@ -176,13 +207,22 @@ class Settings:
 
         kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
         if "SSL" in self.security_protocol:
-            context = ssl.create_default_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
-            )
+            try:
+                context = ssl.create_default_context(
+                    cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"DRIFTWARDEN_SSL_CAFILE ({self.ssl_cafile}) does not load "
+                                  f"as PEM certificates: {exc}") from None
             if self.ssl_certfile:
-                context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
-                )
+                try:
+                    context.load_cert_chain(
+                        str(self.ssl_certfile),
+                        str(self.ssl_keyfile) if self.ssl_keyfile else None)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(
+                        f"DRIFTWARDEN_SSL_CERTFILE ({self.ssl_certfile}) and _KEYFILE "
+                        f"({self.ssl_keyfile}) do not load as a certificate and its key: "
+                        f"{exc}") from None
             kwargs["ssl_context"] = context
         if self.security_protocol.startswith("SASL"):
             kwargs.update(
@@ -220,14 +260,16 @@ class _Reader:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"DRIFTWARDEN_{name} must be a number, got {raw!r}") from None
-        if not value > 0:
-            raise ConfigError(f"DRIFTWARDEN_{name} must be positive, got {raw!r}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"DRIFTWARDEN_{name} must be a positive finite number, "
+                              f"got {raw!r}")
         return value
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = self.env.get(f"DRIFTWARDEN_{name}", default)
         if value not in options:
-            raise ConfigError(f"DRIFTWARDEN_{name} must be one of {', '.join(options)}")
+            raise ConfigError(
+                f"DRIFTWARDEN_{name} must be one of {', '.join(options)}, got {value!r}")
         return value
 
     def path(self, name: str) -> Path | None:

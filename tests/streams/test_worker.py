@@ -25,7 +25,8 @@ from tests.streams.harness import (
 
 
 def test_worker_consumes_a_prediction(start_worker, kafka_broker, prefix):
-    worker = start_worker()
+    # A session timeout above Faust's 90 s request timeout, which Faust alone refuses.
+    worker = start_worker(DRIFTWARDEN_SESSION_TIMEOUT_SECONDS="120")
     event = {"id": "p-1", "model": "fraud", "version": "3", "features": {"amount": 12.5},
              "prediction": 1, "scores": {"0": 0.25, "1": 0.75}}
     run(produce(kafka_broker, [(prefix + "predictions", b"p-1", orjson.dumps(event))]))
