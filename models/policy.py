@@ -102,24 +102,28 @@ class PolicyConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"policy {f.name!r} must be finite, got {value!r}")
         if self.task not in ("classification", "regression"):
-            raise ConfigError("policy 'task' must be 'classification' or 'regression'")
+            raise ConfigError("policy 'task' must be 'classification' or 'regression', "
+                              f"got {self.task!r}")
         if self.detector not in DETECTORS:
-            raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}")
+            raise ConfigError(f"policy 'detector' must be one of {sorted(DETECTORS)}, "
+                              f"got {self.detector!r}")
         for name in ("window", "min_outcomes"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"policy '{name}' must be a positive integer")
+                raise ConfigError(f"policy '{name}' must be a positive integer, "
+                                  f"got {getattr(self, name)!r}")
         try:
             self.drift_config()
         except ValueError as exc:  # DriftConfig names its field first: name the policy key
             name, _, rest = str(exc).partition(" ")
             raise ConfigError(f"policy '{_DRIFT_KEYS[name]}' {rest}") from None
         if self.cooldown_seconds < 0:
-            raise ConfigError("policy 'cooldown_seconds' must be >= 0")
+            raise ConfigError(f"policy 'cooldown_seconds' must be >= 0, "
+                              f"got {self.cooldown_seconds!r}")
         for name in ("accuracy_drop", "critical_drop", "hysteresis"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"policy '{name}' must be in [0, 1)")
+                raise ConfigError(f"policy '{name}' must be in [0, 1), got {getattr(self, name)!r}")
         if self.accuracy_min is not None and not 0.0 <= self.accuracy_min <= 1.0:
-            raise ConfigError("policy 'accuracy_min' must be in [0, 1]")
+            raise ConfigError(f"policy 'accuracy_min' must be in [0, 1], got {self.accuracy_min!r}")
         factory, binary_only = DETECTORS[self.detector]
         if binary_only and self.task == "regression":
             raise ConfigError(f"policy 'detector' {self.detector} needs binary errors; "

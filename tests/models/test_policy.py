@@ -184,10 +184,13 @@ def test_policy_config_defaults() -> None:
     ({"hysteresis": 1.5}, "'hysteresis'"),
     ({"accuracy_min": 1.5}, "'accuracy_min'"),
 ])
-def test_bad_policy_values_raise_config_error_naming_the_key(kwargs: dict[str, Any],
-                                                            key: str) -> None:
-    with pytest.raises(ConfigError, match=key):
+def test_bad_policy_values_raise_config_error_naming_the_key_and_value(
+        kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as raised:
         PolicyConfig(**kwargs)
+    message = str(raised.value)
+    assert message.startswith(f"policy {key} must ")
+    assert message.endswith(f"got {next(iter(kwargs.values()))!r}")
 
 
 # -- PolicyBook.from_toml -----------------------------------------------------------------
