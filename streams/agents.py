@@ -373,6 +373,7 @@ class Pipeline:
                         expected = part.expected(topic)
                         if expected is not None and rec.offset > expected:
                             missed = await self._missed(expected, tp, rec.offset)
+                            EVENTS_RECEIVED.labels(topic).inc(len(missed))
                             await self._absorb(part, topic, missed)
                             consumed[topic] += len(missed)
                         await self._absorb(part, topic, [rec])
