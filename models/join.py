@@ -85,8 +85,9 @@ from models.events import (
 )
 
 __all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "InputRecord",
-           "JoinPartition", "ModelRecord", "decode_records", "encode_records", "expiry_heaps",
-           "meta_key", "outcome_records", "run_records", "wal_key"]
+           "JoinPartition", "ModelRecord", "count_key", "decode_records", "encode_records",
+           "expiry_heaps", "meta_key", "outcome_records", "run_records", "split_count_key",
+           "wal_key"]
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -565,7 +566,7 @@ class JoinPartition:
                     continue
                 self._delete(event_id)
                 if kind == "P":
-                    self._count("expired", f"{entry[3]}|{entry[4]}")
+                    self._count("expired", count_key(entry[3], entry[4]))
                 elif kind == "L":
                     for cand in _candidates(entry):
                         raw_label = cand[4].encode()
@@ -675,12 +676,14 @@ class JoinPartition:
         if numeric and not isinstance(p.prediction, float):
             raise InvalidEvent("invalid_prediction",
                                f"field 'prediction' must be a number: {p.model!r} is a regression")
-        mv = f"{p.model}|{p.version}"
+        mv = f"{p.model}|{p.version}"  # its count_key, but for a name with | or \\ in it
         followed = self._meta.counts.get("predictions", {})
-        if mv not in followed and len(followed) >= self.max_versions:
-            raise InvalidEvent("too_many_models",
-                               f"field 'model': partition {self.partition} already follows "
-                               f"{self.max_versions} model versions")
+        if mv not in followed:
+            mv = count_key(p.model, p.version)
+            if mv not in followed and len(followed) >= self.max_versions:
+                raise InvalidEvent("too_many_models",
+                                   f"field 'model': partition {self.partition} already "
+                                   f"follows {self.max_versions} model versions")
         self._count("predictions", mv)
         confidence = p.confidence
         self.records.append(
@@ -736,7 +739,9 @@ class JoinPartition:
     def _match(self, event_id: str, model: str, version: str, prediction: Any,
                scores: dict[str, float] | None, p_ts: float, label: Any, l_ts: float,
                entry_ts: float) -> None:
-        mv = f"{model}|{version}"
+        mv = f"{model}|{version}"  # as in _prediction: counted there first
+        if mv not in self._meta.counts.get("predictions", ()):
+            mv = count_key(model, version)
         self._count("matched", mv)
         p_label = None
         confidence = None
@@ -820,6 +825,41 @@ def _entry_bytes(entry: list[Any]) -> bytes:
     b'["D",1.0,0]'
     """
     return memoryview(orjson.dumps(entry)).tobytes()
+
+
+def count_key(model: str, version: str) -> str:
+    r"""The key a model version is counted under in a partition's counts:
+    ``model|version``, with ``|`` and ``\`` in the model name escaped by a backslash so
+    that :func:`split_count_key` finds where the name ends (a name without them, the usual
+    kind, is its key as keys were before).
+
+    >>> count_key("fraud", "3"), count_key("a|b", "v|1")
+    ('fraud|3', 'a\\|b|v|1')
+    >>> split_count_key(count_key("a|b\\", "v|1"))
+    ('a|b\\', 'v|1')
+    >>> split_count_key("fraud|v\\1")
+    ('fraud', 'v\\1')
+    """
+    if "|" in model or "\\" in model:
+        model = model.replace("\\", "\\\\").replace("|", "\\|")
+    return f"{model}|{version}"
+
+
+def split_count_key(key: str) -> tuple[str, str]:
+    """(model, version) of a :func:`count_key` key."""
+    if "\\" not in key:
+        model, _, version = key.partition("|")
+        return model, version
+    name: list[str] = []
+    chars = iter(enumerate(key))
+    for i, char in chars:
+        if char == "\\":
+            name.append(next(chars, (i, ""))[1])
+        elif char == "|":
+            return "".join(name), key[i + 1:]
+        else:
+            name.append(char)
+    return "".join(name), ""
 
 
 def _pending(counts: dict[str, dict[str, int]]) -> int:

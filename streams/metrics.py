@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from models.errors import ConfigError
+from models.join import split_count_key
 from models.monitor import DELAY_BUCKETS, ModelState
 
 __all__ = ["EVENTS_CONSUMED", "EVENTS_RECEIVED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
@@ -103,7 +104,7 @@ class _Collector(Collector):
         names = {m for m, _ in models}
         for part in join:
             for counter in ("predictions", "expired"):
-                names.update(k.split("|", 1)[0] for k in part["counts"].get(counter, {}))
+                names.update(split_count_key(k)[0] for k in part["counts"].get(counter, {}))
         allowed = set(sorted(names)[: self.snapshot.max_models])
         models = [(m, rows) for m, rows in models if m in allowed]
         yield from self._join(join, allowed)
@@ -144,7 +145,9 @@ class _Collector(Collector):
             out: dict[tuple[str, ...], int] = {}
             for part in parts:
                 for label, n in part["counts"].get(counter, {}).items():
-                    key = tuple(label.split("|", 1))
+                    # topic|reason of a dead letter; model|version (count_key) otherwise
+                    key = (tuple(label.split("|", 1)) if counter == "dead"
+                           else split_count_key(label))
                     if counter != "dead" and key[0] not in allowed:
                         continue
                     out[key] = out.get(key, 0) + n

@@ -37,6 +37,27 @@ def test_worker_consumes_a_prediction(start_worker, kafka_broker, prefix):
     assert worker.value("driftwarden_pending_labels") == 1.0
 
 
+def test_a_model_name_with_a_bar_keeps_its_labels(start_worker, kafka_broker, prefix):
+    # The join counts a version under "model|version": the bar in a name must not move
+    # where the model ends (it exported model="a", version="b|v|1" for the predictions).
+    worker = start_worker()
+    model, version = "a|b\\", "v|1"
+    events = [{"id": f"bar-{i}", "model": model, "version": version, "features": {"x": 1.0},
+               "prediction": 1} for i in range(2)]
+    run(produce(kafka_broker, [
+        *[(prefix + "predictions", e["id"].encode(), orjson.dumps(e)) for e in events],
+        (prefix + "labels", b"bar-0", orjson.dumps({"id": "bar-0", "label": 1}))]))
+    wait_until(lambda: worker.value("driftwarden_outcomes_total", model=model, version=version),
+               60, "the outcome to be absorbed")
+    series = {(name, labels) for (name, labels) in worker.metrics()
+              if name in ("driftwarden_predictions_total", "driftwarden_outcomes_total")}
+    assert series == {(name, (("model", model), ("version", version)))
+                      for name in ("driftwarden_predictions_total", "driftwarden_outcomes_total")}
+    assert worker.value("driftwarden_predictions_total", model=model, version=version) == 2
+    assert worker.value("driftwarden_outcomes_total", model=model, version=version) == 1
+    assert worker.value("driftwarden_pending_labels") == 1
+
+
 def test_worker_refuses_to_start_when_join_topics_differ(kafka_broker, prefix):
     run(create_topics(kafka_broker, {prefix + "predictions": 4, prefix + "labels": 8}))
     env = {"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}", "DRIFTWARDEN_TOPIC_PREFIX": prefix,
