@@ -54,7 +54,6 @@ from streams.app import App
 from streams.metrics import (
     EVENTS_CONSUMED,
     EVENTS_RECEIVED,
-    INVALID_REFERENCES,
     REPLAYS_SKIPPED,
     Snapshot,
 )
@@ -176,6 +175,8 @@ class Pipeline:
         # The model stage's batches and the timer that fills what they missed take turns.
         self._monitor_lock = asyncio.Lock()
         self.logical[self.names.model_records] = "model-records"
+        snapshot.runs_join = tables.join is not None
+        snapshot.runs_models = tables.models is not None
         # Export zeros before the first event, for the topics this worker's role reads.
         read = (["predictions", "labels"] if tables.join is not None else []) + (
             ["model-records"] if tables.models is not None else [])
@@ -557,7 +558,12 @@ class Pipeline:
     # -- references ---------------------------------------------------------------------
 
     async def follow_references(self) -> None:
-        """Read the compacted ``references`` topic from the start, then follow it."""
+        """Read the compacted ``references`` topic from the start, then follow it.
+
+        An unreadable profile is dead-lettered once this process has read to the end the
+        topic had when it started, and only if no later record of its key (a profile or a
+        tombstone) replaced it meanwhile; after that, as it is read.
+        """
         # No group: aiokafka then assigns every partition, read from the earliest offset.
         consumer = AIOKafkaConsumer(
             self.names.references, bootstrap_servers=self.settings.bootstrap_servers,
@@ -565,32 +571,59 @@ class Pipeline:
             **self.settings.aiokafka_security())
         await consumer.start()
         try:
+            ends: dict[TopicPartition, int] | None = None  # the ends when first assigned
+            held: dict[bytes | None, Any] | None = {}  # catching up: unreadable, by key
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for records in batch.values():
                     for rec in records:
-                        await self._reference(rec)
+                        await self._reference(rec, held)
+                if held is None:
+                    continue
+                if ends is None and consumer.assignment():
+                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                if ends is not None and all(
+                        [await consumer.position(tp) >= end for tp, end in ends.items()]):
+                    log.info("references: read to the end (%d unreadable)", len(held))
+                    for rec in held.values():
+                        await self._reference_dead_letter(rec)
+                    held = None
         finally:
             await consumer.stop()
 
-    async def _reference(self, rec: Any) -> None:
+    async def _reference(self, rec: Any, held: dict[bytes | None, Any] | None) -> None:
+        """Take in one record of ``references``. ``held``: while catching up, the
+        unreadable profiles not yet dead-lettered, by key; ``None`` after."""
+        invalid = self.snapshot.invalid_references
+        if held is not None:
+            held.pop(rec.key, None)  # replaced by this record
         if rec.value is None:  # a tombstone withdraws a profile
-            model, _, version = (rec.key or b"").decode().partition(":")
+            model, _, version = (rec.key or b"").decode(errors="replace").partition(":")
             self.references.get(model, {}).pop(version, None)
+            invalid.discard(rec.key)
             return
         try:
             profile = ReferenceProfile.from_json(rec.value)
         except ConfigError as exc:
             log.warning("reference at %s[%d]@%d rejected: %s", rec.topic, rec.partition,
                         rec.offset, exc)
-            INVALID_REFERENCES.inc()
-            await self._producer_ready()
-            await self._dead_letter(DeadLetter("references", rec.partition, rec.offset,
-                                               "invalid_reference", rec.value, rec.key))
+            invalid.add(rec.key)
+            if held is not None:
+                held[rec.key] = rec
+            else:
+                await self._reference_dead_letter(rec)
             return
+        invalid.discard(rec.key)
         self.references.setdefault(profile.model, {})[profile.version] = (
             profile.fingerprint(), profile)
         log.info("reference profile for %s (%d rows) received", profile.key, profile.n)
+
+    async def _reference_dead_letter(self, rec: Any) -> None:
+        await self._producer_ready()
+        await (await self._dead_letter(DeadLetter(
+            "references", rec.partition, rec.offset, "invalid_reference", rec.value,
+            rec.key)))  # acknowledged, then counted
+        self.snapshot.reference_dead_letters += 1
 
     # -- monitor ------------------------------------------------------------------------
 

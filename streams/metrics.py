@@ -35,10 +35,6 @@ EVENTS_RECEIVED = Counter(
     "driftwarden_events_received",
     "Input events handed to this worker process's join, counted as its batch begins.",
     ["topic"])
-INVALID_REFERENCES = Counter(
-    "driftwarden_invalid_references",
-    "Reference profiles on the references topic that could not be read (dead-lettered).",
-)
 REPLAYS_SKIPPED = Counter(
     "driftwarden_replays_skipped",
     "Events skipped because their offset was already absorbed (redelivery after a crash).",
@@ -57,6 +53,14 @@ class Snapshot:
     # Model-labelled series are exported for this many models at most (by name).
     max_models: int = 1000
     broker_up: bool = True
+    # The stages this process runs (DRIFTWARDEN_ROLE): a stage's own series come from the
+    # processes that run it only.
+    runs_join: bool = True
+    runs_models: bool = True
+    # The model stage's reading of ``references``: the record keys whose latest profile
+    # could not be read, and the dead letters this process wrote for such profiles.
+    invalid_references: set[bytes | None] = field(default_factory=set)
+    reference_dead_letters: int = 0
 
     def set_join(self, partition: int, counts: dict[str, dict[str, int]], pending: int) -> None:
         self.join[partition] = {"counts": {k: dict(v) for k, v in counts.items()},
@@ -139,6 +143,13 @@ class _Collector(Collector):
             "Models whose series are not exported because of DRIFTWARDEN_MAX_MODELS.")
         capped.add_metric([], dropped)
         yield capped
+        if self.snapshot.runs_models:
+            invalid = GaugeMetricFamily(
+                "driftwarden_invalid_references",
+                "Profiles on the references topic, latest per key, that could not be read "
+                "(dead-lettered as invalid_reference).")
+            invalid.add_metric([], len(self.snapshot.invalid_references))
+            yield invalid
 
     def _join(self, parts: list[dict[str, Any]], allowed: set[str]) -> Iterator[Metric]:
         def summed(counter: str) -> dict[tuple[str, ...], int]:
@@ -162,14 +173,18 @@ class _Collector(Collector):
              "Input events sent to the dead-letters topic, by origin topic and reason."),
         ):
             family = CounterMetricFamily(name, help_, labels=labels)
-            for key, n in sorted(summed(counter).items()):
+            counts = summed(counter)
+            if counter == "dead" and self.snapshot.reference_dead_letters:
+                counts["references", "invalid_reference"] = self.snapshot.reference_dead_letters
+            for key, n in sorted(counts.items()):
                 family.add_metric(list(key), n)
             yield family
-        pending = GaugeMetricFamily(
-            "driftwarden_pending_labels", "Predictions waiting for their label on this worker."
-        )
-        pending.add_metric([], sum(p["pending"] for p in parts))
-        yield pending
+        if self.snapshot.runs_join:
+            pending = GaugeMetricFamily(
+                "driftwarden_pending_labels",
+                "Predictions waiting for their label on this worker.")
+            pending.add_metric([], sum(p["pending"] for p in parts))
+            yield pending
 
     def _models(self, models: list[tuple[str, list[dict[str, Any]]]]) -> Iterator[Metric]:
         mv = ["model", "version"]

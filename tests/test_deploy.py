@@ -59,7 +59,7 @@ NOT_PER_MODEL = {
     "driftwarden_dead_letters_total",
     "driftwarden_events_consumed_total",
     "driftwarden_replays_skipped_total",
-    "driftwarden_invalid_references_total",
+    "driftwarden_invalid_references",
     "driftwarden_models_dropped",
 }
 NOT_PER_VERSION = NOT_PER_MODEL | {

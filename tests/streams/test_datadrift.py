@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import orjson
 import pandas as pd
 
+from models.reference import build_profile
 from models.simulation import WideScenario, simulate_wide
 from tests.streams.harness import ROOT, produce, read_topic, run, wait_until
 
@@ -114,3 +115,42 @@ def test_profile_published_while_running_is_used_from_the_next_window(
     assert len(events) == 1, events
     assert [(r["kind"], r["feature"]) for r in events[0]["reasons"]] == [("feature_drift", "n0")]
     assert events[0]["evidence"]["predictions_seen"] == 18_000
+
+
+def test_unreadable_profiles_are_counted_while_latest_and_dead_lettered_once_each(
+        start_worker, kafka_broker, prefix):
+    worker = start_worker()  # creates the topics
+    refs = prefix + "references"
+    invalid = {"topic": "references", "reason": "invalid_reference"}
+    run(produce(kafka_broker, [(refs, b"fraud:1", b"{not a profile"), (refs, b"other:1", b"[]")]))
+    wait_until(lambda: worker.value("driftwarden_dead_letters_total", **invalid) == 2, 60,
+               "two dead letters of references")
+    assert worker.value("driftwarden_invalid_references") == 2
+
+    # A readable profile for one key, a tombstone for the other: nothing unreadable is
+    # latest any more.
+    frame = pd.DataFrame({"x": [float(i) for i in range(200)],
+                          "prediction": [i % 2 for i in range(200)]})
+    profile = build_profile(frame, "fraud", "1", prediction="prediction")
+    run(produce(kafka_broker, [(refs, b"fraud:1", profile.to_json()), (refs, b"other:1", None)]))
+    wait_until(lambda: worker.value("driftwarden_invalid_references") == 0, 60,
+               "the unreadable profiles to be replaced")
+    assert worker.value("driftwarden_dead_letters_total", **invalid) == 2
+    worker.stop()
+
+    # A restarted worker reads the topic from the start: the two replaced profiles are not
+    # dead-lettered again; one still latest for its key is, once.
+    run(produce(kafka_broker, [(refs, b"third:1", b"nope")]))
+    again = start_worker()
+    wait_until(lambda: "references: read to the end (1 unreadable)" in again.log_text(), 60,
+               "the restarted worker to read the references")
+    wait_until(lambda: again.value("driftwarden_dead_letters_total", **invalid) == 1, 30,
+               "the dead letter of the profile still latest")
+    assert again.value("driftwarden_invalid_references") == 1
+    letters = run(read_topic(kafka_broker, prefix + "dead-letters", idle=3.0))
+    assert sorted((m.key, m.value, dict(m.headers)["dw.reason"]) for m in letters) == [
+        (b"fraud:1", b"{not a profile", b"invalid_reference"),
+        (b"other:1", b"[]", b"invalid_reference"),
+        (b"third:1", b"nope", b"invalid_reference")]
+    # The restarted worker found the profile the first one received.
+    assert "reference profile for fraud:1 (200 rows) received" in again.log_text()
