@@ -450,7 +450,11 @@ class DataDriftMonitor:
             if other is None:
                 continue
             if kind == "label" and other.n < cfg.min_labels:
-                continue  # too few labels this window: keep counting into the next
+                # Too few labels this window: keep counting into the next, and keep the
+                # last judged statistics (their gauges hold rather than vanish).
+                if "label" in self.last:
+                    last["label"] = self.last["label"]
+                continue
             stats = last[kind] = other.evaluate()
             reason = other.judge(stats, cfg)
             if reason is not None:

@@ -317,13 +317,14 @@ def test_label_is_judged_only_once_a_window_has_min_labels_labels() -> None:
         if w == 0:
             assert "label" not in monitor.last  # 100 labels: counted into the next window
             assert monitor.label is not None and monitor.label.n == 100
-    # judged at the second window, on all 200 labels; the third has 100: not judged
-    assert "label" not in monitor.last
+    # judged at the second window, on all 200 labels; the third has 100: not judged, and
+    # the second's statistics stay the last (driftwarden_label_drift holds them)
     assert monitor.label is not None and monitor.label.n == 100
     second = fired[1][-1][1]
     label_reason = next(r for r in second if r["kind"] == "label_drift")
     expected = direct(p_label, categorical_counts(["0", "1"], labels[:200]), "categorical")
     assert label_reason["value"] == pytest.approx(expected["psi"], abs=EXACT)
+    assert_stats(monitor.last["label"], expected)
     assert [r for _, rs in fired[0] + fired[2] for r in rs if r["kind"] == "label_drift"] == []
 
 
