@@ -24,7 +24,8 @@ setup: $(VENV)/.installed
 
 # Broker + worker + simulated traffic with a drift; prints the retraining events.
 run: setup
-	$(PY) -m streams demo
+	DRIFTWARDEN_BROKER="$${DRIFTWARDEN_BROKER:-kafka://127.0.0.1:$${KAFKA_PORT:-9092}}" \
+	  $(PY) -m streams demo
 
 # Prometheus and promtool for the observability tests: Debian's package, installed once.
 tools:
@@ -37,7 +38,8 @@ tools:
 test: $(VENV)/.installed tools
 	@if $(KAFKA) status >/dev/null; then started=0; else started=1; fi; \
 	$(KAFKA) start || exit 1; \
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	DRIFTWARDEN_TEST_BROKER="$${DRIFTWARDEN_TEST_BROKER:-127.0.0.1:$${KAFKA_PORT:-9092}}" \
+	  $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then $(KAFKA) stop; fi; \
 	exit $$rc
 
