@@ -659,6 +659,40 @@ def test_the_producer_compresses_with_the_configured_codec(prefix, tmp_path):
         Settings.from_env({**env, "DRIFTWARDEN_COMPRESSION": "brotli"})
 
 
+def test_the_producer_compresses_zstd_at_level_1(prefix, tmp_path):
+    # aiokafka compresses zstd at level 3 and has no setting for it; the worker sets 1
+    # (half the time, and smaller, on its batches). Held on both of aiokafka's record
+    # batch builders, the compiled one its producer uses and the pure-Python one.
+    import cramjam
+    from aiokafka.record import default_records
+
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    create_app(Settings.from_env({"DRIFTWARDEN_TOPIC_PREFIX": prefix,
+                                  "DRIFTWARDEN_DATA_DIR": str(tmp_path)}), 8)
+    values = [orjson.dumps({"id": f"p-{i}", "features": {f"n{j}": (i * 7919 + j) % 1000 / 7
+                                                         for j in range(16)}})
+              for i in range(300)]
+
+    def batch(builder: Any, codec: int) -> bytes:
+        b = builder(magic=2, compression_type=codec, is_transactional=False, producer_id=-1,
+                    producer_epoch=-1, base_sequence=-1, batch_size=1 << 24)
+        for i, value in enumerate(values):
+            b.append(i, timestamp=1_700_000_000_000, key=None, value=value, headers=[])
+        return bytes(b.build())
+
+    header = default_records.DefaultRecordBase.HEADER_STRUCT.size
+    builders = [default_records.DefaultRecordBatchBuilder,
+                default_records._DefaultRecordBatchBuilderPy]
+    assert builders[0] is not builders[1]  # the compiled builder is the one in use
+    for builder in builders:
+        plain = batch(builder, 0)[header:]
+        packed = batch(builder, default_records.DefaultRecordBase.CODEC_ZSTD)[header:]
+        assert packed == bytes(cramjam.zstd.compress(plain, level=1))
+        assert packed != bytes(cramjam.zstd.compress(plain, level=3))
+
+
 def test_the_consumer_fetches_up_to_fetch_bytes_and_waits_at_most_100_ms_for_min_bytes(
         prefix, tmp_path):
     # One model's records share a partition of the records topic: with 128 KiB fetches
