@@ -12,7 +12,7 @@ Examples
 ...                      b' "prediction": 1, "scores": {"0": 0.2, "1": 0.8}}', default_ts=10.0)
 >>> (p.id, p.model, p.version, p.ts, p.prediction, p.confidence)
 ('a1', 'fraud', '0', 10.0, 1.0, 0.8)
->>> parse_label(b'{"id": "a1", "label": "0", "ts": "2025-11-22T08:00:00"}', default_ts=1.76e9)
+>>> parse_label(b'{"id": "a1", "label": "0", "ts": "2025-11-22T08:00:00"}', default_ts=1.7638e9)
 Label(id='a1', label='0', model=None, ts=1763798400.0)
 >>> try:
 ...     parse_prediction(b'{"id": "a1", "model": "m", "features": {}, "prediction": NaN}', 0.0)
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,12 +92,22 @@ class Limits:
         Longest string feature value, model name or version.
     ts_window
         Largest distance, in seconds, between an event's ``ts`` and its Kafka timestamp.
+    ts_ahead
+        Largest time, in seconds, an event's ``ts`` may be after its Kafka timestamp (at
+        most ``ts_window``): an event dated ahead moves its side's event-time watermark
+        ahead, and with it the expiry of the other side's pending entries, so one label
+        dated months ahead would expire every pending prediction of its partition.
     """
 
     max_bytes: int = 1_048_576
     max_features: int = 1000
     max_string: int = 1024
     ts_window: float = 366 * 86400.0
+    ts_ahead: float = 86400.0
+    ahead: float = field(init=False, repr=False)  # min(ts_ahead, ts_window)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ahead", min(self.ts_ahead, self.ts_window))
 
 
 DEFAULT_LIMITS = Limits()
@@ -220,7 +230,7 @@ def _ts(doc: dict[str, Any], default_ts: float, limits: Limits) -> float:
             raise InvalidEvent("invalid_ts", "field 'ts' is not ISO-8601") from None
     else:
         raise InvalidEvent("invalid_ts", "field 'ts' must be epoch seconds or ISO-8601")
-    if not math.isfinite(ts) or abs(ts - default_ts) > limits.ts_window:
+    if not (math.isfinite(ts) and -limits.ts_window <= ts - default_ts <= limits.ahead):
         raise InvalidEvent("ts_out_of_range", "field 'ts' is too far from the Kafka timestamp")
     return ts
 

@@ -105,7 +105,7 @@ def _ts(value: Any, default_ts: float, limits: Limits) -> float | None:
     if value.__class__ is str:
         return None  # ISO-8601: the validator parses it
     ts = float(value)
-    return ts if abs(ts - default_ts) <= limits.ts_window else None
+    return ts if -limits.ts_window <= ts - default_ts <= limits.ahead else None
 
 
 def _scalar(value: Any) -> str | float:

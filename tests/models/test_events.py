@@ -92,6 +92,20 @@ def test_ts_exactly_at_the_window_edge_is_accepted() -> None:
     assert parse_prediction(pred(ts=KAFKA_TS - 60), KAFKA_TS, limits).ts == KAFKA_TS - 60
 
 
+def test_ts_may_be_366_days_before_the_kafka_timestamp_but_one_day_after() -> None:
+    # Dated ahead, an event moves its side's event-time watermark ahead (models.join).
+    assert parse_label(label(ts=KAFKA_TS - 366 * 86400), KAFKA_TS).ts == KAFKA_TS - 366 * 86400
+    assert parse_label(label(ts=KAFKA_TS + 86400), KAFKA_TS).ts == KAFKA_TS + 86400
+    for raw in (label(ts=KAFKA_TS + 86401), pred(ts=KAFKA_TS + 86401)):
+        with pytest.raises(InvalidEvent) as info:
+            (parse_label if b'"label"' in raw else parse_prediction)(raw, KAFKA_TS)
+        assert info.value.reason == "ts_out_of_range"
+    hour = Limits(ts_ahead=3600.0)
+    assert parse_label(label(ts=KAFKA_TS + 3600), KAFKA_TS, hour).ts == KAFKA_TS + 3600
+    with pytest.raises(InvalidEvent, match="ts_out_of_range"):
+        parse_label(label(ts=KAFKA_TS + 3601), KAFKA_TS, hour)
+
+
 def test_unknown_fields_are_ignored() -> None:
     raw = pred(extra={"nested": [1, 2]}, trace_id="abc", another=None)
     assert parse_prediction(raw, KAFKA_TS) == parse_prediction(pred(), KAFKA_TS)
@@ -209,6 +223,7 @@ BAD_PREDICTIONS = [
     ("ts-huge", pred(ts=1e308), "ts_out_of_range", "'ts'"),
     ("ts-huge-negative", pred(ts=-1e308), "ts_out_of_range", "'ts'"),
     ("ts-367-days-early", pred(ts=KAFKA_TS - 367 * 86400), "ts_out_of_range", "'ts'"),
+    ("ts-a-day-and-a-second-ahead", pred(ts=KAFKA_TS + 86401), "ts_out_of_range", "'ts'"),
 ]
 
 BAD_LABELS = [
@@ -227,6 +242,7 @@ BAD_LABELS = [
     ("number-model", label(model=3), "invalid_model", "'model'"),
     ("garbage-ts", label(ts="soon"), "invalid_ts", "'ts'"),
     ("ts-out-of-range", label(ts=0), "ts_out_of_range", "'ts'"),
+    ("ts-300-days-ahead", label(ts=KAFKA_TS + 300 * 86400), "ts_out_of_range", "'ts'"),
 ]
 
 

@@ -212,6 +212,23 @@ def test_unlabelled_prediction_expires_by_the_labels_event_time() -> None:
     assert part.watermark("p") == 10_000.0 and part.watermark("l") == 160.5
 
 
+def test_a_label_dated_far_ahead_of_its_kafka_timestamp_expires_nothing() -> None:
+    # Its event time would move the labels' watermark, and with it every pending
+    # prediction of the partition out. More than a day ahead it is dead-lettered; a day
+    # ahead (the most allowed) moves the watermark by that day only.
+    part, feed = new()
+    for i in range(5):
+        feed("predictions", prediction(f"p{i}", 1_000_000.0 + i))
+    feed("labels", label("late", 1_000_000.0 + 300 * 86400), kafka_ts=1_000_010.0)
+    part.expire()
+    assert part.pending() == 5 and "expired" not in part.counts
+    assert [(d.key, d.reason) for d in part.dead_letters] == [(None, "ts_out_of_range")]
+    assert part.watermark("l") < 1_000_000.0
+    feed("labels", label("p0", 1_000_010.0 + 86400), kafka_ts=1_000_010.0)
+    assert part.watermark("l") == 1_000_010.0 + 86400
+    assert len(outcomes(part)) == 1 and part.pending() == 4
+
+
 def test_unmatched_label_expires_by_the_predictions_event_time_into_a_dead_letter() -> None:
     part, feed = new()
     raw = label("a", 100.0)
