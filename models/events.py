@@ -35,6 +35,7 @@ from models.errors import InvalidEvent
 
 __all__ = [
     "REASONS",
+    "SCORES_SUM_TOLERANCE",
     "Label",
     "Limits",
     "Prediction",
@@ -76,6 +77,9 @@ REASONS = frozenset(
 )
 
 _NON_FINITE_RE = re.compile(rb"NaN|-?Infinity")
+#: How far from 1 the scores may sum: 0.01, and the rounding of a float sum (0.2 + 0.79
+#: is 0.99 in decimal, 0.9900000000000001 - 1 = -0.010000000000000009 in floats).
+SCORES_SUM_TOLERANCE = 0.01 + 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +277,7 @@ def _scores(doc: dict[str, Any]) -> dict[str, float] | None:
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
             raise InvalidEvent("invalid_scores", f"scores['{key[:64]}'] must be in [0, 1]")
         out[class_key(key)] = float(p)
-    if abs(sum(out.values()) - 1.0) > 0.01:
+    if abs(sum(out.values()) - 1.0) > SCORES_SUM_TOLERANCE:
         raise InvalidEvent("invalid_scores", "field 'scores' must sum to 1")
     return out
 

@@ -36,7 +36,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from models.events import Label, Limits, Prediction, class_key
+from models.events import SCORES_SUM_TOLERANCE, Label, Limits, Prediction, class_key
 
 __all__ = ["label", "prediction"]
 
@@ -130,7 +130,8 @@ def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | No
         if len(version) > limits.max_string:  # as the validator: a number's class key
             return None
     scores = doc.scores  # keys are class keys already: class_key(str) is the str
-    if scores is not None and (not scores or abs(sum(scores.values()) - 1.0) > 0.01):
+    if scores is not None and (
+            not scores or abs(sum(scores.values()) - 1.0) > SCORES_SUM_TOLERANCE):
         return None
     return Prediction(id=doc.id, model=doc.model, version=version, ts=ts,
                       features=doc.features, prediction=_scalar(doc.prediction),

@@ -123,6 +123,12 @@ def test_class_keys_make_1_and_1_0_and_quoted_1_the_same_class() -> None:
 def test_scores_may_sum_to_one_within_one_percent() -> None:
     p = parse_prediction(pred(scores={"0": 0.2, "1": 0.809}), KAFKA_TS)
     assert p.scores == {"0": 0.2, "1": 0.809}
+    # Exactly 0.01 off in decimal, a little more in floats: still accepted.
+    for scores in ({"0": 0.2, "1": 0.79}, {"0": 0.01, "1": 1.0}):
+        assert abs(sum(scores.values()) - 1.0) > 0.01  # the rounding this test is about
+        assert parse_prediction(pred(scores=scores), KAFKA_TS).scores == scores
+    with pytest.raises(InvalidEvent, match="invalid_scores"):
+        parse_prediction(pred(scores={"0": 0.2, "1": 0.789}), KAFKA_TS)
 
 
 def test_id_of_exactly_256_characters_is_accepted() -> None:
