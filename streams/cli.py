@@ -23,13 +23,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from models.errors import ConfigError
 from models.simulation import Scenario, simulate
 from streams import bench, soak
 from streams.groups import prepare_group
 from streams.settings import Settings
-from streams.topics import TopicNames, ensure_topics
+from streams.topics import UNREACHABLE, TopicNames, ensure_topics, unreachable
 
 __all__ = ["main"]
 
@@ -265,14 +266,24 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-async def _tail(a: argparse.Namespace) -> None:
+async def _tail(a: argparse.Namespace) -> int:
+    """Print retraining events; exit 1 when ``--timeout`` ends it short of
+    ``--max-events`` (``demo`` relies on that)."""
     settings = Settings.from_env()
     names = TopicNames.from_settings(settings)
     consumer = AIOKafkaConsumer(
         names.retraining, bootstrap_servers=settings.bootstrap_servers,
         auto_offset_reset="earliest" if a.from_beginning else "latest",
         enable_auto_commit=False, **settings.aiokafka_security())
-    await consumer.start()
+    try:
+        await consumer.start()
+    except UNREACHABLE as exc:
+        await consumer.stop()
+        raise unreachable(settings, exc) from None
+    except UnknownTopicOrPartitionError:
+        await consumer.stop()
+        raise ConfigError(f"topic {names.retraining!r} does not exist (a worker creates it; "
+                          "check DRIFTWARDEN_TOPIC_PREFIX)") from None
     seen = 0
     deadline = time.monotonic() + a.timeout if a.timeout else None
     try:
@@ -284,9 +295,14 @@ async def _tail(a: argparse.Namespace) -> None:
                     print(orjson.dumps(ev).decode() if a.json else format_event(ev), flush=True)
                     seen += 1
                     if a.max_events and seen >= a.max_events:
-                        return
+                        return 0
     finally:
         await consumer.stop()
+    if a.max_events:
+        print(f"tail: {seen} of {a.max_events} retraining events on {names.retraining!r} "
+              f"within --timeout {a.timeout:g} s", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _demo(a: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlread
 from models.errors import ConfigError
 from streams.settings import Settings
 
-__all__ = ["TopicNames", "ensure_topics"]
+__all__ = ["UNREACHABLE", "TopicNames", "ensure_topics", "unreachable"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class TopicNames:
         )
 
 
+#: What a client's start raises when no bootstrap server answers.
+UNREACHABLE = (TimeoutError, KafkaConnectionError, OSError)
+
+
+def unreachable(settings: Settings, exc: BaseException) -> ConfigError:
+    """The error for a client that could not reach the broker: names the variable."""
+    return ConfigError(
+        f"cannot reach Kafka at DRIFTWARDEN_BROKER={settings.broker!r}: {exc or 'timeout'}")
+
+
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
     """Create missing topics; return the partition count of the joined input topics.
 
@@ -63,10 +73,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
     )
     try:
         await asyncio.wait_for(admin.start(), timeout)
-    except (TimeoutError, KafkaConnectionError, OSError) as exc:
-        raise ConfigError(
-            f"cannot reach Kafka at DRIFTWARDEN_BROKER={settings.broker!r}: {exc or 'timeout'}"
-        ) from None
+    except UNREACHABLE as exc:
+        raise unreachable(settings, exc) from None
     try:
         existing = await _partition_counts(admin, [names.predictions, names.labels])
         joined = existing.get(names.predictions) or existing.get(names.labels)

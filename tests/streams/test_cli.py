@@ -1,0 +1,42 @@
+"""The commands around the worker (``python -m streams tail``): exit codes and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import orjson
+
+from tests.streams.harness import ROOT, create_topics, produce, run
+
+
+def _streams(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams", *args], cwd=ROOT,
+                          env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tail_without_a_broker_names_the_variable() -> None:
+    done = _streams("tail", "--timeout", "2", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert ("driftwarden: cannot reach Kafka at DRIFTWARDEN_BROKER='kafka://127.0.0.1:1'"
+            in done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_tail_prints_events_and_fails_when_too_few_came(kafka_broker: str, prefix: str) -> None:
+    env = {"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}", "DRIFTWARDEN_TOPIC_PREFIX": prefix}
+    run(create_topics(kafka_broker, {prefix + "retraining": 1}))
+    event = {"id": "m:1:000001", "model": "m", "version": "1", "severity": "warning"}
+    run(produce(kafka_broker, [(prefix + "retraining", b"m", orjson.dumps(event))]))
+    done = _streams("tail", "--from-beginning", "--json", "--max-events", "1",
+                    "--timeout", "60", **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [orjson.loads(line) for line in done.stdout.splitlines()] == [event]
+    # Two wanted, one there: the timeout ends it, and says so (what `make run` relies on).
+    done = _streams("tail", "--from-beginning", "--json", "--max-events", "2",
+                    "--timeout", "3", **env)
+    assert done.returncode == 1
+    assert [orjson.loads(line) for line in done.stdout.splitlines()] == [event]
+    assert (f"tail: 1 of 2 retraining events on '{prefix}retraining' within --timeout 3 s"
+            in done.stderr)
