@@ -576,6 +576,14 @@ def build_profile(
     pred = None if prediction is None else column(prediction)
     true = None if label is None else column(label)
     regression = task == "regression"
+    for role, name, series in (("prediction", prediction, pred), ("label", label, true)):
+        # A non-number counts as missing (as for a numeric feature); a column with no
+        # number at all is the wrong column, or the wrong task.
+        if regression and series is not None and np.isnan(_numbers(series)).all():
+            present = series.dropna()
+            found = f"; its first value is {present.iloc[0]!r}" if len(present) else ""
+            raise ConfigError(f"{role} column {name!r} holds no numbers, which a regression "
+                              f"needs{found}")
     profiles = {}
     for name in features:
         series = column(name)

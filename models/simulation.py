@@ -80,6 +80,11 @@ class Scenario:
             raise ValueError("unlabelled must be in [0, 1)")
         if self.rate <= 0:
             raise ValueError("rate must be positive")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        low, high = self.label_delay
+        if not 0 <= low <= high:
+            raise ValueError(f"label_delay must be 0 <= low <= high, got {low:g} and {high:g}")
 
 
 @dataclass(frozen=True, slots=True)

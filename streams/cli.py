@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,18 +176,27 @@ def _scenario_args(p: argparse.ArgumentParser, n: int = 100_000,
 
 
 def _scenario(a: argparse.Namespace) -> Scenario:
-    return Scenario(
-        n=a.n, model=a.model, version=a.version, seed=a.seed, error_before=a.error_before,
-        error_after=a.error_after, change_at=a.change_at, unlabelled=a.unlabelled,
-        label_delay=(0.0, a.max_delay),
-        start_ts=a.start_ts if a.start_ts is not None else time.time() - a.n / 10.0,
-    )
+    """The simulated traffic the arguments ask for; a bad argument is a ConfigError
+    naming its option (checked before anything touches Kafka)."""
+    try:
+        return Scenario(
+            n=a.n, model=a.model, version=a.version, seed=a.seed, error_before=a.error_before,
+            error_after=a.error_after, change_at=a.change_at, unlabelled=a.unlabelled,
+            label_delay=(0.0, a.max_delay),
+            start_ts=a.start_ts if a.start_ts is not None else time.time() - a.n / 10.0,
+        )
+    except ValueError as exc:  # name the option, as the user typed it
+        options = {"error_before": "--error-before", "error_after": "--error-after",
+                   "unlabelled": "--unlabelled", "n": "--n", "label_delay": "--max-delay"}
+        raise ConfigError(re.sub(r"\b(\w+)\b", lambda m: options.get(m[1], m[1]),
+                                 str(exc))) from None
 
 
 async def _simulate(a: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     settings = Settings.from_env()
+    scenario = _scenario(a)
     await ensure_topics(settings)
     names = TopicNames.from_settings(settings)
     topic = {"predictions": names.predictions, "labels": names.labels}
@@ -197,7 +207,7 @@ async def _simulate(a: argparse.Namespace) -> None:
     try:
         started = time.monotonic()
         with tqdm(desc="events", unit="ev", disable=a.quiet, file=sys.stderr) as bar:
-            for i, ev in enumerate(simulate(_scenario(a))):
+            for i, ev in enumerate(simulate(scenario)):
                 await producer.send(topic[ev.topic], orjson.dumps(ev.value), key=ev.key.encode())
                 if i % 1000 == 999:
                     bar.update(1000)
@@ -228,8 +238,11 @@ async def _reference_build(a: argparse.Namespace) -> None:
         bar.update()
         raw = profile.to_json()
         if a.output:
-            with open(a.output, "wb") as out:
-                out.write(raw)
+            try:
+                with open(a.output, "wb") as out:
+                    out.write(raw)
+            except OSError as exc:
+                raise ConfigError(f"--output {a.output}: {exc.strerror}") from None
         bar.set_postfix_str("publishing")
         await ensure_topics(settings)
         topic = TopicNames.from_settings(settings).references
@@ -307,6 +320,7 @@ async def _tail(a: argparse.Namespace) -> int:
 
 def _demo(a: argparse.Namespace) -> int:
     """Run a worker, publish drifting traffic, print the retraining events it emits."""
+    _scenario(a)  # bad arguments stop it before anything starts
     env = {**os.environ, "DRIFTWARDEN_BROKER": os.environ.get(
         "DRIFTWARDEN_BROKER", "kafka://127.0.0.1:9092")}
     env.setdefault("DRIFTWARDEN_TOPIC_PREFIX", f"demo-{int(time.time())}.")

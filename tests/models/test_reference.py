@@ -104,6 +104,17 @@ def test_non_numeric_values_of_a_regression_column_count_as_missing() -> None:
     assert profile.prediction.counts == (1, 1)
 
 
+def test_a_regression_column_without_a_number_is_refused_naming_it() -> None:
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0], "pred": ["cat", None, "dog"],
+                          "y": [1.0, 2.0, 3.0]})
+    with pytest.raises(ConfigError) as raised:
+        build_profile(frame, "m", "1", prediction="pred", label="y", task="regression")
+    assert str(raised.value) == ("prediction column 'pred' holds no numbers, which a "
+                                 "regression needs; its first value is 'cat'")
+    # As a classification the same column is a set of classes.
+    assert build_profile(frame, "m", "1", prediction="pred", label="y").prediction is not None
+
+
 # -- categorical ----------------------------------------------------------------------
 
 

@@ -40,3 +40,26 @@ def test_tail_prints_events_and_fails_when_too_few_came(kafka_broker: str, prefi
     assert [orjson.loads(line) for line in done.stdout.splitlines()] == [event]
     assert (f"tail: 1 of 2 retraining events on '{prefix}retraining' within --timeout 3 s"
             in done.stderr)
+
+
+def test_bad_simulation_arguments_are_named_before_kafka_is_touched() -> None:
+    # No broker listens on port 1: an error about it would mean Kafka came first.
+    for args, message in (
+            (("simulate", "--unlabelled", "1"), "--unlabelled must be in [0, 1)"),
+            (("simulate", "--n", "-5"), "--n must be at least 1, got -5"),
+            (("demo", "--error-before", "0.9"),
+             "--error-before must be in [0, 0.5] and --error-after in [0, 1]")):
+        done = _streams(*args, DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+        assert (done.returncode, done.stderr.strip()) == (2, f"driftwarden: {message}"), args
+
+
+def test_reference_output_that_cannot_be_written_is_named(tmp_path) -> None:
+    data = tmp_path / "train.csv"
+    data.write_text("x,pred\n1.0,0\n2.0,1\n")
+    for output, why in ((tmp_path / "no" / "such" / "p.json", "No such file or directory"),
+                        (tmp_path, "Is a directory")):
+        done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                        "--prediction", "pred", "--output", str(output), "--quiet",
+                        DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+        assert (done.returncode, done.stderr.strip()) == (
+            2, f"driftwarden: --output {output}: {why}")
