@@ -35,12 +35,15 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(func=bench_e2e.bench)
     bench = parser.add_subparsers()
     drift = bench.add_parser("drift", help="per-event cost of data-drift monitoring")
-    drift.add_argument("--events", type=int, default=100_000)
-    drift.add_argument("--numeric", type=int, default=16)
-    drift.add_argument("--categorical", type=int, default=4)
-    drift.add_argument("--window", type=int, default=2000)
-    drift.add_argument("--repeat", type=int, default=5)
-    drift.add_argument("--batch", type=int, default=1000,
+    drift.add_argument("--events", type=bench_e2e.at_least(1), default=100_000,
+                       help="predictions to profile")
+    drift.add_argument("--numeric", type=bench_e2e.at_least(0), default=16, help="numeric features")
+    drift.add_argument("--categorical", type=bench_e2e.at_least(0), default=4,
+                       help="categorical features")
+    drift.add_argument("--window", type=bench_e2e.at_least(2), default=2000,
+                       help="drift window, predictions")
+    drift.add_argument("--repeat", type=bench_e2e.at_least(1), default=5, help="runs; medians")
+    drift.add_argument("--batch", type=bench_e2e.at_least(1), default=1000,
                        help="predictions per add_predictions call (the bulk path)")
     drift.add_argument("--json", action="store_true", help="also print one JSON line")
     drift.set_defaults(func=bench_drift)

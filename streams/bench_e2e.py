@@ -69,18 +69,34 @@ from models.simulation import Scenario, WideScenario, simulate, simulate_wide
 from streams.settings import Settings
 from streams.topics import TopicNames, ensure_topics
 
-__all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "bench", "bench_input", "cpu_use",
-           "fresh_topics", "input_start", "print_table", "produce", "split_run", "start_split",
-           "stream", "wait_until", "worker_run"]
+__all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "at_least", "bench", "bench_input",
+           "cpu_use", "fresh_topics", "input_start", "print_table", "produce", "split_run",
+           "start_split", "stream", "wait_until", "worker_run"]
 
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
 
+def at_least(low: float, kind: type = int) -> Any:
+    """An argparse type: a number of ``kind`` of at least ``low`` (a bad one is a usage
+    error naming the option, before anything runs)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--events", type=int, default=100_000, help="predictions (each labelled)")
-    p.add_argument("--repeat", type=int, default=3, help="ceiling and worker runs")
-    p.add_argument("--latency-seconds", type=float, default=20.0)
-    p.add_argument("--change-at", type=int, default=20_000,
+    p.add_argument("--events", type=at_least(1000), default=100_000,
+                   help="predictions (each labelled)")
+    p.add_argument("--repeat", type=at_least(1), default=3, help="ceiling and worker runs")
+    p.add_argument("--latency-seconds", type=at_least(1.0, float), default=20.0,
+                   help="length of each latency run")
+    p.add_argument("--change-at", type=at_least(1), default=20_000,
                    help="outcome at which the error rate steps up (detection delay)")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
 

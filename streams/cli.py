@@ -41,7 +41,7 @@ _OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench", "soak")
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in _OWN_COMMANDS:
+        if argv and argv[0] in (*_OWN_COMMANDS, "-h", "--help"):
             parser = _parser()
             args = parser.parse_args(argv)
             sys.exit(args.func(args) or 0)
@@ -59,7 +59,7 @@ def _worker(argv: list[str]) -> None:
 
     settings = Settings.from_env()
     settings.policies()  # a bad policy file stops the worker before Kafka is touched
-    if argv[:1] == ["worker"]:
+    if argv[:1] == ["worker"] and not {"-h", "--help"} & set(argv):
         # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned,
         # or workers of the other layout (DRIFTWARDEN_ROLE) running on the same topics.
         partitions = asyncio.run(ensure_topics(settings))
@@ -114,9 +114,33 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that gives every option's default (README: "--help lists all its options
+    and their defaults"), with or without a help text of its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings
+                or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """The commands' parser; its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m streams")
-    sub = parser.add_subparsers(required=True)
+    parser = _Parser(
+        prog="python -m streams",
+        description="driftwarden. The worker itself: python -m streams worker [-l info] "
+                    "(its options: python -m streams worker --help).")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     sim = sub.add_parser("simulate", help="publish a seeded prediction/label stream")
     _scenario_args(sim)
@@ -126,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=lambda a: asyncio.run(_simulate(a)))
 
     tail = sub.add_parser("tail", help="print retraining events")
-    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--from-beginning", action="store_true",
+                      help="from the topic's first event, not only new ones")
     tail.add_argument("--max-events", type=int, default=0, help="stop after this many")
     tail.add_argument("--timeout", type=float, default=0.0, help="stop after this many seconds")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -135,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("reference", help="reference profiles").add_subparsers(required=True)
     build = ref.add_parser("build", help="profile a CSV/Parquet file and publish it")
     build.add_argument("data", help="training or validation data, .csv or .parquet")
-    build.add_argument("--model", required=True)
-    build.add_argument("--version", required=True)
+    build.add_argument("--model", required=True, help="model name the profile is for")
+    build.add_argument("--version", required=True, help="model version it is for")
     build.add_argument("--prediction", help="column holding the model's prediction")
     build.add_argument("--label", help="column holding the true label")
     build.add_argument("--task", choices=("classification", "regression"),
@@ -163,14 +188,17 @@ def _parser() -> argparse.ArgumentParser:
 def _scenario_args(p: argparse.ArgumentParser, n: int = 100_000,
                    change_at: int | None = None) -> None:
     p.add_argument("--n", type=int, default=n, help="predictions to publish")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--version", default="1")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--error-before", type=float, default=0.1)
-    p.add_argument("--error-after", type=float, default=0.3)
+    p.add_argument("--model", default="demo", help="model name of the events")
+    p.add_argument("--version", default="1", help="model version of the events")
+    p.add_argument("--seed", type=int, default=42, help="random seed: same seed, same events")
+    p.add_argument("--error-before", type=float, default=0.1,
+                   help="error rate before --change-at (0-0.5)")
+    p.add_argument("--error-after", type=float, default=0.3,
+                   help="error rate from --change-at on (0-1)")
     p.add_argument("--change-at", type=int, default=change_at,
                    help="outcome at which the error rate changes (default: never)")
-    p.add_argument("--unlabelled", type=float, default=0.1)
+    p.add_argument("--unlabelled", type=float, default=0.1,
+                   help="share of predictions that never get a label (0-1)")
     p.add_argument("--max-delay", type=float, default=30.0, help="label delay upper bound, s")
     p.add_argument("--start-ts", type=float, default=None, help="event time of the first one")
 

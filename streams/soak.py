@@ -41,8 +41,10 @@ from typing import Any
 
 import orjson
 
+from models.errors import ConfigError
 from streams.bench_e2e import (
     WorkerProcess,
+    at_least,
     fresh_topics,
     print_table,
     produce,
@@ -58,13 +60,17 @@ __all__ = ["add_parser", "soak"]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("soak", help="worker RSS over a long run at a steady rate")
-    p.add_argument("--minutes", type=float, default=30.0)
-    p.add_argument("--rate", type=float, default=3000.0, help="events/s (both topics)")
+    p.add_argument("--minutes", type=at_least(0.1, float), default=30.0, help="length of the run")
+    p.add_argument("--rate", type=at_least(10.0, float), default=3000.0,
+                   help="events/s (both topics)")
     p.add_argument("--unlabelled", type=float, default=0.05,
                    help="fraction of predictions never labelled")
-    p.add_argument("--ttl", type=float, default=60.0, help="DRIFTWARDEN_LABEL_TTL_SECONDS")
-    p.add_argument("--sample-seconds", type=float, default=10.0)
-    p.add_argument("--warmup-minutes", type=float, default=3.0)
+    p.add_argument("--ttl", type=at_least(1.0, float), default=60.0,
+                   help="DRIFTWARDEN_LABEL_TTL_SECONDS")
+    p.add_argument("--sample-seconds", type=at_least(1.0, float), default=10.0,
+                   help="RSS sampling interval")
+    p.add_argument("--warmup-minutes", type=at_least(0.0, float), default=3.0,
+                   help="minutes left out of the trend")
     p.add_argument("--max-trend", type=float, default=0.01,
                    help="largest second-half slope, as a fraction of its median per 10 min")
     p.add_argument("--split", action="store_true",
@@ -134,6 +140,10 @@ def _memory(steady: list[tuple[float, int]], max_trend: float) -> dict[str, Any]
 
 
 def soak(a: argparse.Namespace) -> int:
+    if (a.minutes - a.warmup_minutes) * 60 < 4 * a.sample_seconds:
+        raise ConfigError(  # checked before anything runs, not after the run
+            f"--minutes {a.minutes:g} leaves fewer than 4 samples (--sample-seconds "
+            f"{a.sample_seconds:g}) after --warmup-minutes {a.warmup_minutes:g}")
     settings, _ = fresh_topics("soak")
     roles = ("join", "monitor") if a.split else ("all",)
     layout = "join + model stage processes" if a.split else "one worker process"

@@ -63,3 +63,32 @@ def test_reference_output_that_cannot_be_written_is_named(tmp_path) -> None:
                         DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
         assert (done.returncode, done.stderr.strip()) == (
             2, f"driftwarden: --output {output}: {why}")
+
+
+def test_help_lists_the_commands_and_every_options_default() -> None:
+    done = _streams("--help")
+    assert done.returncode == 0
+    for command in ("simulate", "tail", "reference", "bench", "soak", "demo", "worker"):
+        assert command in done.stdout, command
+    done = _streams("simulate", "--help")
+    assert done.returncode == 0
+    for text in ("predictions to publish (default: 100000)", "(default: 42)",
+                 "(default: 0.1)", "(default: 0.0)"):
+        assert text in " ".join(done.stdout.split()), text
+    # The worker's own help (Faust's) needs no broker.
+    done = _streams("worker", "--help", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert done.returncode == 0 and "Start worker instance" in done.stdout, done.stderr[-2000:]
+
+
+def test_bench_and_soak_arguments_are_checked_before_they_run() -> None:
+    for args, message in (
+            (("bench", "drift", "--repeat", "0"),
+             "python -m streams bench drift: error: argument --repeat: must be at least 1, "
+             "got 0"),
+            (("bench", "--events", "10"),
+             "python -m streams bench: error: argument --events: must be at least 1000, got 10"),
+            (("soak", "--minutes", "1"),
+             "driftwarden: --minutes 1 leaves fewer than 4 samples (--sample-seconds 10) after "
+             "--warmup-minutes 3")):
+        done = _streams(*args, DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+        assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, message), args
