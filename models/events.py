@@ -171,7 +171,7 @@ def _decode(raw: bytes, limits: Limits) -> dict[str, Any]:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         text = str(exc)
-        if "UTF-8" in text:
+        if "UTF-8" in text and "(BOM)" not in text:  # a BOM is UTF-8, but not JSON
             raise InvalidEvent("invalid_utf8", "message is not valid UTF-8") from None
         if "infinity" in text or _NON_FINITE_RE.match(raw, exc.pos):
             raise InvalidEvent("non_finite", f"non-finite number at byte {exc.pos}") from None

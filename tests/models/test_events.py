@@ -230,6 +230,7 @@ BAD_PREDICTIONS = [
     ("ts-huge-negative", pred(ts=-1e308), "ts_out_of_range", "'ts'"),
     ("ts-367-days-early", pred(ts=KAFKA_TS - 367 * 86400), "ts_out_of_range", "'ts'"),
     ("ts-a-day-and-a-second-ahead", pred(ts=KAFKA_TS + 86401), "ts_out_of_range", "'ts'"),
+    ("utf8-byte-order-mark", b"\xef\xbb\xbf" + pred(), "invalid_json", "(BOM)"),
 ]
 
 BAD_LABELS = [
