@@ -676,14 +676,12 @@ class JoinPartition:
         if numeric and not isinstance(p.prediction, float):
             raise InvalidEvent("invalid_prediction",
                                f"field 'prediction' must be a number: {p.model!r} is a regression")
-        mv = f"{p.model}|{p.version}"  # its count_key, but for a name with | or \\ in it
+        mv = count_key(p.model, p.version)
         followed = self._meta.counts.get("predictions", {})
-        if mv not in followed:
-            mv = count_key(p.model, p.version)
-            if mv not in followed and len(followed) >= self.max_versions:
-                raise InvalidEvent("too_many_models",
-                                   f"field 'model': partition {self.partition} already "
-                                   f"follows {self.max_versions} model versions")
+        if mv not in followed and len(followed) >= self.max_versions:
+            raise InvalidEvent("too_many_models",
+                               f"field 'model': partition {self.partition} already follows "
+                               f"{self.max_versions} model versions")
         self._count("predictions", mv)
         confidence = p.confidence
         self.records.append(
@@ -739,9 +737,7 @@ class JoinPartition:
     def _match(self, event_id: str, model: str, version: str, prediction: Any,
                scores: dict[str, float] | None, p_ts: float, label: Any, l_ts: float,
                entry_ts: float) -> None:
-        mv = f"{model}|{version}"  # as in _prediction: counted there first
-        if mv not in self._meta.counts.get("predictions", ()):
-            mv = count_key(model, version)
+        mv = count_key(model, version)
         self._count("matched", mv)
         p_label = None
         confidence = None
@@ -829,37 +825,29 @@ def _entry_bytes(entry: list[Any]) -> bytes:
 
 def count_key(model: str, version: str) -> str:
     r"""The key a model version is counted under in a partition's counts:
-    ``model|version``, with ``|`` and ``\`` in the model name escaped by a backslash so
-    that :func:`split_count_key` finds where the name ends (a name without them, the usual
-    kind, is its key as keys were before).
+    ``model|version``, as earlier releases stored it, for a model name without ``|``; for
+    one with it (where the bar would not say where the name ends), ``\x1e`` and the pair
+    as JSON, which :func:`split_count_key` reads back.
 
-    >>> count_key("fraud", "3"), count_key("a|b", "v|1")
-    ('fraud|3', 'a\\|b|v|1')
-    >>> split_count_key(count_key("a|b\\", "v|1"))
-    ('a|b\\', 'v|1')
-    >>> split_count_key("fraud|v\\1")
-    ('fraud', 'v\\1')
+    >>> count_key("fraud", "3"), count_key("C:\\models", "v|1")
+    ('fraud|3', 'C:\\models|v|1')
+    >>> count_key("a|b", "1")
+    '\x1e["a|b","1"]'
+    >>> [split_count_key(count_key(m, "v|1")) for m in ("a|b", "C:\\models")]
+    [('a|b', 'v|1'), ('C:\\models', 'v|1')]
     """
-    if "|" in model or "\\" in model:
-        model = model.replace("\\", "\\\\").replace("|", "\\|")
+    if "|" in model:
+        return "\x1e" + orjson.dumps([model, version]).decode()
     return f"{model}|{version}"
 
 
 def split_count_key(key: str) -> tuple[str, str]:
     """(model, version) of a :func:`count_key` key."""
-    if "\\" not in key:
-        model, _, version = key.partition("|")
+    if key.startswith("\x1e"):
+        model, version = orjson.loads(key[1:])
         return model, version
-    name: list[str] = []
-    chars = iter(enumerate(key))
-    for i, char in chars:
-        if char == "\\":
-            name.append(next(chars, (i, ""))[1])
-        elif char == "|":
-            return "".join(name), key[i + 1:]
-        else:
-            name.append(char)
-    return "".join(name), ""
+    model, _, version = key.partition("|")
+    return model, version
 
 
 def _pending(counts: dict[str, dict[str, int]]) -> int:

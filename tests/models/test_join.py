@@ -16,11 +16,13 @@ from models.join import (
     InputRecord,
     JoinPartition,
     ModelRecord,
+    count_key,
     decode_records,
     encode_records,
     expiry_heaps,
     meta_key,
     outcome_records,
+    split_count_key,
     wal_key,
 )
 from models.simulation import Scenario, simulate
@@ -210,6 +212,24 @@ def test_unlabelled_prediction_expires_by_the_labels_event_time() -> None:
     assert sorted((d.key, d.reason) for d in part.dead_letters) == [
         (b"yyy", "unmatched_label"), (b"zzz", "unmatched_label")]
     assert part.watermark("p") == 10_000.0 and part.watermark("l") == 160.5
+
+
+@pytest.mark.parametrize("model", ["a|b", "C:\\models\\", "plain"])
+def test_a_version_is_counted_under_one_key_that_splits_back_to_it(model: str) -> None:
+    # Predicted, matched and expired all count under count_key(model, version); a name
+    # without a bar keeps the key earlier releases stored ("model|version").
+    part, feed = new()
+    feed("predictions", prediction("p1", 100.0, model=model, version="v|1"))
+    feed("predictions", prediction("p2", 100.0, model=model, version="v|1"))
+    feed("labels", label("p1", 101.0))
+    feed("labels", label("later", 100.0 + TTL + 1))  # expires p2
+    part.expire()
+    keys = {counter: set(part.counts[counter]) for counter in ("predictions", "matched",
+                                                                "expired")}
+    key = count_key(model, "v|1")
+    assert keys == {"predictions": {key}, "matched": {key}, "expired": {key}}
+    assert split_count_key(key) == (model, "v|1")
+    assert (key == f"{model}|v|1") == ("|" not in model)
 
 
 def test_a_label_dated_far_ahead_of_its_kafka_timestamp_expires_nothing() -> None:
