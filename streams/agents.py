@@ -520,11 +520,10 @@ class Pipeline:
     async def check_broker(self) -> None:
         """``driftwarden_broker_up``: can a bootstrap server be reached; logged per outage."""
         up = False
-        for server in self.settings.bootstrap_servers.split(","):
-            host, _, port = server.rpartition(":")
+        for host, port in self.settings.servers:
             try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2.0)
-            except (OSError, TimeoutError, ValueError):
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+            except (OSError, TimeoutError):
                 continue
             writer.close()
             up = True

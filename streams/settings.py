@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ __all__ = ["RECORDS_FORMATS", "ROLES", "Settings"]
 _SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
-#: One bootstrap server of DRIFTWARDEN_BROKER: a host name, IPv4 or [IPv6] address; a port.
-_BROKER_URL = re.compile(r"kafka://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
+#: One bootstrap server of DRIFTWARDEN_BROKER: ``kafka://`` (optional after the first), a
+#: host name, IPv4 or [IPv6] address, and a port (9092 when left out).
+_BROKER_URL = re.compile(r"(kafka://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::([0-9]+))?")
 #: What a worker process runs: both stages, or one of them (README, "One process or two").
 ROLES = ("all", "join", "monitor")
 #: How the join sends predictions to the model stage: ``runs`` (columns, this release on)
@@ -109,10 +110,7 @@ class Settings:
             ssl_certfile=get.path("SSL_CERTFILE"),
             ssl_keyfile=get.path("SSL_KEYFILE"),
         )
-        if not all(_BROKER_URL.fullmatch(url) for url in settings.broker.split(";")):
-            raise ConfigError(
-                "DRIFTWARDEN_BROKER must be kafka://host:port, several separated by ';', got "
-                f"{settings.broker!r}")
+        settings = replace(settings, broker=_broker(settings.broker))
         scheme, sep, _ = settings.store.partition("://")
         if not sep or scheme not in ("memory", "rocksdb"):
             raise ConfigError(
@@ -185,9 +183,18 @@ class Settings:
         return self.topic(f"{self.app_id}-{table}-changelog")
 
     @property
+    def servers(self) -> list[tuple[str, int]]:
+        """(host, port) of each bootstrap server (an IPv6 address without brackets)."""
+        out = []
+        for url in self.broker.split(";"):
+            host, _, port = url.removeprefix("kafka://").rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
+
+    @property
     def bootstrap_servers(self) -> str:
         """``host:port[,host:port]`` for aiokafka clients."""
-        return ",".join(url.split("://", 1)[-1] for url in self.broker.split(";"))
+        return ",".join(url.removeprefix("kafka://") for url in self.broker.split(";"))
 
     def policies(self) -> PolicyBook:
         """Per-model policy from DRIFTWARDEN_POLICY_FILE, or the defaults."""
@@ -231,6 +238,21 @@ class Settings:
                 sasl_plain_password=self.sasl_password,
             )
         return kwargs
+
+
+def _broker(value: str) -> str:
+    """DRIFTWARDEN_BROKER as ``kafka://host:port;kafka://host:port``: servers separated by
+    ``;`` or ``,``, ``kafka://`` on the first at least, 9092 where no port is given."""
+    urls = []
+    for i, item in enumerate(re.split(r"[;,]", value)):
+        match = _BROKER_URL.fullmatch(item.strip())
+        port = int(match[3]) if match and match[3] else 9092
+        if match is None or (i == 0 and not match[1]) or not 0 < port < 65536:
+            raise ConfigError(
+                "DRIFTWARDEN_BROKER must be kafka://host:port (port 1-65535, 9092 if left "
+                f"out), several separated by ';' or ',', got {value!r}")
+        urls.append(f"kafka://{match[2]}:{port}")
+    return ";".join(urls)
 
 
 class _Reader:

@@ -16,12 +16,15 @@ from streams.settings import Settings
 from tests.streams.harness import ROOT
 
 BAD = [
-    ({"DRIFTWARDEN_BROKER": "kafka://h1:9092,kafka://h2:9092"},
-     "DRIFTWARDEN_BROKER must be kafka://host:port, several separated by ';', got "
-     "'kafka://h1:9092,kafka://h2:9092'"),
     ({"DRIFTWARDEN_BROKER": "localhost:9092"},
-     "DRIFTWARDEN_BROKER must be kafka://host:port, several separated by ';', got "
-     "'localhost:9092'"),
+     "DRIFTWARDEN_BROKER must be kafka://host:port (port 1-65535, 9092 if left out), "
+     "several separated by ';' or ',', got 'localhost:9092'"),
+    ({"DRIFTWARDEN_BROKER": "kafka://h1:99999"},
+     "DRIFTWARDEN_BROKER must be kafka://host:port (port 1-65535, 9092 if left out), "
+     "several separated by ';' or ',', got 'kafka://h1:99999'"),
+    ({"DRIFTWARDEN_BROKER": "kafka://h1:9092;h2:x"},
+     "DRIFTWARDEN_BROKER must be kafka://host:port (port 1-65535, 9092 if left out), "
+     "several separated by ';' or ',', got 'kafka://h1:9092;h2:x'"),
     ({"DRIFTWARDEN_STORE": "memory"},
      "DRIFTWARDEN_STORE must be memory:// or rocksdb://, got 'memory'"),
     ({"DRIFTWARDEN_METRICS_PORT": "0"},
@@ -57,9 +60,12 @@ def test_a_bad_value_names_its_variable_and_the_value(env: dict[str, str], messa
 
 def test_good_values_pass() -> None:
     settings = Settings.from_env({
-        "DRIFTWARDEN_BROKER": "kafka://k1:9092;kafka://[::1]:9093;kafka://k-3.example",
+        "DRIFTWARDEN_BROKER": "kafka://k1:9092; kafka://[::1]:9093,k-3.example",
         "DRIFTWARDEN_STORE": "rocksdb://", "DRIFTWARDEN_SESSION_TIMEOUT_SECONDS": "0.5"})
-    assert settings.bootstrap_servers == "k1:9092,[::1]:9093,k-3.example"
+    # Separated by ; or , (as Faust reads it), kafka:// on the first, 9092 by default.
+    assert settings.broker == "kafka://k1:9092;kafka://[::1]:9093;kafka://k-3.example:9092"
+    assert settings.bootstrap_servers == "k1:9092,[::1]:9093,k-3.example:9092"
+    assert settings.servers == [("k1", 9092), ("::1", 9093), ("k-3.example", 9092)]
     assert settings.store == "rocksdb://" and settings.session_timeout_seconds == 0.5
 
 
