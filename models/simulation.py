@@ -75,9 +75,10 @@ class Scenario:
 
     def __post_init__(self) -> None:
         if not 0 <= self.error_before <= 0.5 or not 0 <= self.error_after <= 1:
-            raise ValueError("error_before must be in [0, 0.5] and error_after in [0, 1]")
+            raise ValueError("error_before must be in [0, 0.5] and error_after in [0, 1], got "
+                             f"{self.error_before:g} and {self.error_after:g}")
         if not 0 <= self.unlabelled < 1:
-            raise ValueError("unlabelled must be in [0, 1)")
+            raise ValueError(f"unlabelled must be in [0, 1), got {self.unlabelled:g}")
         if self.rate <= 0:
             raise ValueError("rate must be positive")
         if self.n < 1:

@@ -29,6 +29,7 @@ from aiokafka.errors import UnknownTopicOrPartitionError
 from models.errors import ConfigError
 from models.simulation import Scenario, simulate
 from streams import bench, soak
+from streams.bench_e2e import at_least
 from streams.groups import prepare_group
 from streams.settings import Settings
 from streams.topics import UNREACHABLE, TopicNames, ensure_topics, unreachable
@@ -120,7 +121,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" in text or not action.option_strings
+        if ("%(default)" in text or "default" in text or not action.option_strings
                 or action.default is None or action.default is False
                 or action.default is argparse.SUPPRESS):
             return text
@@ -152,8 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print retraining events")
     tail.add_argument("--from-beginning", action="store_true",
                       help="from the topic's first event, not only new ones")
-    tail.add_argument("--max-events", type=int, default=0, help="stop after this many")
-    tail.add_argument("--timeout", type=float, default=0.0, help="stop after this many seconds")
+    tail.add_argument("--max-events", type=at_least(0), default=0,
+                      help="stop after this many (0: no limit)")
+    tail.add_argument("--timeout", type=at_least(0.0, float), default=0.0,
+                      help="stop after this many seconds (0: no limit)")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.set_defaults(func=lambda a: asyncio.run(_tail(a)))
 
@@ -196,7 +199,7 @@ def _scenario_args(p: argparse.ArgumentParser, n: int = 100_000,
     p.add_argument("--error-after", type=float, default=0.3,
                    help="error rate from --change-at on (0-1)")
     p.add_argument("--change-at", type=int, default=change_at,
-                   help="outcome at which the error rate changes (default: never)")
+                   help="outcome at which the error rate changes (none: never)")
     p.add_argument("--unlabelled", type=float, default=0.1,
                    help="share of predictions that never get a label (0-1)")
     p.add_argument("--max-delay", type=float, default=30.0, help="label delay upper bound, s")
@@ -206,6 +209,8 @@ def _scenario_args(p: argparse.ArgumentParser, n: int = 100_000,
 def _scenario(a: argparse.Namespace) -> Scenario:
     """The simulated traffic the arguments ask for; a bad argument is a ConfigError
     naming its option (checked before anything touches Kafka)."""
+    if a.max_delay < 0:
+        raise ConfigError(f"--max-delay must be at least 0, got {a.max_delay:g}")
     try:
         return Scenario(
             n=a.n, model=a.model, version=a.version, seed=a.seed, error_before=a.error_before,

@@ -45,10 +45,11 @@ def test_tail_prints_events_and_fails_when_too_few_came(kafka_broker: str, prefi
 def test_bad_simulation_arguments_are_named_before_kafka_is_touched() -> None:
     # No broker listens on port 1: an error about it would mean Kafka came first.
     for args, message in (
-            (("simulate", "--unlabelled", "1"), "--unlabelled must be in [0, 1)"),
+            (("simulate", "--unlabelled", "1"), "--unlabelled must be in [0, 1), got 1"),
             (("simulate", "--n", "-5"), "--n must be at least 1, got -5"),
+            (("simulate", "--max-delay", "-5"), "--max-delay must be at least 0, got -5"),
             (("demo", "--error-before", "0.9"),
-             "--error-before must be in [0, 0.5] and --error-after in [0, 1]")):
+             "--error-before must be in [0, 0.5] and --error-after in [0, 1], got 0.9 and 0.3")):
         done = _streams(*args, DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
         assert (done.returncode, done.stderr.strip()) == (2, f"driftwarden: {message}"), args
 
@@ -75,6 +76,10 @@ def test_help_lists_the_commands_and_every_options_default() -> None:
     for text in ("predictions to publish (default: 100000)", "(default: 42)",
                  "(default: 0.1)", "(default: 0.0)"):
         assert text in " ".join(done.stdout.split()), text
+    # A default the help already states is not given twice; demo's own defaults show.
+    done = _streams("demo", "--help")
+    assert ("outcome at which the error rate changes (none: never) (default: 50000)"
+            in " ".join(done.stdout.split()))
     # The worker's own help (Faust's) needs no broker.
     done = _streams("worker", "--help", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
     assert done.returncode == 0 and "Start worker instance" in done.stdout, done.stderr[-2000:]
