@@ -593,26 +593,25 @@ class Pipeline:
     async def _reference(self, rec: Any, held: dict[bytes | None, Any] | None) -> None:
         """Take in one record of ``references``. ``held``: while catching up, the
         unreadable profiles not yet dead-lettered, by key; ``None`` after."""
-        invalid = self.snapshot.invalid_references
+        # This record replaces whatever its key held, readable or not.
+        self.snapshot.invalid_references.discard(rec.key)
         if held is not None:
-            held.pop(rec.key, None)  # replaced by this record
+            held.pop(rec.key, None)
         if rec.value is None:  # a tombstone withdraws a profile
             model, _, version = (rec.key or b"").decode(errors="replace").partition(":")
             self.references.get(model, {}).pop(version, None)
-            invalid.discard(rec.key)
             return
         try:
             profile = ReferenceProfile.from_json(rec.value)
         except ConfigError as exc:
             log.warning("reference at %s[%d]@%d rejected: %s", rec.topic, rec.partition,
                         rec.offset, exc)
-            invalid.add(rec.key)
+            self.snapshot.invalid_references.add(rec.key)
             if held is not None:
                 held[rec.key] = rec
             else:
                 await self._reference_dead_letter(rec)
             return
-        invalid.discard(rec.key)
         self.references.setdefault(profile.model, {})[profile.version] = (
             profile.fingerprint(), profile)
         log.info("reference profile for %s (%d rows) received", profile.key, profile.n)

@@ -156,9 +156,7 @@ class _Collector(Collector):
             out: dict[tuple[str, ...], int] = {}
             for part in parts:
                 for label, n in part["counts"].get(counter, {}).items():
-                    # topic|reason of a dead letter; model|version (count_key) otherwise
-                    key = (tuple(label.split("|", 1)) if counter == "dead"
-                           else split_count_key(label))
+                    key = split_count_key(label)  # model|version, or topic|reason
                     if counter != "dead" and key[0] not in allowed:
                         continue
                     out[key] = out.get(key, 0) + n

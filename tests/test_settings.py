@@ -13,7 +13,7 @@ import pytest
 from models.errors import ConfigError
 from streams.app import create_app
 from streams.settings import Settings
-from tests.streams.harness import ROOT
+from tests.streams.harness import ROOT  # the repository root
 
 BAD = [
     ({"DRIFTWARDEN_BROKER": "localhost:9092"},
