@@ -177,11 +177,9 @@ def settle(workers: list[Worker], expected: Expected, models: list[str], what: s
     try:
         seen = wait_until(done, 180, what)
     except AssertionError as exc:
-        logs = "\n".join(f"--- worker {i} ---\n{w.log_text()[-4000:]}"
-                         for i, w in enumerate(workers))
         raise AssertionError(f"{exc}; exported: {exported(workers, models)}, expected "
-                             f"outcomes: {dict(expected.outcomes)}; {where(workers[0])}"
-                             f"\n{logs}") from None
+                             f"outcomes: {dict(expected.outcomes)}; "
+                             f"{report(workers)}") from None
     for m in models:
         assert seen[m]["accuracy"] == expected.correct[m] / expected.outcomes[m], (m, seen[m])
     assert sum(w.total("driftwarden_pending_labels") for w in workers) == expected.pending
@@ -241,6 +239,14 @@ async def read_topic(broker: str, topic: str, idle: float = 3.0) -> list[Any]:
                 out.extend(records)
     finally:
         await consumer.stop()
+
+
+def report(workers: list[Worker]) -> str:
+    """For a failure message: what the broker holds (``where``), then each worker's exit
+    code (None while it runs) and log tail."""
+    logs = "\n".join(f"--- worker {i} (exit code {w.proc and w.proc.poll()}) ---\n"
+                     f"{w.log_text()[-4000:]}" for i, w in enumerate(workers))
+    return f"{where(workers[0])}\n{logs}"
 
 
 def where(worker: Worker) -> str:

@@ -23,7 +23,15 @@ from models.errors import ConfigError
 from models.join import ModelRecord, encode_records
 from models.simulation import Scenario
 from streams.settings import Settings
-from tests.streams.harness import group_lag, produce, retraining_ids, run, settle, wait_until
+from tests.streams.harness import (
+    group_lag,
+    produce,
+    report,
+    retraining_ids,
+    run,
+    settle,
+    wait_until,
+)
 from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
@@ -103,7 +111,13 @@ def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
         kills[role] += 1
         time.sleep(2.0)
         roles[role] = start_worker(wait=False, DRIFTWARDEN_ROLE=role)
-    wait_until(done, 300, "the join to consume every input event")
+    try:
+        wait_until(done, 300, "the join to consume every input event")
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}; publisher done: {published.done()}"
+            f"{f' ({published.exception()!r})' if published.done() else ''}; kills {kills}; "
+            f"{report(list(roles.values()))}") from None
     publisher.shutdown()
     assert published.result() == len(events)
     assert kills["join"] >= 2 and kills["monitor"] >= 1, kills
