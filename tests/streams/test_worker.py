@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -357,10 +358,11 @@ def test_a_fetch_reaches_the_join_once_in_order_and_marks_its_partitions_live(pr
         consumer = app.consumer  # made inside the loop: Faust's services take the running one
         app.topics._acking_topics.add(tp.topic)  # as subscribing the topic does
         consumer._read_offset[tp] = 4  # the last offset read before this fetch
-        await consumer._deliver(handler, [(tp, [record(3), record(5), record(6), record(9)])])
-        await consumer._deliver(handler, [(tp, [record(6)])])  # read already: not handed again
+        seeks = consumer._seeks  # no seek since the fetches were asked for
+        await consumer._deliver(handler, [(tp, [record(o) for o in (3, 5, 6, 9)])], seeks)
+        await consumer._deliver(handler, [(tp, [record(6)])], seeks)  # read already: dropped
         # Offset 9 again (a seek back to it): handed again, acknowledged once only.
-        await consumer._deliver(handler, [(tp, [record(9)])])
+        await consumer._deliver(handler, [(tp, [record(9)])], seeks)
         assert consumer._batch_idle.is_set()  # no batch in flight: wait_empty returns
         # The batch's acknowledgement is the bookkeeping of Faust's ack() per message.
         for offset in (5, 6, 9):
@@ -533,6 +535,118 @@ def test_a_fetch_taken_before_a_seek_is_dropped_and_read_again(prefix, tmp_path)
 
     consumer = run(scenario())
     consumer._thread.thread_loop.close()  # made for the consumer's thread, never started
+
+
+def test_a_fetch_asked_for_while_a_seek_is_under_way_is_dropped_and_read_again(prefix,
+                                                                               tmp_path):
+    # The seek runs in the consumer's thread; a fetch asked for meanwhile can hold records
+    # from the old position, and come back after the seek. Handed over, they made a gap
+    # over the offsets acknowledged before the seek, and the commit crawled (a CI run:
+    # labels[2] 6,140 offsets behind for 300 s).
+    from aiokafka.structs import ConsumerRecord
+    from faust.types import TP
+
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    app = create_app(Settings(topic_prefix=prefix, data_dir=tmp_path), 8)
+    tp = TP(prefix + "labels", 0)
+    handled: list[list[int]] = []
+    seek_gate, fetch_gate = asyncio.Event(), asyncio.Event()
+
+    async def handler(batch: list[tuple[TP, list[ConsumerRecord]]]) -> None:
+        handled.append([r.offset for _, records in batch for r in records])
+
+    def records(offsets: range) -> list[ConsumerRecord]:
+        return [ConsumerRecord(tp.topic, 0, o, 1000, 0, b"k", b"v", None, 1, 1, ())
+                for o in offsets]
+
+    async def scenario() -> Any:
+        consumer = app.consumer
+        app.route_batches((tp.topic,), handler)
+        app.topics._acking_topics.add(tp.topic)
+        consumer._read_offset[tp] = None
+        fetches = iter([range(100, 150), range(150, 160), range(100, 160)])
+
+        async def next_records(timeout: float) -> Any:
+            offsets = next(fetches)
+            if offsets.start == 150:  # asked for during the seek, back after it
+                await fetch_gate.wait()
+            return {tp: records(offsets)}, None
+
+        async def seek_to_committed() -> dict[TP, int]:  # the consumer thread's part
+            await seek_gate.wait()
+            return {tp: 100}
+
+        consumer._wait_next_records = next_records
+        consumer.seek_to_committed = seek_to_committed
+
+        async def fetch_loop_step() -> None:
+            async for _ in consumer.getmany(1.0):
+                pass
+
+        await asyncio.wait_for(fetch_loop_step(), 5.0)  # 100..149, before the seek
+        await asyncio.wait_for(consumer._batch_idle.wait(), 5.0)
+        seek = asyncio.ensure_future(consumer.perform_seek())
+        await asyncio.sleep(0.01)
+        step = asyncio.ensure_future(fetch_loop_step())  # asks for 150..159
+        await asyncio.sleep(0.01)
+        seek_gate.set()
+        await asyncio.wait_for(seek, 5.0)
+        assert consumer._read_offset[tp] == 100
+        fetch_gate.set()
+        await asyncio.wait_for(step, 5.0)
+        assert handled == [list(range(100, 150))]  # 150..159 dropped: no gap over 101..150
+        assert not consumer._gap[tp]
+        await asyncio.wait_for(fetch_loop_step(), 5.0)  # read again from the committed 100
+        await asyncio.wait_for(consumer._batch_idle.wait(), 5.0)
+        assert handled == [list(range(100, 150)), list(range(100, 160))]
+        assert consumer._new_offset(tp) == 160
+
+        # A seek that ends between the check and the hand-over: the batch is dropped too.
+        stale = consumer._seeks - 2
+        await consumer._deliver(handler, [(tp, records(range(160, 170)))], stale)
+        assert len(handled) == 2 and consumer._read_offset[tp] == 100
+        return consumer
+
+    consumer = run(scenario())
+    consumer._thread.thread_loop.close()  # made for the consumer's thread, never started
+
+
+def test_a_gap_over_acknowledged_offsets_lets_the_commit_pass_in_one_step(prefix, tmp_path):
+    # Faust adds the gaps to the acknowledged offsets before it looks for the run to
+    # commit; offsets in both then stopped its run search at each one, and the commit
+    # moved an offset or two per commit (robinhood/faust#625).
+    from faust.transport.consumer import Consumer
+    from faust.types import TP
+
+    from streams.app import create_app
+    from streams.settings import Settings
+
+    tp = TP(prefix + "labels", 2)
+
+    async def scenario(new_offset: Callable[[Any, TP], int | None]) -> tuple[Any, list[Any]]:
+        consumer = create_app(Settings(topic_prefix=prefix, data_dir=tmp_path), 8).consumer
+        consumer._committed_offset[tp] = 100
+        consumer._acked[tp] = list(range(100, 150))  # handed over before a seek back to 100
+        consumer._acked_index[tp] = set(range(100, 150))
+        await consumer._add_gap(tp, 101, 150)  # a fetch from 150 on, after it
+        consumer._acked[tp] += range(150, 160)
+        consumer._acked_index[tp].update(range(150, 160))
+        commits = []
+        while (offset := new_offset(consumer, tp)) is not None and len(commits) < 100:
+            commits.append(offset)
+            consumer._committed_offset[tp] = offset
+        return consumer, commits
+
+    consumer, commits = run(scenario(lambda c, tp: c._new_offset(tp)))
+    consumer._thread.thread_loop.close()
+    assert commits == [160]
+    assert consumer._acked[tp] == [] and not consumer._gap[tp]
+    # Faust's own method, on the same offsets: a commit per one or two offsets.
+    consumer, commits = run(scenario(lambda c, tp: Consumer._new_offset(c, tp)))
+    consumer._thread.thread_loop.close()
+    assert commits[:3] == [102, 103, 104] and len(commits) > 50
 
 
 def test_changelog_writes_arrive_whole_in_order_on_their_partition(kafka_broker, prefix,
