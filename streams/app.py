@@ -290,6 +290,7 @@ class BatchConsumer(kafka_driver.Consumer):
         # Counted as each seek (any partition) begins and again as it ends: a fetch is
         # handed over only if the count has not moved since it was asked for.
         self._seeks = 0
+        self._reseek = False  # set by a batch dropped so; the fetch loop then seeks
 
     def _new_consumer_thread(self) -> kafka_driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -333,13 +334,15 @@ class BatchConsumer(kafka_driver.Consumer):
         if not batch:
             return
         await self._finish_in_flight()
-        if self._seeks != seeks:
-            # A seek began after this fetch was asked for, so its records may be from
-            # before it: handed over, the records read again from the seek's offset
-            # would look read before it, never be acknowledged and hold the commit. Read
-            # again from the committed offsets, as Faust does after dropping a fetch.
-            self.log.info("a fetch taken before a seek was dropped; reading again from "
-                          "the committed offsets")
+        if self._seeks != seeks or self._reseek:
+            # A seek began or ended after this fetch was asked for, so its records may be
+            # from before it: handed over, the records read again from the seek's offset
+            # would look read before it, never be acknowledged and hold the commit. Or
+            # the batch before was dropped so (_deliver). Read again from the committed
+            # offsets, as Faust does after dropping a fetch.
+            self.log.info("a fetch taken before a seek ended was dropped; reading again "
+                          "from the committed offsets")
+            self._reseek = False
             await self.perform_seek()
             return
         if self.flow_active and app.consumer_generation_id == generation:
@@ -403,13 +406,12 @@ class BatchConsumer(kafka_driver.Consumer):
                        seeks: int) -> None:
         if self._seeks != seeks:
             # A seek began or ended after this fetch was asked for (one asked for while a
-            # seek was under way can hold records from before it, handed over after it):
-            # read again from the committed offsets. Taken as they were, the records
-            # made a gap over offsets acknowledged already (a CI run: a commit held
-            # back for 300 s, see _new_offset).
-            self.log.info("a fetch taken before a seek ended was dropped; reading again "
-                          "from the committed offsets")
-            await self.perform_seek()
+            # seek was under way can hold records from before it, handed over after it).
+            # Taken as they were, the records made a gap over offsets acknowledged
+            # already (a commit held back for 300 s, see _new_offset). The fetch loop
+            # reads again from the committed offsets: seeking here, inside the batch a
+            # rebalance waits for, could wait on that rebalance.
+            self._reseek = True
             return
         read = self._read_offset
         fresh: list[tuple[TP, list[Any]]] = []

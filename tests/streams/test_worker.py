@@ -603,10 +603,18 @@ def test_a_fetch_asked_for_while_a_seek_is_under_way_is_dropped_and_read_again(p
         assert handled == [list(range(100, 150)), list(range(100, 160))]
         assert consumer._new_offset(tp) == 160
 
-        # A seek that ends between the check and the hand-over: the batch is dropped too.
+        # A seek that ends between the check and the hand-over: the batch is dropped too,
+        # and the fetch loop drops its next fetch and reads again from the committed.
         stale = consumer._seeks - 2
         await consumer._deliver(handler, [(tp, records(range(160, 170)))], stale)
-        assert len(handled) == 2 and consumer._read_offset[tp] == 100
+        assert len(handled) == 2 and consumer._reseek
+        fetches = iter([range(160, 170), range(100, 170)])
+        seeks = consumer._seeks
+        await asyncio.wait_for(fetch_loop_step(), 5.0)
+        assert len(handled) == 2 and not consumer._reseek and consumer._seeks == seeks + 2
+        await asyncio.wait_for(fetch_loop_step(), 5.0)
+        await asyncio.wait_for(consumer._batch_idle.wait(), 5.0)
+        assert handled[2] == list(range(100, 170))
         return consumer
 
     consumer = run(scenario())
