@@ -342,7 +342,6 @@ class BatchConsumer(kafka_driver.Consumer):
             # offsets, as Faust does after dropping a fetch.
             self.log.info("a fetch taken before a seek ended was dropped; reading again "
                           "from the committed offsets")
-            self._reseek = False
             await self.perform_seek()
             return
         if self.flow_active and app.consumer_generation_id == generation:
@@ -353,6 +352,7 @@ class BatchConsumer(kafka_driver.Consumer):
 
     async def perform_seek(self) -> None:
         self._seeks += 1
+        self._reseek = False  # whoever asked for it: this is the seek back
         try:
             await super().perform_seek()
         finally:
