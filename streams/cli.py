@@ -121,7 +121,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("%(default)" in text or "default" in text or not action.option_strings
+        if ("default" in text or not action.option_strings
                 or action.default is None or action.default is False
                 or action.default is argparse.SUPPRESS):
             return text
