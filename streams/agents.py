@@ -50,7 +50,7 @@ from models.join import (
 from models.monitor import ModelState
 from models.policy import PolicyBook
 from models.reference import ReferenceProfile
-from streams.app import App
+from streams.app import App, BatchConsumer
 from streams.metrics import (
     EVENTS_CONSUMED,
     EVENTS_RECEIVED,
@@ -309,8 +309,10 @@ class Pipeline:
         generation's recovery. Believing the stale signal would open join partitions and
         rebuild the exported snapshot from tables still being recovered: a model whose
         records partition had just moved here would be missing from them and, with no
-        new records, stay unexported (the likeliest cause of one CI failure under
-        repeated kill -9, where one model's state was exported by no worker).
+        new records, stay unexported. (Two CI failures under repeated kill -9 showed one
+        model exported by no worker; the second came with no overtaken recovery, and its
+        cause was the partition count :meth:`rebuild_snapshot` hashed over, see
+        :meth:`streams.app.BatchConsumer.partition_count`.)
         """
         recovery = cast(Any, self.app.tables).recovery  # TableManager, not its interface
         generation = getattr(recovery, "_generation_id", None)  # no public view in Faust
@@ -338,7 +340,10 @@ class Pipeline:
         owned = sorted(tp.partition for tp in assignment if tp.topic == self.names.model_records)
         if not owned:
             return
-        count = self.app.consumer.topic_partitions(self.names.model_records) or max(owned) + 1
+        count = cast(BatchConsumer, self.app.consumer).partition_count(self.names.model_records)
+        if count is None:  # not known yet: the next tick tries again
+            self._stale_snapshot = True
+            return
         every = list(range(count))
         for key, raw in list(self.models_table.data.items()):
             model = _model_of(key)

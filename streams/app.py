@@ -386,6 +386,21 @@ class BatchConsumer(kafka_driver.Consumer):
                 acked[:] = sorted(set(acked).union(covered))
         return super()._new_offset(tp)
 
+    def partition_count(self, topic: str) -> int | None:
+        """The partitions of ``topic`` in the consumer's cluster metadata; None while it
+        has none (before the consumer starts, or for a topic it never fetched).
+
+        Faust's ``topic_partitions`` reads aiokafka's group-coordinator snapshot, which
+        only the group's leader keeps: on every other member it is empty. A worker that
+        took the producer's key hash over a count guessed from its own partitions
+        exported a quiet model on no worker (a CI run under repeated kill -9: owning
+        records partitions 0, 2, 4 and 6 of 8, it hashed over 7 and missed m3's).
+        """
+        # aiokafka's consumer (None before start); Faust keeps no public view of it.
+        consumer = cast(kafka_driver.AIOKafkaConsumerThread, self._thread)._consumer
+        partitions = consumer.partitions_for_topic(topic) if consumer is not None else None
+        return len(partitions) if partitions else None
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         # However the task ended (even cancelled before it began), nothing is in flight.
         self._batch_idle.set()
