@@ -295,6 +295,22 @@ async def uncommitted(broker: str, prefix: str) -> list[str]:
     return out
 
 
+def all_committed(broker: str, prefix: str, timeout: float = 60.0) -> None:
+    """Wait until every consumer group of ``prefix`` has committed every partition it
+    reads to its end (a commit held back shows as consumer lag that never clears, and is
+    read again at the next start); on a timeout, name the partitions behind."""
+    behind: list[str] = []
+
+    def check() -> bool:
+        behind[:] = run(uncommitted(broker, prefix))
+        return not behind
+
+    try:
+        wait_until(check, timeout, "every consumer group to commit to the end")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {behind}") from None
+
+
 async def group_lag(broker: str, group: str, topics: list[str]) -> int:
     """Messages of ``topics`` the consumer ``group`` has not committed yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from models.simulation import Scenario
-from tests.streams.harness import group_lag, produce, retraining_ids, run, settle
+from tests.streams.harness import all_committed, group_lag, produce, retraining_ids, run, settle
 from tests.streams.oracle import merged, oracle, records
 
 START = float(int(time.time()))
@@ -84,6 +84,7 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
         worker.wait_ready(timeout=180)
 
     settle(workers, expected, MODELS, "every expected outcome, each model exported once")
+    all_committed(kafka_broker, prefix)  # the records topic's too, not only the inputs'
 
     ids = retraining_ids(kafka_broker, prefix)
     assert set(ids) == expected.retraining_ids, ids

@@ -24,13 +24,13 @@ from models.join import ModelRecord, encode_records
 from models.simulation import Scenario
 from streams.settings import Settings
 from tests.streams.harness import (
+    all_committed,
     group_lag,
     produce,
     report,
     retraining_ids,
     run,
     settle,
-    uncommitted,
     wait_until,
 )
 from tests.streams.oracle import merged, oracle, records
@@ -127,18 +127,7 @@ def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
 
     settle(list(roles.values()), expected, MODELS,
            "every expected outcome after kill -9 of each role")
-    # Both roles' groups commit what they read to its end (a commit held back shows as
-    # consumer lag that never clears, and is read again at the next start).
-    behind: list[str] = []
-
-    def all_committed() -> bool:
-        behind[:] = run(uncommitted(kafka_broker, prefix))
-        return not behind
-
-    try:
-        wait_until(all_committed, 60, "both roles' groups to commit to the end")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {behind}") from None
+    all_committed(kafka_broker, prefix)  # both roles' groups
     assert set(retraining_ids(kafka_broker, prefix)) == expected.retraining_ids
     # Each role exports what it owns: the join the predictions and pending labels, the
     # model stage the outcomes and accuracy.
