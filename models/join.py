@@ -12,7 +12,10 @@ kind       value
            plus, when the first label names a model, later labels for the same id as
            ``[[ts, label, model, offset, raw], ...]`` at index 7: until the prediction
            says which model is right, a label naming another one must not shut out a
-           correct label that follows it
+           correct label that follows it. A label whose Kafka key is not its ``id``
+           (DESIGN.md keys labels by id) keeps that key, for its dead letter: at index
+           8 for the first (index 7 then ``[]`` if no later one), as a sixth item for a
+           later one; a string of the key's bytes as Latin-1, or null for no key
 ``D``      matched, ``["D", ts, partition]``: kept until the TTL runs out, to spot duplicates
 =========  ==============================================================
 
@@ -572,7 +575,7 @@ class JoinPartition:
                         raw_label = cand[4].encode()
                         self.held += len(raw_label)
                         self._dead(LABELS, cand[3], "unmatched_label", raw_label,
-                                   event_id.encode())
+                                   _label_key(cand, event_id))
                 self.changed[self._meta_key] = None
 
     def expected(self, topic: str) -> int | None:
@@ -650,7 +653,7 @@ class JoinPartition:
                 if source == "p":
                     self._prediction(event, offset, raw)  # type: ignore[arg-type]
                 else:
-                    self._label(event, offset, raw)  # type: ignore[arg-type]
+                    self._label(event, offset, raw, key)  # type: ignore[arg-type]
             except InvalidEvent as exc:
                 self._dead(topic, offset, exc.reason, raw, key)
         offsets[source] = offset
@@ -692,7 +695,8 @@ class JoinPartition:
             # The first label that fits wins; those naming another model (or, for a
             # regression, no number) are dead-lettered, later fitting ones are duplicates.
             winner = None
-            for l_ts, label, l_model, l_offset, l_raw in _candidates(label_first):
+            for cand in _candidates(label_first):
+                l_ts, label, l_model, l_offset, l_raw = cand[:5]
                 bad = ("model_mismatch" if l_model is not None and l_model != p.model
                        else "invalid_label" if numeric and not isinstance(label, float)
                        else "duplicate_label" if winner is not None else None)
@@ -702,7 +706,7 @@ class JoinPartition:
                 self._count("dead", f"labels|{bad}")
                 self.dead_letters.append(
                     DeadLetter(LABELS, self.partition, l_offset, bad, l_raw.encode(),
-                               p.id.encode(), stateful=True)
+                               _label_key(cand, p.id), stateful=True)
                 )
             if winner is not None:
                 l_ts, label = winner
@@ -711,17 +715,19 @@ class JoinPartition:
                 return
         self._put(p.id, ["P", p.ts, self.partition, p.model, p.version, p.prediction, p.scores])
 
-    def _label(self, lab: Label, offset: int, raw: bytes) -> None:
+    def _label(self, lab: Label, offset: int, raw: bytes, key: bytes | None = None) -> None:
         existing = self.store.get(lab.id)
         if existing is None:
             entry = ["L", lab.ts, self.partition, lab.label, lab.model, offset, raw.decode()]
-            self._put(lab.id, entry)
+            kept = _kept_key(key, lab.id)
+            self._put(lab.id, [*entry, [], *kept] if kept else entry)
             return
         entry = orjson.loads(existing)
         if entry[0] == "L" and entry[4] is not None:
             # The first label named a model: keep this one too until the prediction comes.
-            entry = [*entry[:7], [*(entry[7] if len(entry) > 7 else []),
-                                  [lab.ts, lab.label, lab.model, offset, raw.decode()]]]
+            later = entry[7] if len(entry) > 7 else []
+            entry = [*entry[:7], [*later, [lab.ts, lab.label, lab.model, offset, raw.decode(),
+                                           *_kept_key(key, lab.id)]], *entry[8:]]
             self.store[lab.id] = self.changed[lab.id] = _entry_bytes(entry)
             return
         if entry[0] != "P":
@@ -857,6 +863,28 @@ def _pending(counts: dict[str, dict[str, int]]) -> int:
 
 
 def _candidates(entry: list[Any]) -> list[list[Any]]:
-    """The labels an ``L`` entry holds, first first: ``[ts, label, model, offset, raw]``."""
-    _, ts, _, label, model, offset, raw, *later = entry
-    return [[ts, label, model, offset, raw], *(later[0] if later else [])]
+    """The labels an ``L`` entry holds, first first: ``[ts, label, model, offset, raw]``,
+    and the label's key when it was not its id."""
+    _, ts, _, label, model, offset, raw, *rest = entry
+    return [[ts, label, model, offset, raw, *rest[1:]], *(rest[0] if rest else [])]
+
+
+def _kept_key(key: bytes | None, event_id: str) -> list[str | None]:
+    """What a waiting label's entry keeps of its Kafka key: nothing when it is the id's
+    bytes, else the key as a Latin-1 string (any bytes round-trip), or None for no key."""
+    if key == event_id.encode():
+        return []
+    return [None if key is None else key.decode("latin-1")]
+
+
+def _label_key(candidate: list[Any], event_id: str) -> bytes | None:
+    r"""The Kafka key a waiting label came with: its id's bytes unless it kept another.
+
+    >>> _label_key([1.0, 1, None, 7, "{}"], "a"), _label_key([1.0, 1, None, 7, "{}", None], "a")
+    (b'a', None)
+    >>> _label_key([1.0, 1, None, 7, "{}", "\xff\x00k"], "a")
+    b'\xff\x00k'
+    """
+    if len(candidate) < 6:
+        return event_id.encode()
+    return None if candidate[5] is None else candidate[5].encode("latin-1")

@@ -168,10 +168,12 @@ def test_label_naming_another_model_is_dead_lettered_and_the_prediction_stays_pe
 def test_early_label_naming_another_model_is_dead_lettered_when_the_prediction_arrives() -> None:
     part, feed = new()
     bad = label("a", 110.0, model="churn")
-    feed("labels", bad)
+    part.absorb("labels", bad, 0, 110.0, key=b"tenant-7")  # keyed by other than its id
     feed("predictions", prediction("a", 100.0, model="fraud"))
     assert outcomes(part) == []
-    assert part.dead_letters == [DeadLetter("labels", 0, 0, "model_mismatch", bad, b"a")]
+    # Dead-lettered with the key it came with, not its id.
+    assert part.dead_letters == [DeadLetter("labels", 0, 0, "model_mismatch", bad,
+                                            b"tenant-7")]
     assert part.counts["dead"] == {"labels|model_mismatch": 1}
     assert part.pending() == 1
 
@@ -209,8 +211,10 @@ def test_unlabelled_prediction_expires_by_the_labels_event_time() -> None:
     assert part.pending() == 1  # "b" still waits
     # An expired prediction is counted, not dead-lettered: the only dead letters are the
     # two filler labels, whose predictions never came.
-    assert sorted((d.key, d.reason) for d in part.dead_letters) == [
-        (b"yyy", "unmatched_label"), (b"zzz", "unmatched_label")]
+    assert sorted(d.raw for d in part.dead_letters) == [label("yyy", 100.0 + TTL + 0.5),
+                                                         label("zzz", 100.0 + TTL)]
+    # Published with no key (feed), dead-lettered with none.
+    assert {(d.key, d.reason) for d in part.dead_letters} == {(None, "unmatched_label")}
     assert part.watermark("p") == 10_000.0 and part.watermark("l") == 160.5
 
 
@@ -264,6 +268,29 @@ def test_unmatched_label_expires_by_the_predictions_event_time_into_a_dead_lette
     assert "a" not in part.store
     assert part.dead_letters == [DeadLetter("labels", 0, 7, "unmatched_label", raw, b"a")]
     assert part.counts["dead"] == {"labels|unmatched_label": 1}
+
+
+def test_a_waiting_label_is_dead_lettered_with_the_key_it_came_with() -> None:
+    # "Loses nothing": a dead letter carries the original bytes and key. DESIGN.md keys
+    # labels by id, and such a label stores no key; any other key (bytes that are not
+    # UTF-8, none at all) is kept in its entry, through a restart, and for a later label
+    # of the same id too.
+    store: dict[str, bytes] = {}
+    part = JoinPartition(store, partition=0, ttl=TTL)
+    sent = [("a", b"a", None), ("b", b"\xff\x00tenant", None), ("c", None, None),
+            ("d", b"d", "fraud"), ("d", b"\x80second", "churn")]
+    for offset, (event_id, key, model) in enumerate(sent):
+        part.absorb("labels", label(event_id, 100.0, model=model), offset, 100.0, key=key)
+    assert len(store["a"]) == len(orjson.dumps(orjson.loads(store["a"])))  # no key kept
+    assert orjson.loads(store["a"])[7:] == []
+    part.drain()
+
+    part = JoinPartition(store, partition=0, ttl=TTL)  # as after a restart
+    part.absorb("predictions", prediction("z", 100.0 + TTL + 1), 0, 100.0 + TTL + 1)
+    part.expire()
+    assert sorted((d.offset, d.key) for d in part.dead_letters) == [
+        (0, b"a"), (1, b"\xff\x00tenant"), (2, None), (3, b"d"), (4, b"\x80second")]
+    assert {d.reason for d in part.dead_letters} == {"unmatched_label"}
 
 
 def test_matched_marker_catches_duplicates_until_both_sides_pass_the_ttl() -> None:

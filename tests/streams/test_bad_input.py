@@ -76,15 +76,20 @@ BAD_LABELS: list[tuple[bytes, bytes, str]] = [
 ]
 
 
-def _stream() -> tuple[list[tuple[str, bytes, bytes]], Counter[tuple[str, str]]]:
+def _stream() -> tuple[list[tuple[str, bytes | None, bytes]], Counter[tuple[str, str]]]:
     """The produced records (logical topic, key, value) and the expected dead letters."""
-    out: list[tuple[str, bytes, bytes]] = []
+    out: list[tuple[str, bytes | None, bytes]] = []
     expected: Counter[tuple[str, str]] = Counter()
     # A label that arrives first and whose prediction never comes: once the predictions
     # on its partition are TTL seconds newer, it is dead-lettered as unmatched.
     ghost = orjson.dumps({"id": "ghost", "label": 1, "ts": NOW})
     out.append(("labels", b"ghost", ghost))
     expected["labels", "unmatched_label"] += 1
+    # The same, keyed other than by id (not UTF-8; none at all): the dead letter keeps
+    # the key it came with.
+    for key, event_id in ((b"\xfe\xff-tenant", "ghost-bin"), (None, "ghost-nokey")):
+        out.append(("labels", key, orjson.dumps({"id": event_id, "label": 0, "ts": NOW})))
+        expected["labels", "unmatched_label"] += 1
     # A label that arrives first and is then joined: a valid outcome, not a dead letter.
     out.append(("labels", b"early", orjson.dumps({"id": "early", "label": 1, "ts": NOW})))
 
