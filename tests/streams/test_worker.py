@@ -128,33 +128,37 @@ def test_after_a_rebalance_a_follower_exports_the_quiet_models_of_its_records_pa
     from streams.settings import Settings
     from streams.tables import declare_tables
 
-    settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
-    app = create_app(settings, 8)
-    pipeline = Pipeline(app, settings, declare_tables(app, 8, settings), Snapshot(max_models=10))
-    records = prefix + "driftwarden-model-records"
-    owned = {0, 2, 4, 6}
-    app.consumer._thread._consumer = SimpleNamespace(  # aiokafka's consumer on a follower
-        assignment=lambda: {TopicPartition(records, p) for p in owned},
-        partitions_for_topic=lambda topic: set(range(8)) if topic == records else None,
-        _coordinator=SimpleNamespace(_metadata_snapshot={}))
-    models = [f"m{k}" for k in range(8)]
-    for model in models:
-        pipeline.models_table.data[model] = codec.dumps(ModelState(model, pipeline.policies))
-    every = list(range(8))
-    ours = {m for m in models if DefaultPartitioner()(m.encode(), every, every) in owned}
-    assert ours == {"m1", "m3", "m4", "m7"}
+    async def main() -> None:  # the consumer is made inside the loop, which run() closes
+        settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
+        app = create_app(settings, 8)
+        pipeline = Pipeline(app, settings, declare_tables(app, 8, settings),
+                            Snapshot(max_models=10))
+        records = prefix + "driftwarden-model-records"
+        owned = {0, 2, 4, 6}
+        app.consumer._thread._consumer = SimpleNamespace(  # aiokafka's consumer on a follower
+            assignment=lambda: {TopicPartition(records, p) for p in owned},
+            partitions_for_topic=lambda topic: set(range(8)) if topic == records else None,
+            _coordinator=SimpleNamespace(_metadata_snapshot={}))
+        models = [f"m{k}" for k in range(8)]
+        for model in models:
+            pipeline.models_table.data[model] = codec.dumps(ModelState(model, pipeline.policies))
+        every = list(range(8))
+        ours = {m for m in models if DefaultPartitioner()(m.encode(), every, every) in owned}
+        assert ours == {"m1", "m3", "m4", "m7"}
 
-    pipeline._recovered = pipeline._stale_snapshot = True  # what the end of recovery sets
-    pipeline.rebuild_snapshot()
-    assert set(pipeline.snapshot.models) == ours
-    assert not pipeline._stale_snapshot
+        pipeline._recovered = pipeline._stale_snapshot = True  # what the end of recovery sets
+        pipeline.rebuild_snapshot()
+        assert set(pipeline.snapshot.models) == ours
+        assert not pipeline._stale_snapshot
 
-    # Before the consumer knows the topic, nothing is guessed: the next tick tries again.
-    pipeline.snapshot.forget(set(), set(models))
-    app.consumer._thread._consumer.partitions_for_topic = lambda topic: None
-    pipeline._stale_snapshot = True
-    pipeline.rebuild_snapshot()
-    assert pipeline.snapshot.models == {} and pipeline._stale_snapshot
+        # Before the consumer knows the topic, nothing is guessed: the next tick tries again.
+        pipeline.snapshot.forget(set(), set(models))
+        app.consumer._thread._consumer.partitions_for_topic = lambda topic: None
+        pipeline._stale_snapshot = True
+        pipeline.rebuild_snapshot()
+        assert pipeline.snapshot.models == {} and pipeline._stale_snapshot
+
+    run(main())
 
 
 def test_state_survives_kill_9_exactly(start_worker, kafka_broker, prefix):
@@ -386,7 +390,11 @@ def test_the_join_takes_its_input_a_fetch_at_a_time(prefix, tmp_path):
     app = create_app(settings, 8)
     pipeline = Pipeline(app, settings, declare_tables(app, 8, settings), Snapshot(max_models=10))
     pipeline.register()
-    assert type(app.consumer) is BatchConsumer
+
+    async def consumer_type() -> type:  # made inside the loop, which run() closes
+        return type(app.consumer)
+
+    assert run(consumer_type()) is BatchConsumer
     assert app.batch_topics == (prefix + "predictions", prefix + "labels")
     assert app.batch_handler == pipeline.join_batch
     # The model stage keeps Faust's path: its input is one message per model per batch.
