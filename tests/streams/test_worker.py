@@ -157,6 +157,7 @@ def test_after_a_rebalance_a_follower_exports_the_quiet_models_of_its_records_pa
         pipeline._stale_snapshot = True
         pipeline.rebuild_snapshot()
         assert pipeline.snapshot.models == {} and pipeline._stale_snapshot
+        app.consumer._thread.thread_loop.close()  # made for a thread never started
 
     run(main())
 
