@@ -397,7 +397,7 @@ def _encode_wal(batch: int, writes: dict[str, bytes | None], records: list[Model
         "w": {k: None if v is None else v.decode() for k, v in writes.items()},
         "r": [[r.kind, r.model, r.version, r.source, *r.position, r.item] for r in records],
         "d": [[d.topic, d.partition, d.offset, d.reason, d.raw.decode("latin-1"),
-               None if d.key is None else d.key.decode("latin-1")] for d in dead],
+               _key_text(d.key)] for d in dead],
     })
 
 
@@ -408,7 +408,7 @@ def _decode_wal(raw: bytes) -> tuple[int, Flush]:
         records = [ModelRecord(kind, model, version, source, (offset, sub), item)
                    for kind, model, version, source, offset, sub, item in doc["r"]]
         dead = [DeadLetter(topic, partition, offset, reason, raw.encode("latin-1"),
-                           None if key is None else key.encode("latin-1"), stateful=True)
+                           _text_key(key), stateful=True)
                 for topic, partition, offset, reason, raw, key in doc["d"]]
         return int(doc["s"]), Flush(records, dead, writes, None)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -874,7 +874,7 @@ def _kept_key(key: bytes | None, event_id: str) -> list[str | None]:
     bytes, else the key as a Latin-1 string (any bytes round-trip), or None for no key."""
     if key == event_id.encode():
         return []
-    return [None if key is None else key.decode("latin-1")]
+    return [_key_text(key)]
 
 
 def _label_key(candidate: list[Any], event_id: str) -> bytes | None:
@@ -887,4 +887,18 @@ def _label_key(candidate: list[Any], event_id: str) -> bytes | None:
     """
     if len(candidate) < 6:
         return event_id.encode()
-    return None if candidate[5] is None else candidate[5].encode("latin-1")
+    return _text_key(candidate[5])
+
+
+def _key_text(key: bytes | None) -> str | None:
+    r"""A Kafka key as JSON-safe text: Latin-1, so any bytes round-trip; None stays None.
+
+    >>> _key_text(b"\xfe\xff-k"), _text_key(_key_text(b"\xfe\xff-k")), _key_text(None)
+    ('\xfe\xff-k', b'\xfe\xff-k', None)
+    """
+    return None if key is None else key.decode("latin-1")
+
+
+def _text_key(text: str | None) -> bytes | None:
+    """The Kafka key ``_key_text`` made the text of."""
+    return None if text is None else text.encode("latin-1")
