@@ -89,7 +89,8 @@ class VersionMonitor:
             return None
         event = self.policy.data_drift(
             ts=ts, reasons=reasons, outcomes_seen=self.outcomes_seen,
-            predictions_seen=self.predictions_seen, metrics=self._metrics)
+            predictions_seen=self.predictions_seen, accuracy=self._full_window_accuracy(),
+            metrics=self._metrics)
         if event is not None:
             self.events_emitted += 1
         return event
@@ -124,11 +125,17 @@ class VersionMonitor:
             if reasons:
                 event = self.policy.data_drift(
                     ts=ts[last], reasons=reasons, outcomes_seen=self.outcomes_seen,
-                    predictions_seen=self.predictions_seen, metrics=self._metrics)
+                    predictions_seen=self.predictions_seen,
+                    accuracy=self._full_window_accuracy(), metrics=self._metrics)
                 if event is not None:
                     self.events_emitted += 1
                     events.append(event)
         return events
+
+    def _full_window_accuracy(self) -> float | None:
+        """The rolling accuracy the policy judges: None until a full window of outcomes."""
+        perf = self.performance
+        return perf.rolling_accuracy if perf.n >= perf.window else None
 
     def _metrics(self) -> dict[str, float]:
         metrics = self.performance.report()

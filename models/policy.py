@@ -287,12 +287,15 @@ class RetrainingPolicy:
         return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
 
     def data_drift(self, *, ts: float, reasons: list[dict[str, Any]], outcomes_seen: int,
-                   predictions_seen: int,
+                   predictions_seen: int, accuracy: float | None,
                    metrics: Callable[[], dict[str, float]]) -> dict[str, Any] | None:
         """Take the drift reasons of a closed window; return a RetrainingEvent dict or None.
 
         Data drift needs no outcomes (labels may never come): the evidence is the reference
         and ``drift_consecutive`` windows. The cooldown is shared with performance events.
+        ``accuracy`` is the rolling accuracy as :meth:`update` takes it: None until a full
+        window of outcomes, so a handful of labels neither shows as the event's accuracy
+        nor makes it critical.
         """
         if self.window_start is None:
             self.window_start = ts
@@ -300,9 +303,7 @@ class RetrainingPolicy:
             return None
         if self._cooling(ts):
             return None
-        values = metrics()
-        return self._fire(ts, reasons, outcomes_seen, predictions_seen,
-                          values.get("rolling_accuracy"), lambda: values)
+        return self._fire(ts, reasons, outcomes_seen, predictions_seen, accuracy, metrics)
 
     def _cooling(self, ts: float) -> bool:
         """Within the cooldown of the last event: the signal is suppressed (and counted)."""

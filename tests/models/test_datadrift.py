@@ -601,7 +601,8 @@ REASON = {"kind": "feature_drift", "feature": "amount", "statistic": "psi", "val
 def test_data_drift_fires_without_outcomes_and_respects_the_cooldown() -> None:
     policy = RetrainingPolicy(PolicyConfig(min_outcomes=1000, cooldown_seconds=100.0),
                               "m", "1")
-    kw: dict[str, Any] = {"outcomes_seen": 0, "predictions_seen": 12_000, "metrics": dict}
+    kw: dict[str, Any] = {"outcomes_seen": 0, "predictions_seen": 12_000, "accuracy": None,
+                          "metrics": dict}
     assert policy.data_drift(ts=5.0, reasons=[], **kw) is None
     event = policy.data_drift(ts=10.0, reasons=[REASON], **kw)
     assert event == {
@@ -626,7 +627,7 @@ def test_data_drift_event_ids_continue_the_version_sequence() -> None:
     assert policy.update(ts=0.0, accuracy=0.9, **kw) is None
     first = policy.update(ts=1.0, accuracy=0.5, **kw)
     assert first is not None and first["id"] == "m:7:000001"
-    drift_kw: dict[str, Any] = {"outcomes_seen": 5, "predictions_seen": 9,
+    drift_kw: dict[str, Any] = {"outcomes_seen": 5, "predictions_seen": 9, "accuracy": 0.5,
                                 "metrics": lambda: {"rolling_accuracy": 0.5}}
     assert policy.data_drift(ts=5.0, reasons=[REASON], **drift_kw) is None  # shared cooldown
     event = policy.data_drift(ts=11.0, reasons=[REASON], **drift_kw)
@@ -686,6 +687,26 @@ def test_version_monitor_turns_drifting_windows_into_an_event() -> None:
     assert event["metrics"]["estimated_accuracy"] == pytest.approx(0.8)
     assert [r["feature"] for r in event["reasons"]] == ["f"]
     assert monitor.events_emitted == 1 and monitor.policy.suppressed == 0
+
+
+@pytest.mark.parametrize(("outcomes", "accuracy", "severity"),
+                         [(5, None, "warning"), (10, 0.6, "critical")])
+def test_a_data_drift_event_judges_accuracy_only_over_a_full_window(
+        outcomes: int, accuracy: float | None, severity: str) -> None:
+    # README, "Event contract": metrics.accuracy is null until a window of outcomes; a
+    # handful of labels must not make a feature-drift event critical (0.6 vs 0.92 is a
+    # 35% drop, past critical_drop's 20%).
+    config = PolicyConfig(window=10, drift_window=10, drift_consecutive=1)
+    monitor = VersionMonitor("m", "1", config)
+    monitor.use_reference(profile_2(baseline={"accuracy": 0.92}))
+    for i in range(outcomes):
+        monitor.add_outcome(float(i), "a", "a" if i % 5 < 3 else "b", None, 0.0)
+    events = [e for i in range(10) if (e := monitor.add_prediction(10.0 + i, {"f": "a"}, "a",
+                                                                   None)) is not None]
+    assert len(events) == 1
+    assert events[0]["metrics"]["accuracy"] == accuracy
+    assert events[0]["metrics"]["rolling_accuracy"] == pytest.approx(0.6)
+    assert events[0]["severity"] == severity
 
 
 # -- seeded streams ------------------------------------------------------------------------
