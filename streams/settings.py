@@ -30,6 +30,11 @@ _SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 #: One bootstrap server of DRIFTWARDEN_BROKER: ``kafka://`` (optional after the first), a
 #: host name, IPv4 or [IPv6] address, and a port (9092 when left out).
+#: What Kafka allows in a topic name, and how long one may be; DRIFTWARDEN_TOPIC_PREFIX and
+#: DRIFTWARDEN_APP_ID name topics, the longest being Faust's leader topic of a role's group.
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+_TOPIC_MAX = 249
+_LONGEST_SUFFIX = "-monitor-__assignor-__leader"
 _BROKER_URL = re.compile(r"(kafka://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::([0-9]+))?")
 #: What a worker process runs: both stages, or one of them (README, "One process or two").
 ROLES = ("all", "join", "monitor")
@@ -118,6 +123,17 @@ class Settings:
         for name, value in (("APP_ID", settings.app_id), ("METRICS_HOST", settings.metrics_host)):
             if not value.strip():
                 raise ConfigError(f"DRIFTWARDEN_{name} must not be empty, got {value!r}")
+        for name, value in (("TOPIC_PREFIX", settings.topic_prefix),
+                            ("APP_ID", settings.app_id)):
+            if not _TOPIC_CHARS.fullmatch(value):
+                raise ConfigError(
+                    f"DRIFTWARDEN_{name} may hold only ASCII letters, digits, '.', '_' and '-' "
+                    f"(it is part of Kafka topic names), got {value!r}")
+        if len(settings.topic(settings.app_id) + _LONGEST_SUFFIX) > _TOPIC_MAX:
+            raise ConfigError(
+                f"DRIFTWARDEN_TOPIC_PREFIX and DRIFTWARDEN_APP_ID may be "
+                f"{_TOPIC_MAX - len(_LONGEST_SUFFIX)} characters together (Kafka topic names "
+                f"end at {_TOPIC_MAX}), got {len(settings.topic(settings.app_id))}")
         settings._check_tls()
         if settings.security_protocol.startswith("SASL") and not (
             settings.sasl_username and settings.sasl_password

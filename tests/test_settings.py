@@ -31,6 +31,15 @@ BAD = [
      "DRIFTWARDEN_METRICS_PORT must be between 1 and 65535, got 0"),
     ({"DRIFTWARDEN_APP_ID": ""}, "DRIFTWARDEN_APP_ID must not be empty, got ''"),
     ({"DRIFTWARDEN_METRICS_HOST": " "}, "DRIFTWARDEN_METRICS_HOST must not be empty, got ' '"),
+    ({"DRIFTWARDEN_TOPIC_PREFIX": "team a/"},
+     "DRIFTWARDEN_TOPIC_PREFIX may hold only ASCII letters, digits, '.', '_' and '-' (it is "
+     "part of Kafka topic names), got 'team a/'"),
+    ({"DRIFTWARDEN_APP_ID": "dw:prod"},
+     "DRIFTWARDEN_APP_ID may hold only ASCII letters, digits, '.', '_' and '-' (it is part of "
+     "Kafka topic names), got 'dw:prod'"),
+    ({"DRIFTWARDEN_TOPIC_PREFIX": "t.", "DRIFTWARDEN_APP_ID": "x" * 220},
+     "DRIFTWARDEN_TOPIC_PREFIX and DRIFTWARDEN_APP_ID may be 221 characters together (Kafka "
+     "topic names end at 249), got 222"),
     ({"DRIFTWARDEN_LABEL_TTL_SECONDS": "inf"},
      "DRIFTWARDEN_LABEL_TTL_SECONDS must be a positive finite number, got 'inf'"),
     ({"DRIFTWARDEN_SESSION_TIMEOUT_SECONDS": "0"},
@@ -67,6 +76,10 @@ def test_good_values_pass() -> None:
     assert settings.bootstrap_servers == "k1:9092,[::1]:9093,k-3.example:9092"
     assert settings.servers == [("k1", 9092), ("::1", 9093), ("k-3.example", 9092)]
     assert settings.store == "rocksdb://" and settings.session_timeout_seconds == 0.5
+    # The longest prefix and app id Kafka's 249-character topic names allow.
+    longest = Settings.from_env({"DRIFTWARDEN_TOPIC_PREFIX": "t-1.",
+                                 "DRIFTWARDEN_APP_ID": "dw_" + "x" * 214})
+    assert len(longest.group + "-monitor-__assignor-__leader") == 249
 
 
 def _pem(tmp_path: Path) -> tuple[Path, Path]:
