@@ -8,13 +8,16 @@ co-partitioned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    for_code,
+)
 
 from models.errors import ConfigError
 from streams.settings import Settings
@@ -102,8 +105,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
             if name not in present
         ]
         if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
-                await admin.create_topics(missing)
+            _raise_refusal(settings, await admin.create_topics(missing))
         # Producing before every partition has a leader only earns retries and warnings;
         # the topics may also have just been created by another process.
         descs = await _wait_for_leaders(admin, list(wanted), timeout)
@@ -120,6 +122,38 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         return counts[names.predictions]
     finally:
         await admin.close()
+
+
+#: The variable behind a topic creation the broker refuses with this error code.
+_CAUSES = {
+    17: "DRIFTWARDEN_TOPIC_PREFIX",  # INVALID_TOPIC_EXCEPTION
+    37: "DRIFTWARDEN_PARTITIONS",  # INVALID_PARTITIONS
+    38: "DRIFTWARDEN_REPLICATION_FACTOR",  # INVALID_REPLICATION_FACTOR
+    29: "DRIFTWARDEN_SASL_USERNAME",  # TOPIC_AUTHORIZATION_FAILED
+    31: "DRIFTWARDEN_SASL_USERNAME",  # CLUSTER_AUTHORIZATION_FAILED
+}
+
+
+def _raise_refusal(settings: Settings, response: Any) -> None:
+    """Raise a ConfigError for the first topic the broker refused to create.
+
+    aiokafka's ``create_topics`` returns the broker's per-topic errors rather than raising
+    them; unread, a refusal (a replication factor above the broker count, a denied ACL)
+    showed 30 s later as topics without partition leaders, naming no cause.
+    """
+    for name, code, *message in response.topic_errors:
+        if code in (0, 36):  # created; TOPIC_ALREADY_EXISTS: another worker won the race
+            continue
+        cause = _CAUSES.get(code)
+        values = {"DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
+                  "DRIFTWARDEN_PARTITIONS": settings.partitions,
+                  "DRIFTWARDEN_REPLICATION_FACTOR": settings.replication_factor,
+                  "DRIFTWARDEN_SASL_USERNAME": settings.sasl_username}
+        hint = f"; check {cause}={values[cause]!r}" if cause else ""
+        detail = message[0] if message and message[0] else ""
+        raise ConfigError(f"the broker at DRIFTWARDEN_BROKER={settings.broker!r} refused to "
+                          f"create topic {name!r}: {for_code(code).__name__}"
+                          f"{': ' + detail if detail else ''}{hint}")
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:

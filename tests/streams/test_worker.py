@@ -71,6 +71,22 @@ def test_worker_refuses_to_start_when_join_topics_differ(kafka_broker, prefix):
             in done.stderr)
 
 
+def test_a_topic_the_broker_refuses_to_create_stops_the_worker_naming_the_variable(
+        kafka_broker, prefix):
+    # One broker cannot hold three replicas: the broker refuses, and says why.
+    env = {"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}", "DRIFTWARDEN_TOPIC_PREFIX": prefix,
+           "DRIFTWARDEN_REPLICATION_FACTOR": "3", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (f"driftwarden: the broker at DRIFTWARDEN_BROKER='kafka://{kafka_broker}' refused "
+            f"to create topic '{prefix}predictions': InvalidReplicationFactorError: "
+            in done.stderr), done.stderr[-2000:]
+    assert "only 1 broker(s) are registered" in done.stderr
+    assert done.stderr.rstrip().endswith("; check DRIFTWARDEN_REPLICATION_FACTOR=3")
+    assert "Traceback" not in done.stderr
+
+
 def test_worker_names_the_bad_variable(kafka_broker):
     env = {"DRIFTWARDEN_METRICS_PORT": "nine", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
