@@ -55,12 +55,16 @@ def main(argv: list[str] | None = None) -> None:
 def _worker(argv: list[str]) -> None:
     from streams.agents import Pipeline
     from streams.app import create_app
-    from streams.metrics import Snapshot, serve
+    from streams.metrics import Snapshot, serve, worker_info
     from streams.tables import declare_tables
 
     settings = Settings.from_env()
     settings.policies()  # a bad policy file stops the worker before Kafka is touched
-    if argv[:1] == ["worker"] and not {"-h", "--help"} & set(argv):
+    snapshot = Snapshot(max_models=settings.max_models)
+    worker = argv[:1] == ["worker"] and not {"-h", "--help"} & set(argv)
+    if worker:
+        # A busy port or a bad host stops the worker before Kafka is touched, too.
+        serve(snapshot, settings.metrics_host, settings.metrics_port)
         # Fail before Faust starts: missing broker, or predictions/labels not co-partitioned,
         # or workers of the other layout (DRIFTWARDEN_ROLE) running on the same topics.
         partitions = asyncio.run(ensure_topics(settings))
@@ -68,10 +72,9 @@ def _worker(argv: list[str]) -> None:
     else:
         partitions = settings.partitions
     app = create_app(settings, partitions)
-    snapshot = Snapshot(max_models=settings.max_models)
     Pipeline(app, settings, declare_tables(app, partitions, settings), snapshot).register()
-    if argv[:1] == ["worker"]:
-        serve(snapshot, settings.metrics_host, settings.metrics_port, info={
+    if worker:
+        worker_info({
             "app_id": settings.app_id, "role": settings.role,
             "topic_prefix": settings.topic_prefix,
             "driftwarden": _version("driftwarden"), "faust": _version("faust-streaming"),

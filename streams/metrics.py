@@ -25,7 +25,8 @@ from models.errors import ConfigError
 from models.join import split_count_key
 from models.monitor import DELAY_BUCKETS, ModelState
 
-__all__ = ["EVENTS_CONSUMED", "EVENTS_RECEIVED", "REPLAYS_SKIPPED", "Snapshot", "serve"]
+__all__ = ["EVENTS_CONSUMED", "EVENTS_RECEIVED", "REPLAYS_SKIPPED", "Snapshot", "serve",
+           "worker_info"]
 
 EVENTS_CONSUMED = Counter(
     "driftwarden_events_consumed",
@@ -296,10 +297,13 @@ class _Collector(Collector):
         yield untracked
 
 
-def serve(snapshot: Snapshot, host: str, port: int, info: dict[str, str] | None = None) -> None:
+def worker_info(info: dict[str, str]) -> None:
+    """Export ``driftwarden_worker_info``: this process's versions and configuration."""
+    Info("driftwarden_worker", "This worker process: versions and configuration.").info(info)
+
+
+def serve(snapshot: Snapshot, host: str, port: int) -> None:
     """Register the collector and start the HTTP endpoint (a daemon thread)."""
-    if info:
-        Info("driftwarden_worker", "This worker process: versions and configuration.").info(info)
     try:
         start_http_server(port, addr=host)
     except OSError as exc:

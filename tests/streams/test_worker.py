@@ -87,6 +87,34 @@ def test_a_topic_the_broker_refuses_to_create_stops_the_worker_naming_the_variab
     assert "Traceback" not in done.stderr
 
 
+def test_a_busy_metrics_port_stops_the_worker_before_kafka_is_touched(kafka_broker, prefix):
+    import socket
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def topics() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker)
+        await admin.start()
+        try:
+            return [t for t in await admin.list_topics() if t.startswith(prefix)]
+        finally:
+            await admin.close()
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"DRIFTWARDEN_BROKER": f"kafka://{kafka_broker}",
+               "DRIFTWARDEN_TOPIC_PREFIX": prefix, "DRIFTWARDEN_METRICS_PORT": str(port),
+               "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == ("driftwarden: cannot serve metrics on DRIFTWARDEN_METRICS_HOST:"
+                           f"DRIFTWARDEN_METRICS_PORT=127.0.0.1:{port}: Address already in use\n")
+    assert run(topics()) == []  # no topic created, no group joined
+
+
 def test_worker_names_the_bad_variable(kafka_broker):
     env = {"DRIFTWARDEN_METRICS_PORT": "nine", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
