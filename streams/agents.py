@@ -602,9 +602,14 @@ class Pipeline:
         self.snapshot.invalid_references.discard(rec.key)
         if held is not None:
             held.pop(rec.key, None)
-        if rec.value is None:  # a tombstone withdraws a profile
-            model, _, version = (rec.key or b"").decode(errors="replace").partition(":")
-            self.references.get(model, {}).pop(version, None)
+        if rec.value is None:  # a tombstone withdraws the profile of its model:version key
+            key = (rec.key or b"").decode(errors="replace")
+            # Matched whole, not split: a model or version may itself hold a ':'.
+            for versions in self.references.values():
+                for version, (_, profile) in list(versions.items()):
+                    if profile.key == key:
+                        del versions[version]
+                        log.info("reference profile for %s withdrawn", key)
             return
         try:
             profile = ReferenceProfile.from_json(rec.value)

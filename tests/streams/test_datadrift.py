@@ -154,3 +154,31 @@ def test_unreadable_profiles_are_counted_while_latest_and_dead_lettered_once_eac
         (b"third:1", b"nope", b"invalid_reference")]
     # The restarted worker found the profile the first one received.
     assert "reference profile for fraud:1 (200 rows) received" in again.log_text()
+
+
+def test_a_tombstone_withdraws_the_profile_of_a_model_whose_name_holds_a_colon(
+        start_worker, kafka_broker, prefix):
+    # references is keyed model:version; "ns:fraud" version "1" is "ns:fraud:1", which
+    # splits at its first ':' into another model ("ns") and version ("fraud:1").
+    worker = start_worker()
+    refs = prefix + "references"
+    frame = pd.DataFrame({"x": [float(i) for i in range(200)],
+                          "prediction": [i % 2 for i in range(200)]})
+    profile = build_profile(frame, "ns:fraud", "1", prediction="prediction")
+    run(produce(kafka_broker, [(refs, b"ns:fraud:1", profile.to_json())]))
+    wait_until(lambda: "reference profile for ns:fraud:1 (200 rows) received"
+               in worker.log_text(), 60, "the worker to receive the profile")
+    run(produce(kafka_broker, [(refs, b"ns:fraud:1", None)]))
+    wait_until(lambda: "reference profile for ns:fraud:1 withdrawn" in worker.log_text(), 60,
+               "the worker to withdraw the profile")
+
+    # The model's first prediction finds no published profile: it builds its own.
+    event = {"id": "p-1", "model": "ns:fraud", "version": "1", "features": {"x": 1.0},
+             "prediction": 1}
+    run(produce(kafka_broker, [(prefix + "predictions", b"p-1", orjson.dumps(event))]))
+    mv = {"model": "ns:fraud", "version": "1"}
+    wait_until(lambda: worker.value("driftwarden_predictions_total", **mv) == 1, 60,
+               "the prediction to be counted")
+    wait_until(lambda: worker.by_label("driftwarden_reference_info", "source"), 30,
+               "the version's reference to be exported")
+    assert worker.by_label("driftwarden_reference_info", "source") == {"building": 1.0}
