@@ -313,6 +313,14 @@ def all_committed(broker: str, prefix: str, timeout: float = 60.0) -> None:
 
 async def group_lag(broker: str, group: str, topics: list[str]) -> int:
     """Messages of ``topics`` the consumer ``group`` has not committed yet."""
+    committed, ends = await group_offsets(broker, group, topics)
+    return sum(end - committed[tp] for tp, end in ends.items())
+
+
+async def group_offsets(broker: str, group: str, topics: list[str]
+                        ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """(committed, end) offset of each partition of ``topics`` for the consumer ``group``
+    (0 committed where it has committed nothing)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=broker)
     consumer = AIOKafkaConsumer(bootstrap_servers=broker)
     await admin.start()
@@ -324,8 +332,8 @@ async def group_lag(broker: str, group: str, topics: list[str]) -> int:
         if not tps:
             raise AssertionError(f"no partitions for {topics}")
         ends = await consumer.end_offsets(tps)
-        return sum(end - max(0, committed[tp].offset if tp in committed else 0)
-                   for tp, end in ends.items())
+        return ({tp: max(0, committed[tp].offset if tp in committed else 0) for tp in tps},
+                ends)
     finally:
         await consumer.stop()
         await admin.close()
