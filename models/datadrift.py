@@ -56,7 +56,13 @@ import numpy as np
 from scipy.spatial.distance import jensenshannon
 
 from models.columns import Categories, Column, FeatureColumns, column_values, transpose
-from models.reference import FeatureProfile, ProfileBuilder, ReferenceProfile
+from models.reference import (
+    MAX_BINS,
+    MAX_TOP_K,
+    FeatureProfile,
+    ProfileBuilder,
+    ReferenceProfile,
+)
 
 __all__ = [
     "STATISTICS",
@@ -154,8 +160,13 @@ class DriftConfig:
                      "min_labels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer")
-        if self.bins < 2:
-            raise ValueError("bins must be at least 2")
+        if not 2 <= self.bins <= MAX_BINS:
+            raise ValueError(f"bins must be from 2 to {MAX_BINS}")
+        if self.top_k > MAX_TOP_K:
+            raise ValueError(f"top_k must be at most {MAX_TOP_K}")
+        for name, most in (("reference_size", 1_000_000), ("max_features", 10_000)):
+            if getattr(self, name) > most:  # buffered, or a window of counts each
+                raise ValueError(f"{name} must be at most {most:,}")
         if self.statistic not in ("psi", "js", "ks"):
             raise ValueError("statistic must be one of psi, js, ks")
         for name in ("threshold", "window_seconds"):

@@ -34,6 +34,9 @@ from models.performance import DETECTORS, DriftSignal
 
 __all__ = ["PolicyBook", "PolicyConfig", "RetrainingPolicy"]
 
+#: Most outcomes in the rolling window (kept per model version, in memory).
+MAX_WINDOW = 1_000_000
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -111,6 +114,9 @@ class PolicyConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"policy '{name}' must be a positive integer, "
                                   f"got {getattr(self, name)!r}")
+        if self.window > MAX_WINDOW:  # a byte per outcome of it, per model version
+            raise ConfigError(f"policy 'window' must be at most {MAX_WINDOW:,}, "
+                              f"got {self.window!r}")
         try:
             self.drift_config()
         except ValueError as exc:  # DriftConfig names its field first: name the policy key

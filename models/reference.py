@@ -60,15 +60,23 @@ from models.events import class_key
 
 __all__ = [
     "FORMAT",
+    "MAX_BINS",
+    "MAX_TOP_K",
     "FeatureProfile",
     "ProfileBuilder",
     "ReferenceProfile",
     "build_profile",
+    "check_shape",
     "read_frame",
 ]
 
 #: Version of the JSON form written by :meth:`ReferenceProfile.to_json`.
 FORMAT = 1
+
+#: Most bins per numeric feature and categories kept per categorical one: a profile's
+#: size, and every window's counts, grow with them (a typo of 1e6 made a 27 MB profile).
+MAX_BINS = 1000
+MAX_TOP_K = 1000
 
 _KINDS = ("numeric", "categorical")
 _TASKS = ("classification", "regression")
@@ -456,7 +464,12 @@ def _numeric_profile(series: pd.Series, bins: int) -> FeatureProfile:
     present = values[~np.isnan(values)]
     finite = present[np.isfinite(present)]  # +-inf fall in the end bins, not into edges
     if finite.size:
-        edges = np.unique(np.quantile(finite, np.arange(1, bins) / bins))
+        quantiles = np.arange(1, bins) / bins
+        with np.errstate(over="ignore", invalid="ignore"):
+            edges = np.quantile(finite, quantiles)
+        if not np.isfinite(edges).all():  # interpolating across +-1e308 overflows: take values
+            edges = np.quantile(finite, quantiles, method="inverted_cdf")
+        edges = np.unique(edges)
     else:
         edges = np.empty(0, dtype=np.float64)
     counts = np.bincount(np.searchsorted(edges, present, side="right"), minlength=edges.size + 1)
@@ -495,6 +508,21 @@ def _baseline(pred: pd.Series, label: pd.Series, task: str) -> dict[str, float]:
         return {}
     error = p[both] - y[both]
     return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error**2)))}
+
+
+def check_shape(bins: int, top_k: int) -> None:
+    """Raise ConfigError unless ``bins`` (2 to MAX_BINS) and ``top_k`` (1 to MAX_TOP_K) are
+    integers a profile can be built with.
+
+    >>> check_shape(10, 20)
+    >>> check_shape(10, 5000)
+    Traceback (most recent call last):
+    models.errors.ConfigError: top_k must be an integer from 1 to 1000, got 5000
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+        raise ConfigError(f"bins must be an integer from 2 to {MAX_BINS}, got {bins!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise ConfigError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
 
 
 def build_profile(
@@ -553,10 +581,7 @@ def build_profile(
         raise ConfigError(f"task must be one of {list(_TASKS)}, got {task!r}")
     if source not in _SOURCES:
         raise ConfigError(f"source must be one of {list(_SOURCES)}, got {source!r}")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ConfigError(f"bins must be an integer of at least 2, got {bins!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    check_shape(bins, top_k)
     if len(frame) == 0:
         raise ConfigError("reference frame has no rows")
     if features is None:
@@ -677,10 +702,7 @@ class ProfileBuilder:
             raise ConfigError(f"size must be a positive integer, got {size!r}")
         if task not in _TASKS:
             raise ConfigError(f"task must be one of {list(_TASKS)}, got {task!r}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ConfigError(f"bins must be an integer of at least 2, got {bins!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+        check_shape(bins, top_k)
         if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1:
             raise ConfigError(f"max_features must be a positive integer, got {max_features!r}")
         self.model = model

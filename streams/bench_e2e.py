@@ -44,6 +44,7 @@ import asyncio
 import bisect
 import gc
 import itertools
+import math
 import os
 import socket
 import statistics
@@ -76,9 +77,9 @@ __all__ = ["CpuTimes", "WorkerProcess", "add_arguments", "at_least", "bench", "b
 LABEL_LAG = 500  # a label is published this many predictions after its prediction
 
 
-def at_least(low: float, kind: type = int) -> Any:
-    """An argparse type: a number of ``kind`` of at least ``low`` (a bad one is a usage
-    error naming the option, before anything runs)."""
+def at_least(low: float, kind: type = int, most: float = math.inf) -> Any:
+    """An argparse type: a number of ``kind`` of at least ``low`` (and at most ``most``;
+    a bad one is a usage error naming the option, before anything runs)."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -86,6 +87,8 @@ def at_least(low: float, kind: type = int) -> Any:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if not value >= low:  # NaN fails too
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:g}, got {text}")
         return value
     return parse
 

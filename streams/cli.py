@@ -24,15 +24,22 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka.errors import MessageSizeTooLargeError, UnknownTopicOrPartitionError
 
 from models.errors import ConfigError
+from models.reference import MAX_BINS, MAX_TOP_K
 from models.simulation import Scenario, simulate
 from streams import bench, soak
 from streams.bench_e2e import at_least
 from streams.groups import prepare_group
 from streams.settings import Settings
-from streams.topics import UNREACHABLE, TopicNames, ensure_topics, unreachable
+from streams.topics import (
+    REFERENCE_MAX_BYTES,
+    UNREACHABLE,
+    TopicNames,
+    ensure_topics,
+    unreachable,
+)
 
 __all__ = ["main"]
 
@@ -42,7 +49,10 @@ _OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench", "soak")
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in (*_OWN_COMMANDS, "-h", "--help"):
+        if not argv:  # Faust's help would show its own commands, not driftwarden's
+            _parser().print_help(sys.stderr)
+            sys.exit(2)
+        if argv[0] in (*_OWN_COMMANDS, "-h", "--help"):
             parser = _parser()
             args = parser.parse_args(argv)
             sys.exit(args.func(args) or 0)
@@ -171,10 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--prediction", help="column holding the model's prediction")
     build.add_argument("--label", help="column holding the true label")
     build.add_argument("--task", choices=("classification", "regression"),
-                       default="classification")
+                       default="classification", help="what the model does")
     build.add_argument("--features", help="comma-separated feature columns (default: all)")
-    build.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature")
-    build.add_argument("--top-k", type=int, default=20, help="categories kept per feature")
+    build.add_argument("--bins", type=at_least(2, most=MAX_BINS), default=10,
+                       help=f"quantile bins per numeric feature (2-{MAX_BINS})")
+    build.add_argument("--top-k", type=at_least(1, most=MAX_TOP_K), default=20,
+                       help=f"categories kept per feature (1-{MAX_TOP_K})")
     build.add_argument("--output", help="also write the profile JSON to this file")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=lambda a: asyncio.run(_reference_build(a)))
@@ -259,7 +271,7 @@ async def _simulate(a: argparse.Namespace) -> None:
 async def _reference_build(a: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from models.reference import build_profile, read_frame
+    from models.reference import ReferenceProfile, build_profile, read_frame
 
     settings = Settings.from_env()
     with tqdm(total=3, desc="reference", unit="step", disable=a.quiet, file=sys.stderr) as bar:
@@ -273,6 +285,16 @@ async def _reference_build(a: argparse.Namespace) -> None:
                                 features=features)
         bar.update()
         raw = profile.to_json()
+        if len(raw) > REFERENCE_MAX_BYTES:
+            raise ConfigError(
+                f"the profile of {a.data} is {len(raw):,} bytes, over the "
+                f"{REFERENCE_MAX_BYTES:,} a message on the references topic may be: profile "
+                "fewer features (--features) or keep fewer categories (--top-k)")
+        try:  # what the worker will make of it, before anyone else sees it
+            ReferenceProfile.from_json(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"the profile of {a.data} would be refused by the worker: "
+                              f"{exc}") from None
         if a.output:
             try:
                 with open(a.output, "wb") as out:
@@ -283,11 +305,16 @@ async def _reference_build(a: argparse.Namespace) -> None:
         await ensure_topics(settings)
         topic = TopicNames.from_settings(settings).references
         producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                    max_request_size=4 * 1024 * 1024,
+                                    max_request_size=REFERENCE_MAX_BYTES,
                                     **settings.aiokafka_security())
         await producer.start()
         try:
             await producer.send_and_wait(topic, raw, key=profile.key.encode())
+        except MessageSizeTooLargeError:  # a topic made before it allowed REFERENCE_MAX_BYTES
+            raise ConfigError(
+                f"topic {topic!r} refuses the profile's {len(raw):,} bytes; allow it with "
+                f"kafka-configs.sh --alter --entity-type topics --entity-name {topic} "
+                f"--add-config max.message.bytes={REFERENCE_MAX_BYTES}") from None
         finally:
             await producer.stop()
         bar.update()

@@ -217,9 +217,13 @@ class Settings:
         if self.policy_file is None:
             return PolicyBook()
         try:
-            text = self.policy_file.read_text()
+            text = self.policy_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"DRIFTWARDEN_POLICY_FILE cannot be read: {exc}") from None
+        except UnicodeDecodeError as exc:  # TOML is UTF-8
+            raise ConfigError(f"DRIFTWARDEN_POLICY_FILE ({self.policy_file}) is not UTF-8: "
+                              f"byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}"
+                              ) from None
         return PolicyBook.from_toml(text, source=f"DRIFTWARDEN_POLICY_FILE ({self.policy_file})")
 
     def aiokafka_security(self) -> dict[str, Any]:

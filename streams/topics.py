@@ -22,7 +22,8 @@ from aiokafka.errors import (
 from models.errors import ConfigError
 from streams.settings import Settings
 
-__all__ = ["UNREACHABLE", "TopicNames", "ensure_topics", "unreachable"]
+__all__ = ["REFERENCE_MAX_BYTES", "UNREACHABLE", "TopicNames", "ensure_topics",
+           "unreachable"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class TopicNames:
             model_records=t(f"{settings.app_id}-model-records"),
         )
 
+
+#: Largest message the references topic takes (a profile of many categorical features
+#: passes Kafka's default 1 MiB); the worker creates it with this ``max.message.bytes``.
+REFERENCE_MAX_BYTES = 4 * 1024 * 1024
 
 #: What a client's start raises when no bootstrap server answers.
 UNREACHABLE = (TimeoutError, KafkaConnectionError, OSError)
@@ -96,7 +101,8 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
             # sends zstd by default; this keeps the topic so under any
             # DRIFTWARDEN_COMPRESSION (the broker then recompresses).
             names.model_records: {"compression.type": "zstd"},
-            names.references: {"cleanup.policy": "compact"},
+            names.references: {"cleanup.policy": "compact",
+                               "max.message.bytes": str(REFERENCE_MAX_BYTES)},
         }
         present = set(await admin.list_topics())
         missing = [

@@ -126,3 +126,14 @@ def test_a_bad_policy_file_stops_the_worker_before_kafka_is_touched(tmp_path: Pa
     assert done.returncode == 2, done.stderr[-2000:]
     assert "DRIFTWARDEN_POLICY_FILE cannot be read: " in done.stderr
     assert "missing.toml" in done.stderr
+
+
+def test_a_policy_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_bytes(b"[default]\nwindow = 5  # caf\xe9\n")  # Latin-1, not TOML's UTF-8
+    env = {"DRIFTWARDEN_BROKER": "kafka://127.0.0.1:1", "PATH": "/usr/bin:/bin",
+           "DRIFTWARDEN_POLICY_FILE": str(policy)}
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (
+        2, f"driftwarden: DRIFTWARDEN_POLICY_FILE ({policy}) is not UTF-8: byte 27 is b'\\xe9'\n")

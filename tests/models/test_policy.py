@@ -177,6 +177,7 @@ def test_policy_config_defaults() -> None:
     ({"detector": "KSWIN"}, "'detector'"),
     ({"window": 0}, "'window'"),
     ({"window": 2.5}, "'window'"),
+    ({"window": 10**20}, "'window'"),  # a byte each, per version: refused at start-up
     ({"min_outcomes": -1}, "'min_outcomes'"),
     ({"cooldown_seconds": -1}, "'cooldown_seconds'"),
     ({"accuracy_drop": 1.0}, "'accuracy_drop'"),
@@ -191,6 +192,22 @@ def test_bad_policy_values_raise_config_error_naming_the_key_and_value(
     message = str(raised.value)
     assert message.startswith(f"policy {key} must ")
     assert message.endswith(f"got {next(iter(kwargs.values()))!r}")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"window": 1_000_001}, "policy 'window' must be at most 1,000,000, got 1000001"),
+    ({"drift_bins": 10**20}, "policy 'drift_bins' must be from 2 to 1000"),
+    ({"drift_top_k": 1001}, "policy 'drift_top_k' must be at most 1000"),
+    ({"reference_size": 10**7}, "policy 'reference_size' must be at most 1,000,000"),
+    ({"drift_max_features": 10_001}, "policy 'drift_max_features' must be at most 10,000"),
+])
+def test_sizes_that_would_exhaust_memory_are_refused_at_start_up(
+        kwargs: dict[str, Any], message: str) -> None:
+    # Each allocates per model version (a byte per outcome of the window, buffered
+    # predictions, counts per bin): 10**20 raised OverflowError at the first event.
+    with pytest.raises(ConfigError) as raised:
+        PolicyConfig(**kwargs)
+    assert str(raised.value) == message
 
 
 # -- PolicyBook.from_toml -----------------------------------------------------------------

@@ -94,6 +94,16 @@ def test_infinite_values_fall_in_the_end_bins_and_do_not_become_edges() -> None:
     assert profile.counts == (2, 3)
 
 
+def test_values_near_the_float_limits_get_finite_edges_a_worker_accepts() -> None:
+    # Linear interpolation between -1e308 and 1e308 overflows to inf and nan (and, under
+    # filterwarnings = error, raises); the edges are then the values themselves.
+    profile = profile_of([-1e308, 1e308, -1e308, 1e308, 0.0], bins=4)
+    assert profile.edges == (-1e308, 0.0, 1e308)
+    assert profile.counts == (0, 2, 1, 2)
+    whole = ReferenceProfile("m", "1", "data", 5, {"x": profile})
+    assert ReferenceProfile.from_json(whole.to_json()) == whole
+
+
 def test_non_numeric_values_of_a_regression_column_count_as_missing() -> None:
     frame = pd.DataFrame({"p": pd.Series([1.5, "x", True, None, 2], dtype=object)})
     profile = build_profile(frame, "m", "1", prediction="p", task="regression", bins=2)
@@ -530,7 +540,9 @@ def test_builder_survives_the_state_codec_midway() -> None:
     ({"size": 0}, "size"),
     ({"task": "ranking"}, "task"),
     ({"bins": 1}, "bins"),
+    ({"bins": 1001}, "bins must be an integer from 2 to 1000, got 1001"),
     ({"top_k": 0}, "top_k"),
+    ({"top_k": 1001}, "top_k must be an integer from 1 to 1000, got 1001"),
     ({"max_features": 0}, "max_features"),
 ])
 def test_builder_parameters_are_checked(kwargs: dict[str, Any], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,38 @@ def test_reference_output_that_cannot_be_written_is_named(tmp_path) -> None:
             2, f"driftwarden: --output {output}: {why}")
 
 
+def test_a_reference_profile_too_large_or_too_finely_binned_is_refused_before_kafka(
+        tmp_path) -> None:
+    # 12 columns of 1,000 distinct 400-character strings, all kept (--top-k 1000): a 4.9 MB
+    # profile, over what the references topic takes. Nothing is published (no broker
+    # listens on port 1: an error about it would mean Kafka came first).
+    data = tmp_path / "wide.csv"
+    columns = [f"c{j}" for j in range(12)]
+    rows = [",".join(f"{j}{i:04d}" + "v" * 395 for j in range(12)) for i in range(1000)]
+    data.write_text(",".join(columns) + "\n" + "\n".join(rows) + "\n")
+    output = tmp_path / "p.json"
+    done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                    "--top-k", "1000", "--output", str(output), "--quiet",
+                    DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.fullmatch(
+        rf"driftwarden: the profile of {re.escape(str(data))} is [0-9,]+ bytes, over the "
+        r"4,194,304 a message on the references topic may be: profile fewer features "
+        r"\(--features\) or keep fewer categories \(--top-k\)\n", done.stderr), done.stderr
+    assert not output.exists()
+
+    done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                    "--bins", "1001", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert done.returncode == 2
+    assert "argument --bins: must be at most 1000, got 1001" in done.stderr
+
+
 def test_help_lists_the_commands_and_every_options_default() -> None:
+    # With no command at all: driftwarden's commands, not Faust's, and a usage error.
+    done = _streams()
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: python -m streams [-h] COMMAND ...")
+    assert "reference" in done.stderr and "python -m streams worker" in done.stderr
     done = _streams("--help")
     assert done.returncode == 0
     for command in ("simulate", "tail", "reference", "bench", "soak", "demo", "worker"):

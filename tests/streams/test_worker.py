@@ -353,8 +353,7 @@ def test_a_topic_first_written_after_start_up_strands_no_batch_of_another(kafka_
     assert run(scenario()) == [0, 0]
 
 
-def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka_broker,
-                                                                          prefix, tmp_path):
+def test_each_topic_is_created_with_its_storage_settings(kafka_broker, prefix, tmp_path):
     # One model's records share a partition and carry every prediction's event: a fetch
     # of them (DRIFTWARDEN_FETCH_BYTES) was the model stage's ceiling until the broker
     # stored them zstd-compressed. Topics the users write keep what their producers chose;
@@ -386,6 +385,21 @@ def test_the_records_topic_is_stored_compressed_and_the_inputs_as_produced(kafka
     assert run(compression()) == {names.model_records: "zstd", names.predictions: "producer",
                                   names.labels: "producer", names.retraining: "uncompressed",
                                   names.dead_letters: "uncompressed"}
+
+    async def references() -> dict[str, str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker)
+        await admin.start()
+        try:
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, names.references)])
+            [(_, _, _, _, entries)] = response.resources
+            configs = dict(e[:2] for e in entries)
+            return {k: configs[k] for k in ("cleanup.policy", "max.message.bytes")}
+        finally:
+            await admin.close()
+
+    # A profile of many categorical features passes Kafka's default 1 MiB.
+    assert run(references()) == {"cleanup.policy": "compact", "max.message.bytes": "4194304"}
 
 
 def test_new_topics_are_served_when_ensure_topics_returns(kafka_broker, prefix, tmp_path):
