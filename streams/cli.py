@@ -280,6 +280,14 @@ async def _reference_build(a: argparse.Namespace) -> None:
         bar.update()
         bar.set_postfix_str(f"profiling {len(frame):,} rows")
         features = a.features.split(",") if a.features else None
+        named = [("--prediction", a.prediction), ("--label", a.label),
+                 *(("--features", f) for f in features or [])]
+        for option, column in named:
+            if column is not None and column not in frame.columns:
+                shown = ", ".join(map(repr, list(frame.columns)[:20]))
+                more = "" if len(frame.columns) <= 20 else f" and {len(frame.columns) - 20} more"
+                raise ConfigError(f"{option} {column!r} is not a column of {a.data} "
+                                  f"(its columns: {shown}{more})")
         profile = build_profile(frame, a.model, a.version, prediction=a.prediction,
                                 label=a.label, task=a.task, bins=a.bins, top_k=a.top_k,
                                 features=features)

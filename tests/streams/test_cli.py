@@ -67,7 +67,7 @@ def test_reference_output_that_cannot_be_written_is_named(tmp_path) -> None:
             2, f"driftwarden: --output {output}: {why}")
 
 
-def test_a_reference_profile_too_large_or_too_finely_binned_is_refused_before_kafka(
+def test_reference_build_refuses_what_a_worker_could_not_take_before_kafka(
         tmp_path) -> None:
     # 12 columns of 1,000 distinct 400-character strings, all kept (--top-k 1000): a 4.9 MB
     # profile, over what the references topic takes. Nothing is published (no broker
@@ -91,6 +91,12 @@ def test_a_reference_profile_too_large_or_too_finely_binned_is_refused_before_ka
                     "--bins", "1001", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
     assert done.returncode == 2
     assert "argument --bins: must be at most 1000, got 1001" in done.stderr
+
+    done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                    "--label", "c12", "--quiet", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert (done.returncode, done.stderr) == (
+        2, f"driftwarden: --label 'c12' is not a column of {data} (its columns: 'c0', 'c1', "
+           "'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'c8', 'c9', 'c10', 'c11')\n")
 
 
 def test_help_lists_the_commands_and_every_options_default() -> None:
