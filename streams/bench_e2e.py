@@ -601,23 +601,32 @@ def _stages_timed(records: list[tuple[str, bytes, bytes]], names: TopicNames,
     return join / len(records), model / len(records)
 
 
-def _state_bytes(n: int = 20_000) -> tuple[float, float]:
-    """(stored bytes, Python heap bytes) per pending prediction of the join.
+def _state_bytes(n: int = 20_000, labelled: bool = False) -> tuple[float, float]:
+    """(stored bytes, Python heap bytes) per pending prediction of the join, or with
+    ``labelled`` per matched id (the marker the join keeps for a label TTL after a
+    match, to catch a duplicate).
 
     Drained every 1,000 events as the worker does, so the heap figure is what the join
     keeps between batches: the entry (key and value objects, the table's dict slot) and
-    its expiry-heap item."""
+    its expiry-heap items."""
     names = TopicNames.from_settings(Settings())
-    values = [v for t, _, v in bench_input(names, n + LABEL_LAG) if t == names.predictions][:n]
+    records = bench_input(names, n + LABEL_LAG)
+    if not labelled:
+        records = [r for r in records if r[0] == names.predictions][:n]
     store: dict[str, bytes] = {}
     part = JoinPartition(store, 0, 7 * 86400.0)
+    offsets = {names.predictions: 0, names.labels: 0}
+    topics = {names.predictions: "predictions", names.labels: "labels"}
+    gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    for offset, raw in enumerate(values):
-        part.absorb("predictions", raw, offset, time.time())
-        if offset % 1000 == 999:
+    for i, (topic, key, raw) in enumerate(records):
+        part.absorb(topics[topic], raw, offsets[topic], time.time(), key)
+        offsets[topic] += 1
+        if i % 1000 == 999:
             part.drain()
     part.drain()
+    gc.collect()
     heap = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     entries = [(k, v) for k, v in store.items() if not k.startswith("\x00")]
@@ -722,6 +731,7 @@ def bench(a: argparse.Namespace) -> int:
     p50, p99 = statistics.median(p50s), statistics.median(p99s)
     steady_cpu = {key: statistics.median(c[key] for c in steady_cpus) for key in steady_cpus[0]}
     stored, heap = _state_bytes()
+    matched_stored, matched_heap = _state_bytes(labelled=True)
     stage_runs = [_stages(records, names) for _ in range(a.repeat)]
     join_cost = statistics.median(j for j, _ in stage_runs)
     model_cost = statistics.median(m for _, m in stage_runs)
@@ -774,6 +784,8 @@ def bench(a: argparse.Namespace) -> int:
         ("worker peak RSS", f"{statistics.median(rss) / 2**20:,.0f} MiB"),
         ("join state per pending prediction, stored", f"{stored:,.0f} bytes"),
         ("join state per pending prediction, Python heap", f"{heap:,.0f} bytes"),
+        ("join state per matched id (kept a label TTL), stored", f"{matched_stored:,.0f} bytes"),
+        ("join state per matched id, Python heap", f"{matched_heap:,.0f} bytes"),
         ("detection delay, service (outcomes)", f"{service}"),
         ("detection delay, standalone river ADWIN", f"{standalone}"),
     ]
@@ -796,6 +808,7 @@ def bench(a: argparse.Namespace) -> int:
             "split_ratio_to_ceiling": statistics.median(split_ratios),
             "split_cpu": split_cpu, "split_peak_rss_bytes": split_peak,
             "state_bytes_per_pending": stored, "heap_bytes_per_pending": heap,
+            "state_bytes_per_matched": matched_stored, "heap_bytes_per_matched": matched_heap,
             "detection_delay_outcomes": {"service": service, "standalone": standalone},
             "runs": {"ceiling": ceilings, "faust_floor": floors, "worker": rates,
                      "p50_latency_seconds": p50s, "p99_latency_seconds": p99s,

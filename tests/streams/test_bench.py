@@ -90,6 +90,9 @@ def test_bench_reports_every_field_from_a_complete_run(kafka_broker: str, prefix
             part["main_thread_busy"] / out["split_events_per_second"])
     # Targets of issue 7 that do not depend on the machine's speed.
     assert out["state_bytes_per_pending"] <= 200
+    # A matched id's marker: its key (ids like "bench-1-12345") and ["D", ts, partition].
+    assert 30 <= out["state_bytes_per_matched"] <= 40
+    assert out["heap_bytes_per_matched"] > out["state_bytes_per_matched"]
     delay = out["detection_delay_outcomes"]
     assert delay["standalone"] > 0 and delay["service"] == delay["standalone"]
 
