@@ -56,17 +56,20 @@ def input_offsets(broker: str, prefix: str) -> tuple[dict[Any, int], dict[Any, i
     return run(group_offsets(broker, prefix + "driftwarden", topics))
 
 
-def moved_on(broker: str, prefix: str, at_kill: tuple[dict[Any, int], dict[Any, int]]) -> bool:
-    """Has every input partition that was behind at the last kill committed more since?
+def still(broker: str, prefix: str, at_kill: tuple[dict[Any, int], dict[Any, int]]
+          ) -> list[str]:
+    """The input partitions behind at the last kill that have committed nothing since.
 
-    So a kill never lands before the worker restarted after the one before has recovered
-    its tables and done some work: on a loaded machine a recovery (the whole join
-    changelog of its partitions, 150,000 records) outlasted the 10 s between kills, and
-    kills that kept landing mid-recovery left half the partitions where they were.
+    A kill waits until there are none, so it never lands before the worker restarted after
+    the one before has recovered its tables and done some work: on a loaded machine a
+    recovery (the whole join changelog of its partitions, 150,000 records) outlasted the
+    10 s between kills, and kills that kept landing mid-recovery left half the partitions
+    where they were.
     """
     committed, _ = input_offsets(broker, prefix)
     was, ends = at_kill
-    return all(committed[tp] > was[tp] for tp in was if was[tp] < ends[tp])
+    return [f"{tp.topic}[{tp.partition}] at {was[tp]} of {ends[tp]}"
+            for tp in sorted(was) if was[tp] < ends[tp] and committed[tp] <= was[tp]]
 
 
 def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
@@ -95,9 +98,10 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
             f"input not consumed after {BUDGET:.0f}s and {kills} kills")
         next_kill = time.monotonic() + 10.0 + rng.uniform(-3.0, 3.0)
         while not done() and (time.monotonic() < next_kill
-                              or not moved_on(kafka_broker, prefix, at_kill)):
+                              or still(kafka_broker, prefix, at_kill)):
             assert time.monotonic() < deadline, (
-                f"input not consumed after {BUDGET:.0f}s and {kills} kills")
+                f"input not consumed after {BUDGET:.0f}s and {kills} kills; committed "
+                f"nothing since the last kill: {still(kafka_broker, prefix, at_kill)}")
             time.sleep(0.5)
         if done():
             break
