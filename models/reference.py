@@ -67,6 +67,7 @@ __all__ = [
     "ReferenceProfile",
     "build_profile",
     "check_shape",
+    "numbers_in_categoricals",
     "read_frame",
 ]
 
@@ -623,6 +624,39 @@ def build_profile(
         label=None if true is None else profile(true, regression),
         baseline={} if pred is None or true is None else _baseline(pred, true, task),
     )
+
+
+def numbers_in_categoricals(frame: pd.DataFrame, profile: ReferenceProfile,
+                            least: float = 0.5) -> dict[str, float]:
+    """Features profiled as categorical whose values are mostly numbers written as text
+    (or decimals): feature -> that share of its present values, when at least ``least``.
+
+    A CSV column of numbers with one stray ``"?"`` is read as text, so it is profiled as
+    categories; live events send numbers, which its categories never match.
+
+    >>> frame = pd.DataFrame({"x": ["1.5", "2", "?", "4"], "c": ["a", "b", "a", "1"]})
+    >>> numbers_in_categoricals(frame, build_profile(frame, "m", "1"))
+    {'x': 0.75}
+    """
+    out: dict[str, float] = {}
+    for name, feature in profile.features.items():
+        if feature.kind != "categorical" or name not in frame.columns:
+            continue
+        present = [v for v in frame[name].tolist() if not _is_missing(v)]
+        numbers = sum(1 for v in present if _written_number(v))
+        if present and numbers / len(present) >= least:
+            out[name] = numbers / len(present)
+    return out
+
+
+def _written_number(value: Any) -> bool:
+    """A number in text, or a number type a numeric feature's values are not (Decimal)."""
+    if isinstance(value, bool | np.bool_ | int | float | np.number):
+        return False  # a real number column is numeric already; a bool is a category
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def read_frame(path: str | pathlib.Path) -> pd.DataFrame:

@@ -271,7 +271,12 @@ async def _simulate(a: argparse.Namespace) -> None:
 async def _reference_build(a: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from models.reference import ReferenceProfile, build_profile, read_frame
+    from models.reference import (
+        ReferenceProfile,
+        build_profile,
+        numbers_in_categoricals,
+        read_frame,
+    )
 
     settings = Settings.from_env()
     with tqdm(total=3, desc="reference", unit="step", disable=a.quiet, file=sys.stderr) as bar:
@@ -292,6 +297,11 @@ async def _reference_build(a: argparse.Namespace) -> None:
                                 label=a.label, task=a.task, bins=a.bins, top_k=a.top_k,
                                 features=features)
         bar.update()
+        for name, share in numbers_in_categoricals(frame, profile).items():
+            print(f"driftwarden: warning: feature {name!r} is profiled as categories, but "
+                  f"{share:.0%} of its values are numbers written as text; live events that "
+                  "send numbers will match none of them (clean the column, or leave it out "
+                  "with --features)", file=sys.stderr)
         raw = profile.to_json()
         if len(raw) > REFERENCE_MAX_BYTES:
             raise ConfigError(

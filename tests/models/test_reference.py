@@ -21,6 +21,7 @@ from models.reference import (
     ProfileBuilder,
     ReferenceProfile,
     build_profile,
+    numbers_in_categoricals,
     read_frame,
 )
 
@@ -548,3 +549,20 @@ def test_builder_survives_the_state_codec_midway() -> None:
 def test_builder_parameters_are_checked(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ProfileBuilder("m", "1", **kwargs)
+
+
+def test_numbers_written_as_text_in_a_categorical_feature_are_reported() -> None:
+    from decimal import Decimal
+
+    frame = pd.DataFrame({
+        "amount": [f"{i}.5" for i in range(99)] + ["?"],  # a CSV column with a stray "?"
+        "country": ["DE", "FR", "1", "DE"] * 25,  # a quarter of it looks like a number
+        "flag": [True, False] * 50,
+        "x": np.arange(100.0),
+    })
+    profile = build_profile(frame, "m", "1")
+    assert profile.features["amount"].kind == "categorical"
+    assert numbers_in_categoricals(frame, profile) == {"amount": 0.99}
+    # Parquet decimals arrive as Decimal objects, not floats.
+    decimals = pd.DataFrame({"price": [Decimal("134.50"), Decimal("2.25"), None, Decimal("7")]})
+    assert numbers_in_categoricals(decimals, build_profile(decimals, "m", "1")) == {"price": 1.0}

@@ -99,6 +99,17 @@ def test_reference_build_refuses_what_a_worker_could_not_take_before_kafka(
            "'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'c8', 'c9', 'c10', 'c11')\n")
 
 
+def test_reference_build_warns_of_a_numeric_column_read_as_categories(tmp_path) -> None:
+    data = tmp_path / "train.csv"
+    data.write_text("amount,pred\n" + "".join(f"{i}.5,{i % 2}\n" for i in range(19)) + "?,0\n")
+    done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                    "--prediction", "pred", "--quiet", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert ("driftwarden: warning: feature 'amount' is profiled as categories, but 95% of its "
+            "values are numbers written as text" in done.stderr), done.stderr
+    # Then it goes on, to the broker (none here).
+    assert done.returncode == 2 and "cannot reach Kafka" in done.stderr
+
+
 def test_help_lists_the_commands_and_every_options_default() -> None:
     # With no command at all: driftwarden's commands, not Faust's, and a usage error.
     done = _streams()
