@@ -26,7 +26,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, UnknownTopicOrPartitionError
 
-from models.errors import ConfigError
+from models.errors import ConfigError, InvalidEvent
+from models.events import parse_prediction
 from models.reference import MAX_BINS, MAX_TOP_K
 from models.simulation import Scenario, simulate
 from streams import bench, soak
@@ -158,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="publish a seeded prediction/label stream")
     _scenario_args(sim)
-    sim.add_argument("--throttle", type=float, default=0.0,
+    sim.add_argument("--throttle", type=at_least(0.0, float), default=0.0,
                      help="events per second to publish at (0: as fast as possible)")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(func=lambda a: asyncio.run(_simulate(a)))
@@ -197,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="worker + drifting simulated traffic + retraining events")
     _scenario_args(demo, n=80_000, change_at=50_000)
     # A steady rate, as from live model services; 0 publishes everything at once.
-    demo.add_argument("--throttle", type=float, default=3000.0,
+    demo.add_argument("--throttle", type=at_least(0.0, float), default=3000.0,
                       help="events per second to publish at (0: as fast as possible)")
     demo.set_defaults(func=_demo)
     return parser
@@ -227,7 +228,7 @@ def _scenario(a: argparse.Namespace) -> Scenario:
     if a.max_delay < 0:
         raise ConfigError(f"--max-delay must be at least 0, got {a.max_delay:g}")
     try:
-        return Scenario(
+        scenario = Scenario(
             n=a.n, model=a.model, version=a.version, seed=a.seed, error_before=a.error_before,
             error_after=a.error_after, change_at=a.change_at, unlabelled=a.unlabelled,
             label_delay=(0.0, a.max_delay),
@@ -238,6 +239,21 @@ def _scenario(a: argparse.Namespace) -> Scenario:
                    "unlabelled": "--unlabelled", "n": "--n", "label_delay": "--max-delay"}
         raise ConfigError(re.sub(r"\b(\w+)\b", lambda m: options.get(m[1], m[1]),
                                  str(exc))) from None
+    return _publishable(scenario)
+
+
+def _publishable(scenario: Scenario) -> Scenario:
+    """The scenario, unless the worker would dead-letter its events (checked on its first
+    prediction by the worker's own validator): a ConfigError naming the option."""
+    first = next(ev for ev in simulate(scenario) if ev.topic == "predictions")
+    try:
+        parse_prediction(orjson.dumps(first.value), time.time())
+    except InvalidEvent as exc:
+        option = {"invalid_model": "--model", "invalid_version": "--version",
+                  "ts_out_of_range": "--start-ts"}.get(exc.reason, "the arguments")
+        raise ConfigError(f"{option}: the worker would dead-letter every event: {exc}"
+                          ) from None
+    return scenario
 
 
 async def _simulate(a: argparse.Namespace) -> None:

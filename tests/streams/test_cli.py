@@ -50,7 +50,14 @@ def test_bad_simulation_arguments_are_named_before_kafka_is_touched() -> None:
             (("simulate", "--n", "-5"), "--n must be at least 1, got -5"),
             (("simulate", "--max-delay", "-5"), "--max-delay must be at least 0, got -5"),
             (("demo", "--error-before", "0.9"),
-             "--error-before must be in [0, 0.5] and --error-after in [0, 1], got 0.9 and 0.3")):
+             "--error-before must be in [0, 0.5] and --error-after in [0, 1], got 0.9 and 0.3"),
+            # What the worker would only dead-letter, checked by its own validator.
+            (("simulate", "--model", ""), "--model: the worker would dead-letter every event: "
+             "invalid_model: field 'model' must be a non-empty string"),
+            (("simulate", "--version", ""), "--version: the worker would dead-letter every "
+             "event: invalid_version: field 'version' must be a non-empty string"),
+            (("demo", "--start-ts", "0"), "--start-ts: the worker would dead-letter every "
+             "event: ts_out_of_range: field 'ts' is too far from the Kafka timestamp")):
         done = _streams(*args, DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
         assert (done.returncode, done.stderr.strip()) == (2, f"driftwarden: {message}"), args
 
