@@ -54,7 +54,7 @@ REASONS = frozenset(
         "non_finite",  # NaN, Infinity or a number overflowing a double
         "not_an_object",  # valid JSON but not an object
         "missing_id",
-        "invalid_id",  # not a non-empty string of at most 256 characters
+        "invalid_id",  # not a non-empty string of at most 256 characters, or starts with NUL
         "missing_model",
         "invalid_model",
         "invalid_version",
@@ -190,6 +190,8 @@ def _id(doc: dict[str, Any]) -> str:
     value = doc["id"]
     if not isinstance(value, str) or not 0 < len(value) <= 256:
         raise InvalidEvent("invalid_id", "field 'id' must be a non-empty string of <= 256 chars")
+    if value[0] == "\x00":  # the join's own entries are keyed so (models.join.meta_key)
+        raise InvalidEvent("invalid_id", "field 'id' must not start with a NUL character")
     return value
 
 

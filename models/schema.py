@@ -40,7 +40,8 @@ from models.events import SCORES_SUM_TOLERANCE, Label, Limits, Prediction, class
 
 __all__ = ["label", "prediction"]
 
-_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+# Not starting with NUL: the join keys its own entries so (the validator names it).
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern="^[^\x00]")]
 # Integers as orjson keeps them (msgspec bounds must fit an int64; a larger one that
 # orjson would keep goes to the validator, which is as right, only slower).
 _Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]

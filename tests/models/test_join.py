@@ -122,6 +122,27 @@ def test_duplicate_prediction_first_wins_and_is_dead_lettered() -> None:
                            "dead": {"predictions|duplicate_prediction": 1}}
 
 
+def test_an_id_naming_the_joins_own_entries_is_dead_lettered_and_harms_nothing() -> None:
+    # The join keys its meta and write-ahead entries "\x00meta:N" and "\x00wal:N": an event
+    # with such an id read them as its entry and raised KeyError, stopping the worker on
+    # every restart (the batch was never acknowledged).
+    store: dict[str, bytes] = {}
+    part, feed = new(store)
+    feed("predictions", prediction("a", 100.0))
+    part.drain()  # meta and write-ahead entries now stored
+    assert {meta_key(0), wal_key(0)} <= set(store)
+    for event_id in (meta_key(0), wal_key(0), meta_key(1)):
+        feed("predictions", prediction(event_id, 101.0))
+        feed("labels", label(event_id, 101.0, model="m"))
+    feed("labels", label("a", 110.0))
+    assert [(d.topic, d.reason) for d in part.dead_letters] == [
+        ("predictions", "invalid_id"), ("labels", "invalid_id")] * 3
+    assert [r.item[1:3] for r in outcomes(part)] == [[1.0, 1.0]]
+    part.drain()
+    assert meta_key(1) not in store
+    assert JoinPartition(store, partition=0, ttl=TTL).counts == part.counts
+
+
 def test_duplicate_prediction_after_the_match_is_dead_lettered() -> None:
     part, feed = new()
     feed("predictions", prediction("a", 100.0))
