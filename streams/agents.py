@@ -69,6 +69,10 @@ _PARTITIONER = DefaultPartitioner()
 # A join partition is drained early once it holds this many bytes of input, so that its
 # write-ahead entry stays well inside the changelog's message size limit.
 _FLUSH_BYTES = 1 << 20
+# Most bytes of a dead letter's value and key: with the headers, within Kafka's default
+# message.max.bytes (1,048,588), which the dead-letters topic may well have.
+DEAD_LETTER_MAX_BYTES = 1_000_000
+DEAD_LETTER_MAX_KEY_BYTES = 16_384
 
 
 def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[InputRecord]]]:
@@ -519,8 +523,17 @@ class Pipeline:
             ("dw.origin.offset", str(d.offset).encode()),
             ("dw.reason", d.reason.encode()),
         ]
+        raw, key = d.raw, d.key
+        # A letter Kafka refuses would stop the worker at this event on every restart:
+        # past Kafka's default 1 MiB message size it keeps the start, and says so.
+        if len(raw) > DEAD_LETTER_MAX_BYTES:
+            headers.append(("dw.truncated", str(len(raw)).encode()))
+            raw = raw[:DEAD_LETTER_MAX_BYTES]
+        if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
+            headers.append(("dw.truncated.key", str(len(key)).encode()))
+            key = key[:DEAD_LETTER_MAX_KEY_BYTES]
         return await self.app.producer.send(
-            self.names.dead_letters, d.key, d.raw, None, None, headers)
+            self.names.dead_letters, key, raw, None, None, headers)
 
     async def check_broker(self) -> None:
         """``driftwarden_broker_up``: can a bootstrap server be reached; logged per outage."""
