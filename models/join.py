@@ -96,6 +96,11 @@ PREDICTIONS = "predictions"
 LABELS = "labels"
 _SOURCE_CODE = {PREDICTIONS: "p", LABELS: "l"}
 _NEVER = float("-inf")
+# Labels of one id that may wait for its prediction, and the bytes their entry may reach:
+# a stream of retries must not grow one entry (rewritten each time, and one changelog
+# message) without bound. Further labels are dead-lettered at once as duplicates.
+MAX_WAITING_LABELS = 8
+MAX_WAITING_BYTES = 1 << 20
 
 
 class InputRecord(NamedTuple):
@@ -726,6 +731,11 @@ class JoinPartition:
         if entry[0] == "L" and entry[4] is not None:
             # The first label named a model: keep this one too until the prediction comes.
             later = entry[7] if len(entry) > 7 else []
+            if (len(later) + 1 >= MAX_WAITING_LABELS
+                    or len(existing) + len(raw) > MAX_WAITING_BYTES):
+                raise InvalidEvent("duplicate_label",
+                                   f"label id {lab.id!r} has {len(later) + 1} labels waiting "
+                                   f"for its prediction already")
             entry = [*entry[:7], [*later, [lab.ts, lab.label, lab.model, offset, raw.decode(),
                                            *_kept_key(key, lab.id)]], *entry[8:]]
             self.store[lab.id] = self.changed[lab.id] = _entry_bytes(entry)

@@ -740,6 +740,30 @@ def test_a_label_naming_another_model_does_not_shut_out_the_right_one() -> None:
     assert part.pending() == 0
 
 
+def test_labels_waiting_for_one_prediction_are_bounded_in_number_and_bytes() -> None:
+    # A client retrying a label must not grow one entry without bound: it is rewritten
+    # (and sent to the changelog) with every label, as one message.
+    part, feed = new()
+    for i in range(10):
+        feed("labels", label("a", 101.0 + i, value=1, model="m"))
+    assert [(d.offset, d.reason) for d in part.dead_letters] == [
+        (8, "duplicate_label"), (9, "duplicate_label")]  # at once: 8 wait
+    feed("predictions", prediction("a", 100.0))
+    assert [r.item[1:3] for r in outcomes(part)] == [[1.0, 1.0]]  # the first one won
+    assert [d.offset for d in part.dead_letters] == [8, 9, *range(1, 8)]
+    assert part.counts["dead"] == {"labels|duplicate_label": 9}
+
+    # Two labels of 600 kB (JSON may hold any whitespace): together past 1 MiB.
+    part, feed = new()
+    padded = [label("b", 101.0 + i, model="m").replace(b",", b"," + b" " * 600_000, 1)
+              for i in range(3)]
+    for raw in padded:
+        feed("labels", raw)
+    assert [(d.offset, d.reason) for d in part.dead_letters] == [
+        (1, "duplicate_label"), (2, "duplicate_label")]
+    assert max(len(v) for v in part.changed.values() if v) < 700_000  # one label's entry
+
+
 def test_waiting_labels_all_expire_as_unmatched() -> None:
     part, feed = new()
     feed("labels", label("a", 100.0, value=0, model="other"))
