@@ -40,8 +40,7 @@ from models.events import SCORES_SUM_TOLERANCE, Label, Limits, Prediction, class
 
 __all__ = ["label", "prediction"]
 
-# Not starting with NUL: the join keys its own entries so (the validator names it).
-_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern="^[^\x00]")]
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # Integers as orjson keeps them (msgspec bounds must fit an int64; a larger one that
 # orjson would keep goes to the validator, which is as right, only slower).
 _Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -118,7 +117,7 @@ def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | No
     """The Prediction ``models.events.parse_prediction`` would return, or None to say
     "ask it" (the event is invalid, or uncommon in a way this path leaves to it)."""
     doc = _decode(raw, limits, 0)
-    if doc is None:
+    if doc is None or doc.id[0] == "\x00":  # NUL first: the join's own keys (validator)
         return None
     ts = _ts(doc.ts, default_ts, limits)
     if ts is None or len(doc.features) > limits.max_features:
@@ -142,7 +141,7 @@ def prediction(raw: bytes, default_ts: float, limits: Limits) -> Prediction | No
 def label(raw: bytes, default_ts: float, limits: Limits) -> Label | None:
     """The Label ``models.events.parse_label`` would return, or None to say "ask it"."""
     doc = _decode(raw, limits, 1)
-    if doc is None:
+    if doc is None or doc.id[0] == "\x00":
         return None
     ts = _ts(doc.ts, default_ts, limits)
     if ts is None:
