@@ -248,11 +248,14 @@ class _ConsumerThread(kafka_driver.AIOKafkaConsumerThread):
         consumer = self._ensure_consumer()
         committed = cast(Mapping[TP, int], await consumer.seek_to_committed())
         changelogs = self.app.tables.changelog_topics
+        fresh: list[TP] = []
         for tp, offset in committed.items():
-            if offset == 0 and tp.topic not in changelogs:
+            if tp.topic in changelogs:
+                continue
+            if offset == 0:
                 consumer.seek(tp, 0)
-        fresh = [tp for tp, offset in committed.items()
-                 if offset is None and tp.topic not in changelogs]
+            elif offset is None:
+                fresh.append(tp)
         if fresh:
             if self.app.conf.consumer_auto_offset_reset == "latest":
                 await consumer.seek_to_end(*fresh)

@@ -129,11 +129,12 @@ class Settings:
                 raise ConfigError(
                     f"DRIFTWARDEN_{name} may hold only ASCII letters, digits, '.', '_' and '-' "
                     f"(it is part of Kafka topic names), got {value!r}")
-        if len(settings.topic(settings.app_id) + _LONGEST_SUFFIX) > _TOPIC_MAX:
+        stem = settings.topic(settings.app_id)
+        if len(stem + _LONGEST_SUFFIX) > _TOPIC_MAX:
             raise ConfigError(
                 f"DRIFTWARDEN_TOPIC_PREFIX and DRIFTWARDEN_APP_ID may be "
                 f"{_TOPIC_MAX - len(_LONGEST_SUFFIX)} characters together (Kafka topic names "
-                f"end at {_TOPIC_MAX}), got {len(settings.topic(settings.app_id))}")
+                f"end at {_TOPIC_MAX}), got {len(stem)}")
         settings._check_tls()
         if settings.security_protocol.startswith("SASL") and not (
             settings.sasl_username and settings.sasl_password

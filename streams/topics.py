@@ -13,11 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import (
-    KafkaConnectionError,
-    KafkaTimeoutError,
-    for_code,
-)
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, for_code
 
 from models.errors import ConfigError
 from streams.settings import Settings
@@ -130,13 +126,14 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> int:
         await admin.close()
 
 
-#: The variable behind a topic creation the broker refuses with this error code.
+#: The variable (and its Settings field) behind a topic creation the broker refuses with
+#: this error code.
 _CAUSES = {
-    17: "DRIFTWARDEN_TOPIC_PREFIX",  # INVALID_TOPIC_EXCEPTION
-    37: "DRIFTWARDEN_PARTITIONS",  # INVALID_PARTITIONS
-    38: "DRIFTWARDEN_REPLICATION_FACTOR",  # INVALID_REPLICATION_FACTOR
-    29: "DRIFTWARDEN_SASL_USERNAME",  # TOPIC_AUTHORIZATION_FAILED
-    31: "DRIFTWARDEN_SASL_USERNAME",  # CLUSTER_AUTHORIZATION_FAILED
+    17: ("DRIFTWARDEN_TOPIC_PREFIX", "topic_prefix"),  # INVALID_TOPIC_EXCEPTION
+    37: ("DRIFTWARDEN_PARTITIONS", "partitions"),  # INVALID_PARTITIONS
+    38: ("DRIFTWARDEN_REPLICATION_FACTOR", "replication_factor"),  # INVALID_REPLICATION_FACTOR
+    29: ("DRIFTWARDEN_SASL_USERNAME", "sasl_username"),  # TOPIC_AUTHORIZATION_FAILED
+    31: ("DRIFTWARDEN_SASL_USERNAME", "sasl_username"),  # CLUSTER_AUTHORIZATION_FAILED
 }
 
 
@@ -150,16 +147,11 @@ def _raise_refusal(settings: Settings, response: Any) -> None:
     for name, code, *message in response.topic_errors:
         if code in (0, 36):  # created; TOPIC_ALREADY_EXISTS: another worker won the race
             continue
+        detail = f": {message[0]}" if message and message[0] else ""
         cause = _CAUSES.get(code)
-        values = {"DRIFTWARDEN_TOPIC_PREFIX": settings.topic_prefix,
-                  "DRIFTWARDEN_PARTITIONS": settings.partitions,
-                  "DRIFTWARDEN_REPLICATION_FACTOR": settings.replication_factor,
-                  "DRIFTWARDEN_SASL_USERNAME": settings.sasl_username}
-        hint = f"; check {cause}={values[cause]!r}" if cause else ""
-        detail = message[0] if message and message[0] else ""
+        hint = f"; check {cause[0]}={getattr(settings, cause[1])!r}" if cause else ""
         raise ConfigError(f"the broker at DRIFTWARDEN_BROKER={settings.broker!r} refused to "
-                          f"create topic {name!r}: {for_code(code).__name__}"
-                          f"{': ' + detail if detail else ''}{hint}")
+                          f"create topic {name!r}: {for_code(code).__name__}{detail}{hint}")
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
