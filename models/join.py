@@ -127,7 +127,7 @@ def wal_key(partition: int) -> str:
 class DeadLetter:
     """Original bytes that could not be used, with where they came from and why."""
 
-    topic: str  # logical topic: "predictions" or "labels"
+    topic: str  # logical topic: "predictions", "labels", "references" or "model-records"
     partition: int
     offset: int
     reason: str

@@ -35,7 +35,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from faust.types import TP, Message
 
 from models import codec
-from models.errors import ConfigError
+from models.errors import ConfigError, StateError
 from models.join import (
     DeadLetter,
     Flush,
@@ -516,7 +516,8 @@ class Pipeline:
 
     async def _dead_letter(self, d: DeadLetter) -> Any:
         origin = {"predictions": self.names.predictions, "labels": self.names.labels,
-                  "references": self.names.references}[d.topic]
+                  "references": self.names.references,
+                  "model-records": self.names.model_records}[d.topic]
         headers = [
             ("dw.origin.topic", origin.encode()),
             ("dw.origin.partition", str(d.partition).encode()),
@@ -644,7 +645,11 @@ class Pipeline:
         await (await self._dead_letter(DeadLetter(
             "references", rec.partition, rec.offset, "invalid_reference", rec.value,
             rec.key)))  # acknowledged, then counted
-        self.snapshot.reference_dead_letters += 1
+        self._count_dead("references", "invalid_reference")
+
+    def _count_dead(self, topic: str, reason: str) -> None:
+        dead = self.snapshot.stage_dead_letters
+        dead[topic, reason] = dead.get((topic, reason), 0) + 1
 
     # -- monitor ------------------------------------------------------------------------
 
@@ -677,6 +682,43 @@ class Pipeline:
                     if self._recovered:  # no rebalance began meanwhile
                         # What the broker no longer holds (retention) is accepted.
                         await self._monitor([(tp, missed)], ends={tp.partition: done})
+
+    def _stored(self, model: str) -> ModelState:
+        """The model's state as the models table holds it, or a new one."""
+        raw = self.models_table.data.get(_model_key(model))
+        return codec.loads(raw) if raw is not None else ModelState(model, self.policies)
+
+    def _unabsorb(self, model: str, partition: int,
+                  absorbed: list[list[Any]]) -> tuple[int, ModelState]:
+        """The model's state after ``absorbed`` alone: its stored state (as of the last
+        batch) with them absorbed again. Absorbing is deterministic, so this is the state
+        as if the message that failed part-way through had never come; the retraining
+        events they fire again were already taken the first time."""
+        state = self._stored(model)
+        for fingerprint, profile in self.references.get(model, {}).values():
+            state.use_reference(profile, fingerprint)
+        for records in absorbed:
+            state.absorb_many(records)
+        entry = self.states[model] = (partition, state)
+        return entry
+
+    def _unreadable(self, tp: TP, msg: Any, exc: Exception) -> DeadLetter:
+        """The dead letter of a records message the model stage could not absorb, logged
+        with what went wrong but no value (StateError's messages name columns and
+        sources, others may quote a value: their type and where they were raised)."""
+        if isinstance(exc, StateError):
+            why = str(exc)
+        else:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = ("" if tb is None else " at {}:{}".format(
+                "/".join(tb.tb_frame.f_code.co_filename.split("/")[-2:]), tb.tb_lineno))
+            why = f"{type(exc).__name__}{where}"
+        log.error("records message %s[%d]@%d dead-lettered as invalid_record: %s",
+                  tp.topic, tp.partition, msg.offset, why)
+        return DeadLetter("model-records", tp.partition, msg.offset, "invalid_record",
+                          msg.value or b"", msg.key)
 
     def _records_expected(self, partition: int) -> int | None:
         if partition not in self._records_next:
@@ -721,35 +763,57 @@ class Pipeline:
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
+        # Per model, the records of this batch's messages absorbed so far (_unabsorb).
+        absorbed: dict[str, list[list[Any]]] = {}
+        dead: list[DeadLetter] = []
         read = 0
         for tp, messages in runs:
             for msg in await self._records_from(tp, messages, (ends or {}).get(tp.partition)):
                 read += 1
-                model = (msg.key or b"").decode()  # the join always keys records by model
+                # The join keys records by model and writes only what this stage reads; a
+                # message that is not so (another writer's, a later release's) is
+                # dead-lettered whole, and the model's state is as if it never came. Any
+                # exception, not only StateError: it would otherwise stop the worker at
+                # this message on every restart.
+                try:
+                    if not msg.key or msg.value is None:
+                        raise StateError("records message without a key or a value")
+                    model = msg.key.decode()
+                    records = list(decode_records(model, msg.value))
+                except Exception as exc:
+                    dead.append(self._unreadable(tp, msg, exc))
+                    continue
                 entry = self.states.get(model)
                 if entry is None:
-                    raw = self.models_table.data.get(_model_key(model))
-                    state = (codec.loads(raw) if raw is not None
-                             else ModelState(model, self.policies))
-                    entry = self.states[model] = (tp.partition, state)
+                    entry = self.states[model] = (tp.partition, self._stored(model))
                 state = entry[1]
                 for fingerprint, profile in self.references.get(model, {}).values():
                     state.use_reference(profile, fingerprint)
                 skipped = state.replays_skipped
-                retraining += state.absorb_many(decode_records(model, msg.value))
+                try:
+                    retraining += state.absorb_many(records)
+                except Exception as exc:
+                    dead.append(self._unreadable(tp, msg, exc))
+                    entry = self._unabsorb(model, tp.partition, absorbed.get(model, []))
+                    if model in touched:
+                        touched[model] = entry
+                    continue
                 if state.replays_skipped != skipped:
                     REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
+                absorbed.setdefault(model, []).append(records)
                 touched[model] = entry
             if messages:
                 self.next_offset[tp] = max(self.next_offset.get(tp, 0), messages[-1].offset + 1)
-        if retraining:
-            sends = []
+        if retraining or dead:
+            sends = [await self._dead_letter(d) for d in dead]
             for ev in retraining:
                 log.info("retraining event %s (%s)", ev["id"], ev["severity"])
                 sends.append(await self.app.producer.send(
                     self.names.retraining, ev["model"].encode(), orjson.dumps(ev),
                     None, None, None))
             await asyncio.gather(*sends)
+            for d in dead:  # acknowledged, then counted
+                self._count_dead("model-records", d.reason)
         acks = []
         for model, (partition, state) in touched.items():
             blob = codec.dumps(state)

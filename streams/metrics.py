@@ -59,9 +59,11 @@ class Snapshot:
     runs_join: bool = True
     runs_models: bool = True
     # The model stage's reading of ``references``: the record keys whose latest profile
-    # could not be read, and the dead letters this process wrote for such profiles.
+    # could not be read.
     invalid_references: set[bytes | None] = field(default_factory=set)
-    reference_dead_letters: int = 0
+    # The dead letters the model stage wrote in this process, by (origin topic, reason):
+    # unreadable reference profiles and records messages. (The join's are in its state.)
+    stage_dead_letters: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def set_join(self, partition: int, counts: dict[str, dict[str, int]], pending: int) -> None:
         self.join[partition] = {"counts": {k: dict(v) for k, v in counts.items()},
@@ -169,12 +171,13 @@ class _Collector(Collector):
             ("driftwarden_expired_predictions", "expired", ["model", "version"],
              "Predictions whose label did not arrive within DRIFTWARDEN_LABEL_TTL_SECONDS."),
             ("driftwarden_dead_letters", "dead", ["topic", "reason"],
-             "Input events sent to the dead-letters topic, by origin topic and reason."),
+             "Events sent to the dead-letters topic, by origin topic and reason."),
         ):
             family = CounterMetricFamily(name, help_, labels=labels)
             counts = summed(counter)
-            if counter == "dead" and self.snapshot.reference_dead_letters:
-                counts["references", "invalid_reference"] = self.snapshot.reference_dead_letters
+            if counter == "dead":
+                for stage_key, n in self.snapshot.stage_dead_letters.items():
+                    counts[stage_key] = counts.get(stage_key, 0) + n
             for key, n in sorted(counts.items()):
                 family.add_metric(list(key), n)
             yield family

@@ -12,6 +12,7 @@ from collections import Counter
 
 import orjson
 
+from models.join import ModelRecord, encode_records
 from tests.streams.harness import produce, read_topic, run, wait_until
 
 TTL = 60.0
@@ -195,3 +196,60 @@ def test_bad_input_is_dead_lettered_counted_and_harmless(start_worker, kafka_bro
     # The worker never restarted.
     assert worker.proc.poll() is None and worker.proc.pid == pid
     assert "Traceback" not in worker.log_text()
+
+
+def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undone(
+        start_worker, kafka_broker, prefix):
+    """The internal records topic has one writer, the join; a message another writer (or
+    a later release) put there used to stop the worker at it on every restart. Each is
+    now dead-lettered whole, and the model's state is as if it never came: here one
+    fails part-way, after its first outcome was absorbed, between valid messages."""
+    topic = prefix + "driftwarden-model-records"
+    worker = start_worker(DRIFTWARDEN_ROLE="monitor")
+    pid = worker.proc.pid
+
+    def outcome(k: int) -> ModelRecord:
+        # From join partition 0's batch k; every fourth wrong, and k = 10 too.
+        wrong = k % 4 == 0 or k == 10
+        return ModelRecord("o", "fraud", "1", "o0", (k, 0),
+                           [NOW + k, "1", "0" if wrong else "1", None, None, 1.0])
+
+    def message(*records: ModelRecord) -> bytes:
+        [(_, raw)] = encode_records(list(records))
+        return raw
+
+    partial = message(outcome(10)).replace(b"]]]", b']],["o","1","o0",10,1,"garbage"]]')
+    sent: list[tuple[bytes | None, bytes]] = [
+        (b"fraud", message(*map(outcome, range(10)))),
+        (b"fraud", partial),                                       # undone: outcome 10
+        (b"fraud", message(*map(outcome, range(11, 20)))),
+        (b"fraud", b"\x00not json"),                              # unparseable
+        (None, message(outcome(30))),                              # no key: no model
+        (b"fraud", b'[["zz"]]'),                                   # an entry of no kind
+        (b"fraud", message(*map(outcome, range(20, 30)))),
+    ]
+    bad = {1, 3, 4, 5}
+    run(produce(kafka_broker, [(topic, key, value) for key, value in sent]))
+    wait_until(lambda: worker.value("driftwarden_events_consumed_total",
+                                    topic="model-records") == len(sent), 60,
+               f"the model stage to take all {len(sent)} records messages")
+
+    # Outcomes 0-9 and 11-29, none of outcome 10: 8 of 29 wrong (0, 4, ..., 28).
+    mv = {"model": "fraud", "version": "1"}
+    assert worker.value("driftwarden_outcomes_total", **mv) == 29
+    assert worker.value("driftwarden_accuracy", window="cumulative", **mv) == 21 / 29
+    assert worker.value("driftwarden_dead_letters_total", topic="model-records",
+                        reason="invalid_record") == len(bad)
+
+    letters = run(read_topic(kafka_broker, prefix + "dead-letters", idle=2.0))
+    for letter in letters:
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert (headers["dw.origin.topic"], headers["dw.reason"]) == (topic, "invalid_record")
+    # Each whole, with its key (the keyless one may be on a partition of its own).
+    assert (sorted(((r.key, r.value) for r in letters), key=repr)
+            == sorted((sent[i] for i in bad), key=repr))
+    log = worker.log_text()
+    assert log.count("dead-lettered as invalid_record") == len(bad)
+    assert "ValueError at models/monitor.py:" in log  # where the partial message failed
+    assert "Traceback" not in log
+    assert worker.proc.poll() is None and worker.proc.pid == pid
