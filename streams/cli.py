@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import gc
 import os
 import re
@@ -45,6 +46,9 @@ from streams.topics import (
 __all__ = ["main"]
 
 _OWN_COMMANDS = ("simulate", "tail", "demo", "reference", "bench", "soak")
+# Faust's own commands, which run against the app like ``worker`` (``faust --help``).
+_FAUST_COMMANDS = frozenset({"worker", "agents", "clean-versions", "completion", "livecheck",
+                             "model", "models", "reset", "send", "tables"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +61,15 @@ def main(argv: list[str] | None = None) -> None:
             parser = _parser()
             args = parser.parse_args(argv)
             sys.exit(args.func(args) or 0)
+        if not argv[0].startswith("-") and argv[0] not in _FAUST_COMMANDS:
+            # Faust would say "No such command" and point at its own help.
+            commands = ("worker", *_OWN_COMMANDS)
+            close = difflib.get_close_matches(argv[0], commands, n=1)
+            _parser().print_usage(sys.stderr)
+            print(f"driftwarden: unknown command {argv[0]!r}"
+                  + (f"; did you mean {close[0]!r}?" if close else "")
+                  + f" (commands: {', '.join(commands)})", file=sys.stderr)
+            sys.exit(2)
         _worker(argv)
     except ConfigError as exc:
         print(f"driftwarden: {exc}", file=sys.stderr)

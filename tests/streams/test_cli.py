@@ -123,6 +123,12 @@ def test_help_lists_the_commands_and_every_options_default() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("usage: python -m streams [-h] COMMAND ...")
     assert "reference" in done.stderr and "python -m streams worker" in done.stderr
+    # A misspelt command: driftwarden's usage, the nearest command, no broker needed.
+    done = _streams("wokrer", DRIFTWARDEN_BROKER="kafka://127.0.0.1:1")
+    assert (done.returncode, done.stderr.splitlines()[1:]) == (2, [
+        "driftwarden: unknown command 'wokrer'; did you mean 'worker'? (commands: worker, "
+        "simulate, tail, demo, reference, bench, soak)"])
+    assert done.stderr.startswith("usage: python -m streams [-h] COMMAND ...")
     done = _streams("--help")
     assert done.returncode == 0
     for command in ("simulate", "tail", "reference", "bench", "soak", "demo", "worker"):
