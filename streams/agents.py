@@ -789,7 +789,7 @@ class Pipeline:
                 state = entry[1]
                 for fingerprint, profile in self.references.get(model, {}).values():
                     state.use_reference(profile, fingerprint)
-                skipped = state.replays_skipped
+                skipped, rejected = state.replays_skipped, state.rejected
                 try:
                     retraining += state.absorb_many(records)
                 except Exception as exc:
@@ -800,6 +800,11 @@ class Pipeline:
                     continue
                 if state.replays_skipped != skipped:
                     REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
+                if state.rejected != rejected:
+                    log.warning("model %r: %d outcomes skipped (%d in all): its state's policy "
+                                "is a regression's, and their prediction or label is not a "
+                                "number; the join's policy file says otherwise", model,
+                                state.rejected - rejected, state.rejected)
                 absorbed.setdefault(model, []).append(records)
                 touched[model] = entry
             if messages:

@@ -199,13 +199,15 @@ def test_bad_input_is_dead_lettered_counted_and_harmless(start_worker, kafka_bro
 
 
 def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undone(
-        start_worker, kafka_broker, prefix):
+        start_worker, kafka_broker, prefix, tmp_path):
     """The internal records topic has one writer, the join; a message another writer (or
     a later release) put there used to stop the worker at it on every restart. Each is
     now dead-lettered whole, and the model's state is as if it never came: here one
     fails part-way, after its first outcome was absorbed, between valid messages."""
     topic = prefix + "driftwarden-model-records"
-    worker = start_worker(DRIFTWARDEN_ROLE="monitor")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[models.reg]\ntask = "regression"\n')
+    worker = start_worker(DRIFTWARDEN_ROLE="monitor", DRIFTWARDEN_POLICY_FILE=str(policy))
     pid = worker.proc.pid
 
     def outcome(k: int) -> ModelRecord:
@@ -227,6 +229,11 @@ def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undo
         (None, message(outcome(30))),                              # no key: no model
         (b"fraud", b'[["zz"]]'),                                   # an entry of no kind
         (b"fraud", message(*map(outcome, range(20, 30)))),
+        # A regression model's outcomes where the join took a class (its policy file
+        # said otherwise): the one it cannot score is skipped, and the log says so.
+        (b"reg", message(*(ModelRecord("o", "reg", "1", "o0", (k, 0),
+                                       [NOW + k, 2.0, label, None, None, 1.0])
+                           for k, label in enumerate([1.0, "yes", 4.0])))),
     ]
     bad = {1, 3, 4, 5}
     run(produce(kafka_broker, [(topic, key, value) for key, value in sent]))
@@ -240,6 +247,8 @@ def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undo
     assert worker.value("driftwarden_accuracy", window="cumulative", **mv) == 21 / 29
     assert worker.value("driftwarden_dead_letters_total", topic="model-records",
                         reason="invalid_record") == len(bad)
+    assert worker.value("driftwarden_outcomes_total", model="reg", version="1") == 2
+    assert worker.value("driftwarden_mae", model="reg", version="1") == 1.5
 
     letters = run(read_topic(kafka_broker, prefix + "dead-letters", idle=2.0))
     for letter in letters:
@@ -251,5 +260,6 @@ def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undo
     log = worker.log_text()
     assert log.count("dead-lettered as invalid_record") == len(bad)
     assert "ValueError at models/monitor.py:" in log  # where the partial message failed
+    assert "model 'reg': 1 outcomes skipped (1 in all): its state's policy" in log
     assert "Traceback" not in log
     assert worker.proc.poll() is None and worker.proc.pid == pid
