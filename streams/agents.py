@@ -684,9 +684,17 @@ class Pipeline:
                         await self._monitor([(tp, missed)], ends={tp.partition: done})
 
     def _stored(self, model: str) -> ModelState:
-        """The model's state as the models table holds it, or a new one."""
+        """The model's state as the models table holds it, or a new one. One that cannot
+        be read back (a later release's, or corrupted) stops the model stage, naming the
+        model: starting it afresh would overwrite the stored state."""
         raw = self.models_table.data.get(_model_key(model))
-        return codec.loads(raw) if raw is not None else ModelState(model, self.policies)
+        if raw is None:
+            return ModelState(model, self.policies)
+        try:
+            return cast(ModelState, codec.loads(raw))
+        except StateError as exc:
+            raise StateError(f"the models table's state of model {model!r} cannot be read "
+                             f"back ({exc}); was it written by a later release?") from exc
 
     def _unabsorb(self, model: str, partition: int,
                   absorbed: list[list[Any]]) -> tuple[int, ModelState]:

@@ -263,3 +263,22 @@ def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undo
     assert "model 'reg': 1 outcomes skipped (1 in all): its state's policy" in log
     assert "Traceback" not in log
     assert worker.proc.poll() is None and worker.proc.pid == pid
+
+
+def test_a_stored_state_that_cannot_be_read_back_stops_the_worker_naming_the_model(
+        start_worker, kafka_broker, prefix):
+    """A later release's (or a corrupted) state in the models changelog: the model stage
+    refuses it by name, rather than start the model afresh and overwrite it."""
+    topic = prefix + "driftwarden-model-records"
+    first = start_worker(DRIFTWARDEN_ROLE="monitor")
+    first.stop()
+    run(produce(kafka_broker, [(prefix + "driftwarden-models-changelog", b"fraud",
+                                b"\x80\x05not a state")]))
+    worker = start_worker(DRIFTWARDEN_ROLE="monitor")
+    [(_, raw)] = encode_records([ModelRecord("o", "fraud", "1", "o0", (1, 0),
+                                             [NOW, "1", "1", None, None, 1.0])])
+    run(produce(kafka_broker, [(topic, b"fraud", raw)]))
+    wait_until(lambda: worker.proc.poll() is not None, 60, "the worker to stop")
+    assert worker.proc.returncode != 0
+    assert ("the models table's state of model 'fraud' cannot be read back"
+            in worker.log_text())
