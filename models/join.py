@@ -16,7 +16,8 @@ kind       value
            (DESIGN.md keys labels by id) keeps that key, for its dead letter: at index
            8 for the first (index 7 then ``[]`` if no later one), as a sixth item for a
            later one; a string of the key's bytes as Latin-1, or null for no key
-``D``      matched, ``["D", ts, partition]``: kept until the TTL runs out, to spot duplicates
+``D``      matched, ``["D", ts, partition]``: kept to spot duplicates, until the TTL runs
+           out (or a shorter ``duplicate_window``)
 =========  ==============================================================
 
 Per partition a meta entry records the source offsets absorbed (replays at or below them
@@ -24,8 +25,9 @@ are skipped: DESIGN.md section 5), the event-time watermark of each side, the co
 and the number of batches drained. Entries expire by event time, judged by the side they
 wait for: a pending prediction expires once the labels seen on its partition are more
 than ``ttl`` seconds newer than it; a pending label once the predictions are; a ``D``
-marker once both are. So a topic consumed ahead of the other (a backlog, a lagging
-partition) never expires entries whose partner simply has not been read yet.
+marker once both are ``duplicate_window`` seconds newer. So a topic consumed ahead of
+the other (a backlog, a lagging partition) never expires entries whose partner simply
+has not been read yet.
 
 Crash safety. A batch changes many keys, and Kafka makes only single messages atomic, so
 :meth:`JoinPartition.drain` hands over, in the order they must reach Kafka (a
@@ -431,6 +433,9 @@ class JoinPartition:
         The input partition this object owns.
     ttl
         Seconds of event time an unmatched entry is kept.
+    duplicate_window
+        Seconds of event time a matched id is kept, to spot a duplicate (at most ``ttl``;
+        by default ``ttl``).
     limits
         Event size bounds.
     regression
@@ -470,12 +475,18 @@ class JoinPartition:
         regression: Callable[[str], bool] = lambda model: False,
         max_versions: int = 1000,
         heaps: dict[str, list[tuple[float, str]]] | None = None,
+        duplicate_window: float | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
+        if duplicate_window is not None and not 0 < duplicate_window <= ttl:
+            raise ValueError(f"duplicate_window must be in (0, ttl = {ttl}], "
+                             f"got {duplicate_window}")
         self.store = store
         self.partition = partition
         self.ttl = ttl
+        self._keep = {"P": ttl, "L": ttl, "D": ttl if duplicate_window is None
+                      else duplicate_window}
         self.limits = limits
         self.regression = regression
         self._numeric: dict[str, bool] = {}  # regression(model), asked once per model
@@ -563,7 +574,7 @@ class JoinPartition:
         wm_p, wm_l = self.watermark("p"), self.watermark("l")
         cutoffs = {"P": wm_l, "L": wm_p, "D": min(wm_p, wm_l)}
         for kind, heap in self._heaps.items():
-            cutoff = cutoffs[kind] - self.ttl
+            cutoff = cutoffs[kind] - self._keep[kind]
             while heap and heap[0][0] < cutoff and self.held < budget:
                 ts, event_id = heapq.heappop(heap)
                 raw = self.store.get(event_id)

@@ -456,7 +456,8 @@ class Pipeline:
         heaps = self._heaps.pop(partition, None)
         part = self.joins[partition] = JoinPartition(
             store, partition, self.settings.label_ttl_seconds, regression=self._is_regression,
-            max_versions=self.settings.max_model_versions, heaps=heaps)
+            max_versions=self.settings.max_model_versions, heaps=heaps,
+            duplicate_window=self.settings.duplicate_window)
         flush = part.recovered
         if flush is not None:
             log.warning("join partition %d: re-sending %d records of a batch a crash "

@@ -53,6 +53,8 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     data_dir: Path = Path(".local/data")
     label_ttl_seconds: float = 7 * 86400.0
+    # How long the join keeps a matched id to catch a duplicate; None: the label TTL.
+    duplicate_window_seconds: float | None = None
     policy_file: Path | None = None
     partitions: int = 8
     replication_factor: int = 1
@@ -88,6 +90,7 @@ class Settings:
             metrics_host=get.text("METRICS_HOST", cls.metrics_host),
             data_dir=Path(get.text("DATA_DIR", str(cls.data_dir))),
             label_ttl_seconds=get.number("LABEL_TTL_SECONDS", cls.label_ttl_seconds),
+            duplicate_window_seconds=(get.number("DUPLICATE_WINDOW_SECONDS", 0.0) or None),
             policy_file=get.path("POLICY_FILE"),
             partitions=get.integer("PARTITIONS", cls.partitions, 1, 10_000),
             max_models=get.integer("MAX_MODELS", cls.max_models, 1, 1_000_000),
@@ -116,6 +119,11 @@ class Settings:
             ssl_keyfile=get.path("SSL_KEYFILE"),
         )
         settings = replace(settings, broker=_broker(settings.broker))
+        window = settings.duplicate_window_seconds
+        if window is not None and window > settings.label_ttl_seconds:
+            raise ConfigError(
+                f"DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS must be at most "
+                f"DRIFTWARDEN_LABEL_TTL_SECONDS ({settings.label_ttl_seconds:g}), got {window:g}")
         scheme, sep, _ = settings.store.partition("://")
         if not sep or scheme not in ("memory", "rocksdb"):
             raise ConfigError(
@@ -189,6 +197,20 @@ class Settings:
         (['join', 'monitor'], ['join'])
         """
         return frozenset(("join", "monitor") if self.role == "all" else (self.role,))
+
+    @property
+    def duplicate_window(self) -> float:
+        """Seconds of event time the join keeps a matched id (the label TTL unless
+        ``DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS`` says less).
+
+        >>> Settings(label_ttl_seconds=600.0).duplicate_window
+        600.0
+        >>> Settings(label_ttl_seconds=600.0, duplicate_window_seconds=60.0).duplicate_window
+        60.0
+        """
+        if self.duplicate_window_seconds is None:
+            return self.label_ttl_seconds
+        return self.duplicate_window_seconds
 
     def changelog(self, table: str) -> str:
         """A table's changelog topic: the same name whichever role owns the table, so

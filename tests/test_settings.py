@@ -42,6 +42,11 @@ BAD = [
      "topic names end at 249), got 222"),
     ({"DRIFTWARDEN_LABEL_TTL_SECONDS": "inf"},
      "DRIFTWARDEN_LABEL_TTL_SECONDS must be a positive finite number, got 'inf'"),
+    ({"DRIFTWARDEN_LABEL_TTL_SECONDS": "3600", "DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS": "7200"},
+     "DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS must be at most DRIFTWARDEN_LABEL_TTL_SECONDS "
+     "(3600), got 7200"),
+    ({"DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS": "0"},
+     "DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS must be a positive finite number, got '0'"),
     ({"DRIFTWARDEN_SESSION_TIMEOUT_SECONDS": "0"},
      "DRIFTWARDEN_SESSION_TIMEOUT_SECONDS must be a positive finite number, got '0'"),
     ({"DRIFTWARDEN_COMPRESSION": "brotli"},
@@ -80,6 +85,10 @@ def test_good_values_pass() -> None:
     longest = Settings.from_env({"DRIFTWARDEN_TOPIC_PREFIX": "t-1.",
                                  "DRIFTWARDEN_APP_ID": "dw_" + "x" * 214})
     assert len(longest.group + "-monitor-__assignor-__leader") == 249
+    # The join keeps matched ids a label TTL, or less when asked to.
+    assert Settings.from_env({"DRIFTWARDEN_LABEL_TTL_SECONDS": "3600"}).duplicate_window == 3600
+    assert Settings.from_env({"DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS": "900"}
+                             ).duplicate_window == 900
 
 
 def _pem(tmp_path: Path) -> tuple[Path, Path]:

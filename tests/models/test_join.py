@@ -328,6 +328,34 @@ def test_matched_marker_catches_duplicates_until_both_sides_pass_the_ttl() -> No
     assert "a" not in part.store
 
 
+def test_a_shorter_duplicate_window_forgets_matched_ids_sooner_and_nothing_else() -> None:
+    part = JoinPartition({}, partition=0, ttl=TTL, duplicate_window=10.0)
+    feed = Feed(part)
+    feed("predictions", prediction("a", 100.0))
+    feed("labels", label("a", 110.0))
+    # The marker is dated by the prediction (100); both sides 9 s past it.
+    feed("predictions", prediction("b", 109.0))
+    feed("labels", label("c", 109.0))
+    part.expire()
+    feed("predictions", prediction("a", 100.0))  # still a duplicate
+    assert [d.reason for d in part.dead_letters] == ["duplicate_prediction"]
+    feed("predictions", prediction("b2", 115.0))
+    feed("labels", label("c2", 115.0))
+    part.expire()
+    # The marker is gone (both sides are 15 s past it); pending entries wait a TTL.
+    assert "a" not in part.store
+    assert [orjson.loads(part.store[k])[0] for k in ("b", "c", "b2", "c2")] == list("PLPL")
+    feed("predictions", prediction("a", 100.0))  # now joined anew: pending, not dead
+    assert len(part.dead_letters) == 1 and orjson.loads(part.store["a"])[0] == "P"
+    assert part.pending() == 3
+
+
+@pytest.mark.parametrize("window", [0.0, TTL + 1])
+def test_the_duplicate_window_is_within_the_ttl(window: float) -> None:
+    with pytest.raises(ValueError, match="duplicate_window must be in"):
+        JoinPartition({}, partition=0, ttl=TTL, duplicate_window=window)
+
+
 def test_replays_at_or_below_absorbed_offsets_are_skipped_and_change_nothing() -> None:
     part, feed = new()
     feed("predictions", prediction("a", 100.0))  # offset 0

@@ -72,3 +72,38 @@ def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_b
     assert expired > 0
     assert matched + expired + pending == scenario.n
     assert worker.value("driftwarden_retraining_events_total", **mv) == 1
+
+
+def test_the_duplicate_window_setting_reaches_the_join(start_worker, kafka_broker, prefix):
+    """DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS=5 under a 600 s label TTL: a prediction sent
+    again once both inputs are 10 s past its match is joined anew (pending), where
+    within the window it is a duplicate."""
+    worker = start_worker(DRIFTWARDEN_PARTITIONS="1", DRIFTWARDEN_LABEL_TTL_SECONDS="600",
+                          DRIFTWARDEN_DUPLICATE_WINDOW_SECONDS="5")
+
+    def p(event_id: str, ts: float) -> tuple[str, bytes, bytes]:
+        return prefix + "predictions", event_id.encode(), orjson.dumps(
+            {"id": event_id, "model": "m", "ts": START + ts, "features": {"x": 1.0},
+             "prediction": 1})
+
+    def lab(event_id: str, ts: float) -> tuple[str, bytes, bytes]:
+        return prefix + "labels", event_id.encode(), orjson.dumps(
+            {"id": event_id, "label": 1, "ts": START + ts})
+
+    run(produce(kafka_broker, [p("a", 0), lab("a", 1), p("b", 3), lab("c", 3), p("a", 0)]))
+    mv = {"model": "m", "version": "0"}
+    wait_until(lambda: worker.value("driftwarden_predictions_total", **mv) == 2, 60,
+               "predictions a and b (the second a a duplicate)")
+    assert worker.value("driftwarden_dead_letters_total", topic="predictions",
+                        reason="duplicate_prediction") == 1
+    # The join expires entries after each batch: the marker goes with the batch that
+    # moves both inputs past it, so the prediction comes after that one.
+    run(produce(kafka_broker, [p("d", 10), lab("e", 10)]))
+    wait_until(lambda: worker.value("driftwarden_predictions_total", **mv) == 3, 60,
+               "prediction d")
+    run(produce(kafka_broker, [p("a", 0)]))
+    wait_until(lambda: worker.value("driftwarden_predictions_total", **mv) == 4, 60,
+               "predictions d and a again, joined anew")
+    assert worker.value("driftwarden_dead_letters_total", topic="predictions",
+                        reason="duplicate_prediction") == 1
+    assert worker.value("driftwarden_pending_labels") == 3  # b, d and a
