@@ -61,6 +61,11 @@ class _Table(faust.Table):
         return super()._new_store_by_url(url)
 
 
+#: Longest a rebalance spends reading changelogs itself (Faust's rebalance timeout is 60 s);
+#: Faust's recovery reads what is left, from where this stopped.
+READ_BUDGET_SECONDS = 20.0
+
+
 class _PreloadingStore(faust.stores.memory.Store):
     """Faust's in-memory store, which reads its changelog partitions itself, a fetch at a
     time, before Faust's recovery starts, and tells the recovery where it got to
@@ -73,14 +78,18 @@ class _PreloadingStore(faust.stores.memory.Store):
     takes no input. A partition newly assigned is read from its start, after what the
     store held of it from an earlier assignment is dropped; one this store already held
     from where its last reading ended, as Faust would (the worker's own writes since,
-    applied again to the same result, and any another worker made meanwhile).
+    applied again to the same result, and any another worker made meanwhile). A reading
+    that fails or outlasts :data:`READ_BUDGET_SECONDS` leaves the rest to Faust.
     """
 
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
-        # Per held changelog partition: the offset the last reading ended at (end - 1).
+        # Per held changelog partition: the last offset applied (at first, end - 1).
         self._read_to: dict[TopicPartition, int] = {}
+        # The partitions of the latest assignment: all the store keeps (see
+        # on_recovery_completed).
+        self._held: set[int] = set()
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
                            newly_assigned: set[TP], generation_id: int = 0) -> None:
@@ -90,47 +99,69 @@ class _PreloadingStore(faust.stores.memory.Store):
         topic = self.table.changelog_topic.get_topic_name()
         actives = {TopicPartition(tp.topic, tp.partition)
                    for tp in app.assignor.assigned_actives() if tp.topic == topic}
+        self._held = {tp.partition for tp in actives}
         for tp in set(self._read_to) - actives:
             del self._read_to[tp]
         if actives:
             new = len(actives - set(self._read_to))
             started = time.monotonic()
-            n = await self._read(actives)
+            n = await self._read(actives, started + READ_BUDGET_SECONDS)
             log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
                      "in %.1f s before recovery", topic, n, len(actives), new,
                      time.monotonic() - started)
 
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """Drop the entries of partitions no longer held. Faust's store judges by the
+        partitions of the recovery that completed, which may be the one before a
+        rebalance whose new partitions :meth:`on_rebalance` is reading already."""
+        held, where = self._held, self._key_partition
+        for key in [k for k, p in where.items() if p not in held]:
+            self.data.pop(key, None)
+            del where[key]
+
     def persisted_offset(self, tp: TP) -> int | None:
         return self._read_to.get(TopicPartition(tp.topic, tp.partition))
 
-    async def _read(self, tps: set[TopicPartition]) -> int:
+    def _drop(self, tps: set[TopicPartition]) -> None:
+        """Forget what the store holds of ``tps``, and that it read them."""
+        partitions = {tp.partition for tp in tps}
+        where = self._key_partition
+        for key in [k for k, p in where.items() if p in partitions]:
+            self.data.pop(key, None)
+            del where[key]
+        for tp in tps:
+            self._read_to.pop(tp, None)
+
+    async def _read(self, tps: set[TopicPartition], deadline: float) -> int:
         """Read ``tps`` up to their ends into the store; return how many records."""
         data, where = self.data, self._key_partition
-        new = {tp.partition for tp in tps if tp not in self._read_to}
-        for key in [k for k, p in where.items() if p in new]:
-            data.pop(key, None)
-            del where[key]
         settings = self.settings
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
             group_id=None, max_partition_fetch_bytes=settings.fetch_bytes,
             # Where the log no longer reaches back to held + 1: from its start.
             auto_offset_reset="earliest", **settings.aiokafka_security())
-        await consumer.start()
         n = 0
+        # Newly assigned: the changelog alone says what they hold, from its start.
+        new = {tp for tp in tps if tp not in self._read_to}
+        self._drop(new)
         try:
+            await consumer.start()
             consumer.assign(list(tps))
             ends = await consumer.end_offsets(list(tps))
-            pending = set()
-            for tp in tps:
-                held = self._read_to.get(tp)
-                if held is None:
-                    await consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, held + 1)
-                if ends[tp] > (held if held is not None else -1) + 1:
-                    pending.add(tp)
+            # So too a changelog that no longer reaches where the last reading ended
+            # (deleted and made again).
+            gone = {tp for tp in tps - new if ends[tp] <= self._read_to[tp]}
+            self._drop(gone)
+            new |= gone
+            for tp in new:
+                await consumer.seek_to_beginning(tp)
+            for tp in tps - new:
+                consumer.seek(tp, self._read_to[tp] + 1)
+            pending = {tp for tp in tps if ends[tp] > self._read_to.get(tp, -1) + 1}
             while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{READ_BUDGET_SECONDS:g} s passed")
                 fetched = await consumer.getmany(*pending, timeout_ms=1000)
                 for tp, records in fetched.items():
                     partition = tp.partition
@@ -144,14 +175,26 @@ class _PreloadingStore(faust.stores.memory.Store):
                         else:
                             data[key] = rec.value
                             where[key] = partition
-                    n += len(records)
+                    if records:
+                        self._read_to[tp] = records[-1].offset
+                        n += len(records)
                 for tp in list(pending):
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
             for tp in tps:
                 self._read_to[tp] = ends[tp] - 1
+        except Exception as exc:
+            # What was applied stays, and _read_to says how far: Faust's recovery reads
+            # on from there (a new partition with nothing read: from its start).
+            log.warning("%s: reading changelog partitions stopped after %d records (%s: "
+                        "%s); Faust's recovery reads the rest",
+                        self.table.changelog_topic.get_topic_name(), n,
+                        type(exc).__name__, exc)
         finally:
-            await consumer.stop()
+            try:
+                await consumer.stop()
+            except Exception as exc:
+                log.warning("stopping the changelog reader: %s: %s", type(exc).__name__, exc)
         return n
 
 
@@ -196,7 +239,15 @@ async def write(table: faust.Table, partition: int,
     producer = _kafka_producer(table.app)
     acks: list[Awaitable[Any]] = []
     batch = producer.create_batch()
+    # The memory store's record of each key's partition: Faust's recovery fills it, and
+    # drops the keys of partitions that moved away by it (_PreloadingStore too).
+    where = getattr(table.data, "_key_partition", None)
     for key, value in changes.items():
+        if where is not None:
+            if value is None:
+                where.pop(key, None)
+            else:
+                where[key] = partition
         raw_key = key.encode()
         if batch.append(timestamp=None, key=raw_key, value=value) is None:  # full
             acks.append(await producer.send_batch(batch, topic, partition=partition))

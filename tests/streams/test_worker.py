@@ -963,6 +963,80 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
     assert join == {} and entries(tables.join) is join
 
 
+def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_broker, prefix,
+                                                                     tmp_path, caplog):
+    """``_PreloadingStore._read`` on the real broker: from the start for a partition new
+    to it, on from the last offset for one it holds, and, out of time, no further than
+    it got (Faust's recovery reads the rest from there)."""
+    from aiokafka import TopicPartition
+
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}")
+    app = create_app(settings, 2)
+    store = declare_tables(app, 2, settings).join.data
+    topic = settings.changelog("join")
+    run(create_topics(kafka_broker, {topic: 2}))
+    tp = TopicPartition(topic, 1)
+
+    def send(*items: tuple[bytes, bytes | None]) -> None:
+        async def go() -> None:
+            from aiokafka import AIOKafkaProducer
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+            await producer.start()
+            try:
+                for key, value in items:
+                    await producer.send_and_wait(topic, value, key=key, partition=1)
+            finally:
+                await producer.stop()
+        run(go())
+
+    send((b"a", b"1"), (b"b", b"2"), (b"a", b"3"))
+    store.data["stale"] = b"x"  # what it held of partition 1 from an earlier assignment
+    store._key_partition["stale"] = 1
+    assert run(store._read({tp}, time.monotonic() + 30)) == 3
+    assert (store.data, store.persisted_offset(tp)) == ({"a": b"3", "b": b"2"}, 2)
+
+    send((b"b", None), (b"c", b"4"))  # a tombstone and a new key
+    assert run(store._read({tp}, time.monotonic() + 30)) == 2  # on from offset 3
+    assert (store.data, store.persisted_offset(tp)) == ({"a": b"3", "c": b"4"}, 4)
+    assert store._key_partition == {"a": 1, "c": 1}
+
+    # Out of time before a fetch: a partition it held keeps its offset; a new one has
+    # none, so Faust's recovery reads it from its start.
+    send((b"d", b"5"))
+    assert run(store._read({tp}, time.monotonic() - 1)) == 0
+    assert store.persisted_offset(tp) == 4
+    store._read_to.clear()
+    assert run(store._read({tp}, time.monotonic() - 1)) == 0
+    assert store.persisted_offset(tp) is None and store.data == {}
+    assert "reading changelog partitions stopped after 0 records (TimeoutError" in caplog.text
+
+
+def test_a_recovery_completing_late_drops_what_the_latest_assignment_does_not_hold(
+        prefix, tmp_path):
+    # The store reads a rebalance's new partitions before Faust's recovery of the one
+    # before may have completed; Faust's store would then drop the partitions that
+    # recovery did not have (2, being read already) and keep those it had (0, gone).
+    from faust.types import TP
+
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path)
+    store = declare_tables(create_app(settings, 4), 4, settings).join.data
+    store.data.update({"gone": b"1", "kept": b"2", "new": b"3"})
+    store._key_partition.update({"gone": 0, "kept": 1, "new": 2})
+    store._held = {1, 2}
+    topic = settings.changelog("join")
+    run(store.on_recovery_completed({TP(topic, 0), TP(topic, 1)}, set()))
+    assert store.data == {"kept": b"2", "new": b"3"}
+    assert store._key_partition == {"kept": 1, "new": 2}
+
+
 def test_the_producer_compresses_with_the_configured_codec(prefix, tmp_path):
     # What the worker writes goes compressed: a quarter of the bytes for the broker.
     from models.errors import ConfigError
