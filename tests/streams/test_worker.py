@@ -235,6 +235,24 @@ def test_state_survives_kill_9_exactly(start_worker, kafka_broker, prefix):
     assert second.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
 
 
+def _four_thousand(prefix: str) -> tuple[list[tuple[str, bytes, bytes]],
+                                         list[tuple[str, bytes, bytes]]]:
+    """4,000 predictions of model fraud and their labels; every fifth odd one wrong."""
+    records = labelled(prefix, range(4000), label=lambda i: 0 if i % 5 == 0 else i % 2)
+    return records[0::2], records[1::2]
+
+
+def _all_joined(worker: Any) -> None:
+    """Every one of the 4,000 met its label on ``worker``: exact counts, 90% accuracy."""
+    mv = {"model": "fraud", "version": "0"}
+    wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == 4000, 60,
+               "4,000 outcomes: each pending prediction met its label")
+    assert worker.value("driftwarden_pending_labels") == 0
+    assert worker.value("driftwarden_predictions_total", **mv) == 4000
+    assert worker.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
+    assert worker.total("driftwarden_dead_letters_total") == 0
+
+
 def test_a_restarted_worker_reads_its_changelogs_itself_and_goes_on_from_them(
         start_worker, kafka_broker, prefix):
     """Faust's recovery applies a changelog at ~6,600 records/s; the worker reads the
@@ -242,10 +260,8 @@ def test_a_restarted_worker_reads_its_changelogs_itself_and_goes_on_from_them(
     left to read. The state it goes on from is the first worker's, exactly."""
     mv = {"model": "fraud", "version": "0"}
     first = start_worker()
-    records = labelled(prefix, range(4000), label=lambda i: 0 if i % 5 == 0 else i % 2)
+    predictions, labels = _four_thousand(prefix)
     # Every prediction, and the labels of the first half: 2,000 wait for theirs.
-    predictions = [r for r in records if r[0].endswith("predictions")]
-    labels = [r for r in records if r[0].endswith("labels")]
     run(produce(kafka_broker, predictions + labels[:2000]))
     wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 2000, 60,
                "2,000 outcomes")
@@ -259,12 +275,7 @@ def test_a_restarted_worker_reads_its_changelogs_itself_and_goes_on_from_them(
     wait_until(lambda: second.value("driftwarden_pending_labels") == 2000, 30,
                "the 2,000 pending predictions exported")
     run(produce(kafka_broker, labels[2000:]))
-    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 4000, 60,
-               "4,000 outcomes: each pending prediction met its label")
-    assert second.value("driftwarden_pending_labels") == 0
-    assert second.value("driftwarden_predictions_total", **mv) == 4000
-    assert second.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
-    assert second.total("driftwarden_dead_letters_total") == 0
+    _all_joined(second)
 
 
 def test_partitions_that_come_back_are_read_again_with_what_their_other_owner_wrote(
@@ -273,10 +284,7 @@ def test_partitions_that_come_back_are_read_again_with_what_their_other_owner_wr
     predictions there, and come back when it stops: the first reads them from the
     changelog's start, not from where its reading ended before (Faust dropped what it
     held of them when they left), so every prediction meets its label there."""
-    mv = {"model": "fraud", "version": "0"}
-    records = labelled(prefix, range(4000), label=lambda i: 0 if i % 5 == 0 else i % 2)
-    predictions = [r for r in records if r[0].endswith("predictions")]
-    labels = [r for r in records if r[0].endswith("labels")]
+    predictions, labels = _four_thousand(prefix)
     before = start_worker()
     run(produce(kafka_broker, predictions[:2000]))
     wait_until(lambda: before.value("driftwarden_pending_labels") == 2000, 60,
@@ -299,12 +307,7 @@ def test_partitions_that_come_back_are_read_again_with_what_their_other_owner_wr
     wait_until(lambda: first.value("driftwarden_pending_labels") == 4000, 90,
                "the first worker to hold all 4,000 pending predictions again")
     run(produce(kafka_broker, labels))
-    wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 4000, 60,
-               "4,000 outcomes on the first worker")
-    assert first.value("driftwarden_pending_labels") == 0
-    assert first.value("driftwarden_predictions_total", **mv) == 4000
-    assert first.value("driftwarden_accuracy", window="cumulative", **mv) == 0.9
-    assert first.total("driftwarden_dead_letters_total") == 0
+    _all_joined(first)
     assert "newly assigned" in first.log_text() and "Traceback" not in first.log_text()
 
 
