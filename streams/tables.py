@@ -114,23 +114,22 @@ class _PreloadingStore(faust.stores.memory.Store):
         """Drop the entries of partitions no longer held. Faust's store judges by the
         partitions of the recovery that completed, which may be the one before a
         rebalance whose new partitions :meth:`on_rebalance` is reading already."""
-        held, where = self._held, self._key_partition
-        for key in [k for k, p in where.items() if p not in held]:
-            self.data.pop(key, None)
-            del where[key]
+        self._drop_keys(set(self._key_partition.values()) - self._held)
 
     def persisted_offset(self, tp: TP) -> int | None:
         return self._read_to.get(TopicPartition(tp.topic, tp.partition))
 
     def _drop(self, tps: set[TopicPartition]) -> None:
         """Forget what the store holds of ``tps``, and that it read them."""
-        partitions = {tp.partition for tp in tps}
+        self._drop_keys({tp.partition for tp in tps})
+        for tp in tps:
+            self._read_to.pop(tp, None)
+
+    def _drop_keys(self, partitions: set[int]) -> None:
         where = self._key_partition
         for key in [k for k, p in where.items() if p in partitions]:
             self.data.pop(key, None)
             del where[key]
-        for tp in tps:
-            self._read_to.pop(tp, None)
 
     async def _read(self, tps: set[TopicPartition], deadline: float) -> int:
         """Read ``tps`` up to their ends into the store; return how many records."""
