@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
@@ -697,15 +698,19 @@ class Pipeline:
             raise StateError(f"the models table's state of model {model!r} cannot be read "
                              f"back ({exc}); was it written by a later release?") from exc
 
+    def _referenced(self, state: ModelState) -> ModelState:
+        """``state``, using its model's published reference profiles."""
+        for fingerprint, profile in self.references.get(state.model, {}).values():
+            state.use_reference(profile, fingerprint)
+        return state
+
     def _unabsorb(self, model: str, partition: int,
                   absorbed: list[list[Any]]) -> tuple[int, ModelState]:
         """The model's state after ``absorbed`` alone: its stored state (as of the last
         batch) with them absorbed again. Absorbing is deterministic, so this is the state
         as if the message that failed part-way through had never come; the retraining
         events they fire again were already taken the first time."""
-        state = self._stored(model)
-        for fingerprint, profile in self.references.get(model, {}).values():
-            state.use_reference(profile, fingerprint)
+        state = self._referenced(self._stored(model))
         for records in absorbed:
             state.absorb_many(records)
         entry = self.states[model] = (partition, state)
@@ -718,11 +723,9 @@ class Pipeline:
         if isinstance(exc, StateError):
             why = str(exc)
         else:
-            tb = exc.__traceback__
-            while tb is not None and tb.tb_next is not None:
-                tb = tb.tb_next
-            where = ("" if tb is None else " at {}:{}".format(
-                "/".join(tb.tb_frame.f_code.co_filename.split("/")[-2:]), tb.tb_lineno))
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = ("" if not frames else " at {}:{}".format(
+                "/".join(frames[-1].filename.split("/")[-2:]), frames[-1].lineno))
             why = f"{type(exc).__name__}{where}"
         log.error("records message %s[%d]@%d dead-lettered as invalid_record: %s",
                   tp.topic, tp.partition, msg.offset, why)
@@ -795,9 +798,7 @@ class Pipeline:
                 entry = self.states.get(model)
                 if entry is None:
                     entry = self.states[model] = (tp.partition, self._stored(model))
-                state = entry[1]
-                for fingerprint, profile in self.references.get(model, {}).values():
-                    state.use_reference(profile, fingerprint)
+                state = self._referenced(entry[1])
                 skipped, rejected = state.replays_skipped, state.rejected
                 try:
                     retraining += state.absorb_many(records)
