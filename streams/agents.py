@@ -59,7 +59,7 @@ from streams.metrics import (
     Snapshot,
 )
 from streams.settings import Settings
-from streams.tables import Tables, entries, track_topics, write
+from streams.tables import Tables, entries, every_entry, shared_entries, track_topics, write
 from streams.topics import TopicNames
 
 __all__ = ["Pipeline"]
@@ -338,7 +338,8 @@ class Pipeline:
         assignment = self.app.consumer.assignment()
         for tp in assignment:
             if tp.topic == self.names.predictions:
-                counts, pending = JoinPartition.peek(self.join_table.data, tp.partition)
+                counts, pending = JoinPartition.peek(entries(self.join_table, tp.partition),
+                                                     tp.partition)
                 self.snapshot.set_join(tp.partition, counts, pending)
         # The in-memory table still holds models of partitions that moved away: export a
         # model only when its records' partition (the producer's key hash) is ours.
@@ -350,7 +351,7 @@ class Pipeline:
             self._stale_snapshot = True
             return
         every = list(range(count))
-        for key, raw in list(self.models_table.data.items()):
+        for key, raw in every_entry(self.models_table, owned):
             model = _model_of(key)
             if (model is not None and model not in self.snapshot.models
                     and _PARTITIONER(model.encode(), every, every) in owned):
@@ -447,8 +448,9 @@ class Pipeline:
 
     async def _open(self, partition: int) -> JoinPartition:
         """The partition's join state; first finishes a batch a dead worker left half-sent."""
-        store = entries(self.join_table)
-        if not self.joins and not self._heaps:  # the first since the rebalance
+        store = entries(self.join_table, partition)
+        if not self.joins and not self._heaps and shared_entries(self.join_table) is not None:
+            # The first since the rebalance, over the one store of all partitions.
             assigned = {tp.partition for tp in self.app.consumer.assignment()
                         if tp.topic == self.names.predictions} | {partition}
             # Every assigned partition gets heaps, empty ones too.
@@ -685,11 +687,12 @@ class Pipeline:
                         # What the broker no longer holds (retention) is accepted.
                         await self._monitor([(tp, missed)], ends={tp.partition: done})
 
-    def _stored(self, model: str) -> ModelState:
-        """The model's state as the models table holds it, or a new one. One that cannot
-        be read back (a later release's, or corrupted) stops the model stage, naming the
-        model: starting it afresh would overwrite the stored state."""
-        raw = self.models_table.data.get(_model_key(model))
+    def _stored(self, model: str, partition: int) -> ModelState:
+        """The model's state as the models table holds it (under its records partition),
+        or a new one. One that cannot be read back (a later release's, or corrupted) stops
+        the model stage, naming the model: starting it afresh would overwrite the stored
+        state."""
+        raw = entries(self.models_table, partition).get(_model_key(model))
         if raw is None:
             return ModelState(model, self.policies)
         try:
@@ -710,7 +713,7 @@ class Pipeline:
         batch) with them absorbed again. Absorbing is deterministic, so this is the state
         as if the message that failed part-way through had never come; the retraining
         events they fire again were already taken the first time."""
-        state = self._referenced(self._stored(model))
+        state = self._referenced(self._stored(model, partition))
         for records in absorbed:
             state.absorb_many(records)
         entry = self.states[model] = (partition, state)
@@ -734,7 +737,7 @@ class Pipeline:
 
     def _records_expected(self, partition: int) -> int | None:
         if partition not in self._records_next:
-            raw = self.models_table.data.get(_records_key(partition))
+            raw = entries(self.models_table, partition).get(_records_key(partition))
             self._records_next[partition] = int(raw) if raw is not None else None
         return self._records_next[partition]
 
@@ -797,7 +800,8 @@ class Pipeline:
                     continue
                 entry = self.states.get(model)
                 if entry is None:
-                    entry = self.states[model] = (tp.partition, self._stored(model))
+                    entry = self.states[model] = (tp.partition,
+                                                  self._stored(model, tp.partition))
                 state = self._referenced(entry[1])
                 skipped, rejected = state.replays_skipped, state.rejected
                 try:
@@ -833,7 +837,7 @@ class Pipeline:
         for model, (partition, state) in touched.items():
             blob = codec.dumps(state)
             key = _model_key(model)
-            self.models_table.data[key] = blob
+            entries(self.models_table, partition)[key] = blob
             acks.extend(await write(self.models_table, partition, {key: blob}))
         await asyncio.gather(*acks)
         # Each marker once the states before it are stored: it never runs ahead of them.
@@ -841,8 +845,9 @@ class Pipeline:
         for partition in {tp.partition for tp, _ in runs}:
             next_ = self._records_next.get(partition)
             key, value = _records_key(partition), str(next_).encode()
-            if next_ is not None and self.models_table.data.get(key) != value:
-                self.models_table.data[key] = value
+            store = entries(self.models_table, partition)
+            if next_ is not None and store.get(key) != value:
+                store[key] = value
                 acks.extend(await write(self.models_table, partition, {key: value}))
         await asyncio.gather(*acks)
         for _, state in touched.values():

@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Collection, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 import faust.stores.memory
+import faust.stores.rocksdb
+import rocksdict
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP, AppT
 
 from streams.settings import Settings
 
-__all__ = ["Tables", "declare_tables", "entries", "track_topics", "write"]
+__all__ = ["Tables", "declare_tables", "entries", "every_entry", "shared_entries", "track_topics",
+           "write"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class _Table(faust.Table):
     Faust names it after the app id, which is also the consumer group; a role runs under
     a group of its own (``Settings.group``) but must read and write the same changelog
     as a worker running both stages. Under ``memory://`` its store is a
-    :class:`_PreloadingStore`.
+    :class:`_PreloadingStore`, under ``rocksdb://`` a :class:`_DurableStore`.
     """
 
     changelog_name = ""
@@ -58,6 +61,12 @@ class _Table(faust.Table):
                 key_serializer=self.key_serializer, value_serializer=self.value_serializer,
                 value_type=self.value_type, loop=self.loop, options=self.options,
                 settings=self.settings)
+        if str(url).startswith("rocksdb:") and self.settings is not None:
+            return _DurableStore(
+                url, self.app, self, table_name=self.name, key_type=self.key_type,
+                key_serializer=self.key_serializer, value_serializer=self.value_serializer,
+                value_type=self.value_type, loop=self.loop, options=self.options,
+                settings=self.settings)
         return super()._new_store_by_url(url)
 
 
@@ -66,21 +75,120 @@ class _Table(faust.Table):
 READ_BUDGET_SECONDS = 20.0
 
 
-class _PreloadingStore(faust.stores.memory.Store):
-    """Faust's in-memory store, which reads its changelog partitions itself, a fetch at a
-    time, before Faust's recovery starts, and tells the recovery where it got to
-    (:meth:`persisted_offset`, as a RocksDB store tells the offset it holds), so that
-    the recovery finds nothing left to read.
+class _ChangelogReader:
+    """A store that reads its active changelog partitions itself, a fetch at a time,
+    before Faust's recovery starts, and tells the recovery where it got to
+    (``persisted_offset``), so that the recovery finds nothing left to read.
 
     Faust's recovery hands each changelog record through its event machinery and checks
     every partition's progress per record: about 6,600 records/s on an idle 2-core
     machine (278,000 records in 42 s; this reads them in 0.8 s), during which the worker
-    takes no input. A partition newly assigned is read from its start, after what the
-    store held of it from an earlier assignment is dropped; one this store already held
-    from where its last reading ended, as Faust would (the worker's own writes since,
-    applied again to the same result, and any another worker made meanwhile). A reading
-    that fails or outlasts :data:`READ_BUDGET_SECONDS` leaves the rest to Faust.
+    takes no input. A partition the store holds nothing of is read from its start; one
+    it holds from the offset after the last it applied, as Faust would (under
+    ``memory://`` the worker's own writes since, applied again to the same result, and
+    any another worker made meanwhile). A reading that fails or outlasts
+    :data:`READ_BUDGET_SECONDS` leaves the rest to Faust, from where it stopped.
     """
+
+    app: AppT
+    table: Any
+    settings: Settings
+
+    def _held_offset(self, tp: TopicPartition) -> int | None:
+        """The last offset of ``tp`` the store applied; None: it holds nothing of it."""
+        raise NotImplementedError
+
+    def _restart(self, tps: set[TopicPartition]) -> None:
+        """Forget what the store holds of ``tps``: they are read from their start."""
+        raise NotImplementedError
+
+    def _apply(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Apply changelog ``records`` of ``tp`` (in offset order) and their last offset."""
+        raise NotImplementedError
+
+    def _reached(self, tp: TopicPartition, offset: int) -> None:
+        """``tp`` is applied up to ``offset`` (the records past its last are not keys)."""
+        raise NotImplementedError
+
+    def _actives(self, generation_id: int) -> set[TopicPartition] | None:
+        """The changelog partitions this worker is active for; None while a newer
+        rebalance is under way (Faust's recovery skips this one too)."""
+        if generation_id != self.app.consumer_generation_id:
+            return None
+        topic = self.table.changelog_topic.get_topic_name()
+        return {TopicPartition(tp.topic, tp.partition)
+                for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+
+    async def _read_logged(self, actives: set[TopicPartition]) -> None:
+        if not actives:
+            return
+        new = sum(1 for tp in actives if self._held_offset(tp) is None)
+        started = time.monotonic()
+        n = await self._read(actives, started + READ_BUDGET_SECONDS)
+        log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
+                 "in %.1f s before recovery", self.table.changelog_topic.get_topic_name(),
+                 n, len(actives), new, time.monotonic() - started)
+
+    async def _read(self, tps: set[TopicPartition], deadline: float) -> int:
+        """Read ``tps`` up to their ends into the store; return how many records."""
+        settings = self.settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+            group_id=None, max_partition_fetch_bytes=settings.fetch_bytes,
+            # Where the log no longer reaches back to held + 1: from its start.
+            auto_offset_reset="earliest", **settings.aiokafka_security())
+        n = 0
+        try:
+            # Held nothing of: the changelog alone says what they hold, from its start.
+            held = {tp: self._held_offset(tp) for tp in tps}
+            new = {tp for tp, offset in held.items() if offset is None}
+            self._restart(new)
+            await consumer.start()
+            consumer.assign(list(tps))
+            ends = await consumer.end_offsets(list(tps))
+            # So too a changelog that no longer reaches where the last reading ended
+            # (deleted and made again).
+            gone = {tp for tp in tps - new if ends[tp] <= cast(int, held[tp])}
+            self._restart(gone)
+            new |= gone
+            after = {tp: -1 if tp in new else cast(int, held[tp]) for tp in tps}
+            for tp in new:
+                await consumer.seek_to_beginning(tp)
+            for tp in tps - new:
+                consumer.seek(tp, after[tp] + 1)
+            pending = {tp for tp in tps if ends[tp] > after[tp] + 1}
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{READ_BUDGET_SECONDS:g} s passed")
+                fetched = await consumer.getmany(*pending, timeout_ms=1000)
+                for tp, records in fetched.items():
+                    if records:
+                        self._apply(tp, records)
+                        n += len(records)
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+            for tp in tps:
+                self._reached(tp, ends[tp] - 1)
+        except Exception as exc:
+            # What was applied stays, with how far it got: Faust's recovery reads on from
+            # there (a new partition with nothing read: from its start).
+            log.warning("%s: reading changelog partitions stopped after %d records (%s: "
+                        "%s); Faust's recovery reads the rest",
+                        self.table.changelog_topic.get_topic_name(), n,
+                        type(exc).__name__, exc)
+        finally:
+            try:
+                await consumer.stop()
+            except Exception as exc:
+                log.warning("stopping the changelog reader: %s: %s", type(exc).__name__, exc)
+        return n
+
+
+class _PreloadingStore(_ChangelogReader, faust.stores.memory.Store):
+    """Faust's in-memory store, read by :class:`_ChangelogReader`. A partition newly
+    assigned is read from its start, after what the store held of it from an earlier
+    assignment is dropped."""
 
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,22 +201,13 @@ class _PreloadingStore(faust.stores.memory.Store):
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
                            newly_assigned: set[TP], generation_id: int = 0) -> None:
-        app = self.app
-        if generation_id != app.consumer_generation_id:
-            return  # a newer rebalance is under way: Faust's recovery skips this one too
-        topic = self.table.changelog_topic.get_topic_name()
-        actives = {TopicPartition(tp.topic, tp.partition)
-                   for tp in app.assignor.assigned_actives() if tp.topic == topic}
+        actives = self._actives(generation_id)
+        if actives is None:
+            return
         self._held = {tp.partition for tp in actives}
         for tp in set(self._read_to) - actives:
             del self._read_to[tp]
-        if actives:
-            new = len(actives - set(self._read_to))
-            started = time.monotonic()
-            n = await self._read(actives, started + READ_BUDGET_SECONDS)
-            log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
-                     "in %.1f s before recovery", topic, n, len(actives), new,
-                     time.monotonic() - started)
+        await self._read_logged(actives)
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         """Drop the entries of partitions no longer held. Faust's store judges by the
@@ -119,8 +218,10 @@ class _PreloadingStore(faust.stores.memory.Store):
     def persisted_offset(self, tp: TP) -> int | None:
         return self._read_to.get(TopicPartition(tp.topic, tp.partition))
 
-    def _drop(self, tps: set[TopicPartition]) -> None:
-        """Forget what the store holds of ``tps``, and that it read them."""
+    def _held_offset(self, tp: TopicPartition) -> int | None:
+        return self._read_to.get(tp)
+
+    def _restart(self, tps: set[TopicPartition]) -> None:
         self._drop_keys({tp.partition for tp in tps})
         for tp in tps:
             self._read_to.pop(tp, None)
@@ -131,70 +232,184 @@ class _PreloadingStore(faust.stores.memory.Store):
             self.data.pop(key, None)
             del where[key]
 
-    async def _read(self, tps: set[TopicPartition], deadline: float) -> int:
-        """Read ``tps`` up to their ends into the store; return how many records."""
-        data, where = self.data, self._key_partition
-        settings = self.settings
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-            group_id=None, max_partition_fetch_bytes=settings.fetch_bytes,
-            # Where the log no longer reaches back to held + 1: from its start.
-            auto_offset_reset="earliest", **settings.aiokafka_security())
-        n = 0
-        # Newly assigned: the changelog alone says what they hold, from its start.
-        new = {tp for tp in tps if tp not in self._read_to}
-        self._drop(new)
-        try:
-            await consumer.start()
-            consumer.assign(list(tps))
-            ends = await consumer.end_offsets(list(tps))
-            # So too a changelog that no longer reaches where the last reading ended
-            # (deleted and made again).
-            gone = {tp for tp in tps - new if ends[tp] <= self._read_to[tp]}
-            self._drop(gone)
-            new |= gone
-            for tp in new:
-                await consumer.seek_to_beginning(tp)
-            for tp in tps - new:
-                consumer.seek(tp, self._read_to[tp] + 1)
-            pending = {tp for tp in tps if ends[tp] > self._read_to.get(tp, -1) + 1}
-            while pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{READ_BUDGET_SECONDS:g} s passed")
-                fetched = await consumer.getmany(*pending, timeout_ms=1000)
-                for tp, records in fetched.items():
-                    partition = tp.partition
-                    for rec in records:
-                        if rec.key is None:
-                            continue
-                        key = rec.key.decode()
-                        if rec.value is None:  # a tombstone: Faust's store deletes it
-                            data.pop(key, None)
-                            where.pop(key, None)
-                        else:
-                            data[key] = rec.value
-                            where[key] = partition
-                    if records:
-                        self._read_to[tp] = records[-1].offset
-                        n += len(records)
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-            for tp in tps:
-                self._read_to[tp] = ends[tp] - 1
-        except Exception as exc:
-            # What was applied stays, and _read_to says how far: Faust's recovery reads
-            # on from there (a new partition with nothing read: from its start).
-            log.warning("%s: reading changelog partitions stopped after %d records (%s: "
-                        "%s); Faust's recovery reads the rest",
-                        self.table.changelog_topic.get_topic_name(), n,
-                        type(exc).__name__, exc)
-        finally:
-            try:
-                await consumer.stop()
-            except Exception as exc:
-                log.warning("stopping the changelog reader: %s: %s", type(exc).__name__, exc)
-        return n
+    def _apply(self, tp: TopicPartition, records: list[Any]) -> None:
+        data, where, partition = self.data, self._key_partition, tp.partition
+        for rec in records:
+            if rec.key is None:
+                continue
+            key = rec.key.decode()
+            if rec.value is None:  # a tombstone: Faust's store deletes it
+                data.pop(key, None)
+                where.pop(key, None)
+            else:
+                data[key] = rec.value
+                where[key] = partition
+        self._read_to[tp] = records[-1].offset
+
+    def _reached(self, tp: TopicPartition, offset: int) -> None:
+        self._read_to[tp] = offset
+
+
+_ABSENT: Any = object()
+
+
+class PartitionEntries(MutableMapping[str, bytes]):
+    """One changelog partition's entries under ``rocksdb://``: its RocksDB database, seen
+    through the changes the changelog has not acknowledged yet.
+
+    A change goes into ``pending`` when it is made (None: deleted) and into the database
+    once the changelog has acknowledged it (:meth:`commit`), in one RocksDB write batch
+    with the changelog offset it reached. So the database holds what the changelog holds
+    up to that offset, and nothing more: after a kill -9 Faust's recovery reads on from
+    the offset, and the input is replayed from its committed offsets onto the state of
+    the changelog, as under ``memory://``. A database written at once would run ahead of
+    its changelog: a replayed batch would meet its own predictions and take them for
+    duplicates, and find outcomes absorbed whose records were never sent.
+
+    Parameters
+    ----------
+    open_db
+        The partition's database by partition (Faust's store opens it on first use).
+    partition
+        The changelog partition, which is the input partition its entries came from.
+    pending
+        The partition's unacknowledged changes, shared by every view of it.
+    """
+
+    __slots__ = ("_open_db", "partition", "pending")
+
+    def __init__(self, open_db: Callable[[int], Any], partition: int,
+                 pending: dict[str, bytes | None]) -> None:
+        self._open_db = open_db
+        self.partition = partition
+        self.pending = pending
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.pending.get(key, _ABSENT)
+        if value is _ABSENT:
+            value = self._open_db(self.partition).get(key.encode())
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> bytes:
+        value: bytes | None = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        self.pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if self.get(key) is None:
+            raise KeyError(key)
+        self.pending[key] = None
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def items(self) -> Iterator[tuple[str, bytes]]:  # type: ignore[override]
+        """Every entry, the database's read through ``pending``, in no set order."""
+        pending = self.pending
+        for raw_key, value in self._open_db(self.partition).items():
+            if raw_key == _OFFSET_KEY:
+                continue
+            key = raw_key.decode()
+            if key not in pending:
+                yield key, value
+        yield from ((k, v) for k, v in list(pending.items()) if v is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self.items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+    def commit(self, changes: Collection[tuple[str, bytes | None]], offset: int | None) -> None:
+        """Write ``changes``, which the changelog has acknowledged up to ``offset``, to the
+        database in one batch; they leave ``pending`` unless changed again since."""
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in changes:
+            if value is None:
+                batch.delete(key.encode())
+            else:
+                batch.put(key.encode(), value)
+        if offset is not None:  # None: an unacknowledged producer (acks=0)
+            batch.put(_OFFSET_KEY, str(offset).encode())
+        self._open_db(self.partition).write(batch)
+        pending = self.pending
+        for key, value in changes:
+            if pending.get(key, _ABSENT) is value:
+                del pending[key]
+
+
+_OFFSET_KEY: bytes = faust.stores.rocksdb.Store.offset_key
+
+
+class _DurableStore(_ChangelogReader, faust.stores.rocksdb.Store):
+    """Faust's RocksDB store (a database per changelog partition, with the changelog
+    offset it holds), read by :class:`_ChangelogReader` from that offset on, and written
+    only through :class:`PartitionEntries`: Faust's own writes take the partition from
+    the event being processed, and the worker takes its input a fetch at a time, outside
+    Faust's events."""
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self._pending: dict[int, dict[str, bytes | None]] = {}
+
+    def entries(self, partition: int) -> PartitionEntries:
+        return PartitionEntries(self._db_for_partition, partition,
+                                self._pending.setdefault(partition, {}))
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
+                           newly_assigned: set[TP], generation_id: int = 0) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        actives = self._actives(generation_id)
+        if actives:
+            await self._read_logged(actives)
+
+    def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
+        for tp in tps:
+            if tp.topic in table.changelog_topic.topics:
+                # A rebalance waits for the batch in flight: nothing is left unacknowledged.
+                self._pending.pop(tp.partition, None)
+        super().revoke_partitions(table, tps)
+
+    def _held_offset(self, tp: TopicPartition) -> int | None:
+        return self.persisted_offset(cast(TP, tp))
+
+    def _restart(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            db = self._db_for_partition(tp.partition)
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for key in db.keys():  # noqa: SIM118 (an Rdict iterates no keys)
+                batch.delete(key)
+            db.write(batch)
+
+    def _apply(self, tp: TopicPartition, records: list[Any]) -> None:
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for rec in records:
+            if rec.key is None:
+                continue
+            if rec.value is None:
+                batch.delete(rec.key)
+            else:
+                batch.put(rec.key, rec.value)
+        batch.put(_OFFSET_KEY, str(records[-1].offset).encode())
+        self._db_for_partition(tp.partition).write(batch)
+
+    def _reached(self, tp: TopicPartition, offset: int) -> None:
+        db = self._db_for_partition(tp.partition)
+        if db.get(_OFFSET_KEY) != str(offset).encode():
+            db[_OFFSET_KEY] = str(offset).encode()
+
+
+async def _committed(entries: PartitionEntries, changes: list[tuple[str, bytes | None]],
+                     acks: list[Awaitable[Any]], counts: list[int]) -> None:
+    """Once the changelog has acknowledged ``changes``, write them to the database."""
+    sent = await asyncio.gather(*acks)
+    last = sent[-1]
+    entries.commit(changes, None if last is None else last.offset + counts[-1] - 1)
 
 
 def declare_tables(app: faust.App, partitions: int, settings: Settings) -> Tables:
@@ -237,6 +452,7 @@ async def write(table: faust.Table, partition: int,
     topic = table.changelog_topic.get_topic_name()
     producer = _kafka_producer(table.app)
     acks: list[Awaitable[Any]] = []
+    counts: list[int] = []
     batch = producer.create_batch()
     # The memory store's record of each key's partition: Faust's recovery fills it, and
     # drops the keys of partitions that moved away by it (_PreloadingStore too).
@@ -249,11 +465,16 @@ async def write(table: faust.Table, partition: int,
                 where[key] = partition
         raw_key = key.encode()
         if batch.append(timestamp=None, key=raw_key, value=value) is None:  # full
+            counts.append(batch.record_count())
             acks.append(await producer.send_batch(batch, topic, partition=partition))
             batch = producer.create_batch()
             batch.append(timestamp=None, key=raw_key, value=value)  # a first one always fits
     if batch.record_count():
+        counts.append(batch.record_count())
         acks.append(await producer.send_batch(batch, topic, partition=partition))
+    store = table.data
+    if isinstance(store, _DurableStore) and acks:
+        return [_committed(store.entries(partition), list(changes.items()), acks, counts)]
     return acks
 
 
@@ -284,9 +505,9 @@ def track_topics(producer: AIOKafkaProducer | None,
     return cast("asyncio.Future[Any]", client.set_topics(tracked | set(topics)))
 
 
-def entries(table: faust.Table) -> MutableMapping[str, bytes]:
-    """The mapping ``models/`` keeps a table's entries in: the plain dict under Faust's
-    in-memory store, else the store itself (RocksDB).
+def shared_entries(table: faust.Table) -> MutableMapping[str, bytes] | None:
+    """The one mapping that holds all of a table's entries under ``memory://`` (the plain
+    dict under Faust's store), else None: a database per partition (``rocksdb://``).
 
     The memory store is a ``FastUserDict`` over that dict: every ``get`` is two Python
     calls, and a miss (a new prediction id, the join's most common lookup) raises and
@@ -297,7 +518,30 @@ def entries(table: faust.Table) -> MutableMapping[str, bytes]:
     inner = getattr(store, "data", None)
     if isinstance(store, faust.stores.memory.Store) and isinstance(inner, dict):
         return inner
-    return cast(MutableMapping[str, bytes], store)
+    return None
+
+
+def entries(table: faust.Table, partition: int) -> MutableMapping[str, bytes]:
+    """The mapping ``models/`` keeps the entries of a table's ``partition`` in, which
+    :func:`write` sends to that changelog partition: under ``memory://`` the dict of all
+    partitions (:func:`shared_entries`), under ``rocksdb://`` the partition's database
+    read through its unacknowledged changes (:class:`PartitionEntries`)."""
+    store = table.data
+    if isinstance(store, _DurableStore):
+        return store.entries(partition)
+    shared = shared_entries(table)
+    if shared is None:
+        raise TypeError(f"table {table.name!r}: a store of neither memory:// nor rocksdb://")
+    return shared
+
+
+def every_entry(table: faust.Table, partitions: Collection[int]) -> list[tuple[str, bytes]]:
+    """The entries of ``partitions`` (under ``memory://``: of every partition held)."""
+    shared = shared_entries(table)
+    if shared is not None:
+        return list(shared.items())
+    return [item for partition in sorted(partitions)
+            for item in entries(table, partition).items()]
 
 
 def _kafka_producer(app: AppT) -> AIOKafkaProducer:

@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from models.simulation import Scenario
 from tests.streams.harness import (
     all_committed,
@@ -72,15 +74,20 @@ def still(broker: str, prefix: str, at_kill: tuple[dict[Any, int], dict[Any, int
             for tp in sorted(was) if was[tp] < ends[tp] and committed[tp] <= was[tp]]
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
-        start_worker, kafka_broker, prefix):
+        start_worker, kafka_broker, prefix, tmp_path, store):
     events = merged(scenarios(50_000))  # 200,000 predictions, 5% never labelled
     expected = oracle(events)
     assert sum(expected.predictions.values()) == 200_000
     assert expected.retraining_ids == {"m3:1:000001"}
 
-    env = {"DRIFTWARDEN_PARTITIONS": "8"}
-    workers = [start_worker(**env), start_worker(**env)]
+    def env(slot: int) -> dict[str, str]:
+        """Under rocksdb:// a killed worker's successor opens its databases."""
+        return {"DRIFTWARDEN_PARTITIONS": "8", "DRIFTWARDEN_STORE": store,
+                "DRIFTWARDEN_DATA_DIR": str(tmp_path / f"slot-{slot}")}
+
+    workers = [start_worker(**env(0)), start_worker(**env(1))]
     publisher = ThreadPoolExecutor(1)
     published = publisher.submit(run, produce(kafka_broker, records(prefix, events),
                                               throttle=RATE))
@@ -113,7 +120,7 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
         proc.wait(timeout=30)
         kills += 1
         time.sleep(2.0)
-        workers[victim] = start_worker(wait=False, **env)
+        workers[victim] = start_worker(wait=False, **env(victim))
 
     publisher.shutdown()
     assert published.result() == len(events)  # re-raises what the publisher raised

@@ -278,22 +278,85 @@ def test_a_restarted_worker_reads_its_changelogs_itself_and_goes_on_from_them(
     _all_joined(second)
 
 
-def test_partitions_that_come_back_are_read_again_with_what_their_other_owner_wrote(
-        start_worker, kafka_broker, prefix):
-    """The join's partitions, read at start-up, move to a second worker, which stores
-    predictions there, and come back when it stops: the first reads them from the
-    changelog's start, not from where its reading ended before (Faust dropped what it
-    held of them when they left), so every prediction meets its label there."""
+def _databases(data_dir: Any, table: str) -> dict[int, dict[bytes, bytes]]:
+    """What the RocksDB databases of ``table`` under ``data_dir`` hold, by partition."""
+    import rocksdict
+
+    out = {}
+    for path in sorted(data_dir.glob(f"v1/tables/{table}-*.db")):
+        db = rocksdict.Rdict(str(path), rocksdict.Options(raw_mode=True),
+                             access_type=rocksdict.AccessType.read_only())
+        out[int(path.stem.rsplit("-", 1)[1])] = dict(db.items())
+        db.close()
+    return out
+
+
+def _compacted(records: list[Any]) -> dict[int, dict[bytes, bytes]]:
+    """A changelog's state by partition (each key's last value, tombstones deleting), with
+    the offset of its last record under Faust's offset key."""
+    out: dict[int, dict[bytes, bytes]] = {}
+    for rec in records:
+        state = out.setdefault(rec.partition, {})
+        if rec.value is None:
+            state.pop(rec.key, None)
+        else:
+            state[rec.key] = rec.value
+        state[b"__faust\x00offset__"] = str(rec.offset).encode()
+    return out
+
+
+def test_under_rocksdb_a_killed_worker_leaves_its_changelogs_state_on_disk_and_goes_on(
+        start_worker, kafka_broker, prefix, tmp_path):
+    """``DRIFTWARDEN_STORE=rocksdb://``: the tables live on disk, a database per
+    partition. After a kill -9 each database holds exactly its changelog's state and the
+    offset it reached, so the restarted worker reads nothing back and goes on exactly."""
+    env = {"DRIFTWARDEN_STORE": "rocksdb://", "DRIFTWARDEN_DATA_DIR": str(tmp_path / "rocks")}
+    mv = {"model": "fraud", "version": "0"}
+    first = start_worker(**env)
     predictions, labels = _four_thousand(prefix)
-    before = start_worker()
+    run(produce(kafka_broker, predictions + labels[:2000]))
+    wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 2000
+               and first.value("driftwarden_pending_labels") == 2000, 60,
+               "2,000 outcomes, 2,000 predictions pending")
+    assert first.proc is not None
+    first.proc.kill()  # SIGKILL
+    first.proc.wait(timeout=30)
+    for table in ("join", "models"):
+        changelog = run(read_topic(kafka_broker, f"{prefix}driftwarden-{table}-changelog",
+                                   idle=1.0))
+        # A database of an empty changelog partition holds that it read to offset -1.
+        held = {p: state for p, state in _databases(tmp_path / "rocks", table).items()
+                if state != {b"__faust\x00offset__": b"-1"}}
+        assert held == _compacted(changelog), table
+    assert len(held) == 1  # the models table: model fraud's partition
+
+    second = start_worker(**env)
+    wait_until(lambda: second.value("driftwarden_pending_labels") == 2000, 30,
+               "the 2,000 pending predictions exported")
+    assert "Still fetching changelog topics" not in second.log_text()
+    run(produce(kafka_broker, labels[2000:]))
+    _all_joined(second)
+
+
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_partitions_that_come_back_are_read_again_with_what_their_other_owner_wrote(
+        start_worker, kafka_broker, prefix, store):
+    """The join's partitions, read at start-up, move to a second worker, which stores
+    predictions there, and come back when it stops: under memory:// the first reads them
+    from the changelog's start, not from where its reading ended before (Faust dropped
+    what it held of them when they left); under rocksdb:// (a data directory per worker)
+    on from the offset its databases kept. Either way every prediction meets its label
+    there."""
+    predictions, labels = _four_thousand(prefix)
+    before = start_worker(DRIFTWARDEN_STORE=store)
     run(produce(kafka_broker, predictions[:2000]))
     wait_until(lambda: before.value("driftwarden_pending_labels") == 2000, 60,
                "2,000 pending predictions")
     before.stop()
-    first = start_worker()  # reads every partition's changelog to its end
+    first = start_worker(DRIFTWARDEN_STORE=store)  # reads every partition's changelog
     wait_until(lambda: first.value("driftwarden_pending_labels") == 2000, 60,
                "2,000 pending predictions on the first worker")
-    second = start_worker()
+    second = start_worker(DRIFTWARDEN_STORE=store)
 
     def shared() -> bool:
         pending = [w.value("driftwarden_pending_labels") for w in (first, second)]
@@ -949,7 +1012,7 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
     app = create_app(settings, 4)
     tables = declare_tables(app, 4, settings)
     assert tables.join is not None
-    join = entries(tables.join)
+    join = entries(tables.join, 0)
     assert type(join) is dict
     join["a"] = b"1"
     assert tables.join.data["a"] == b"1"
@@ -963,7 +1026,35 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
         lambda value: value)
     assert join == {"b": b"2"}  # recovered into it: a set key, a tombstone
     tables.join.data._clear()  # what a rebalance does to the memory store
-    assert join == {} and entries(tables.join) is join
+    assert join == {} and entries(tables.join, 3) is join
+
+
+def test_a_rocksdb_partition_holds_only_what_its_changelog_acknowledged(tmp_path):
+    """Under rocksdb:// a change is seen at once, and reaches the database only with the
+    changelog offset that acknowledged it: a kill -9 leaves the changelog's state."""
+    import rocksdict
+
+    from streams.tables import PartitionEntries
+
+    db = rocksdict.Rdict(str(tmp_path / "p3.db"), rocksdict.Options(raw_mode=True))
+    db[b"old"] = b"0"
+    pending: dict[str, bytes | None] = {}
+    part = PartitionEntries(lambda partition: {3: db}[partition], 3, pending)
+    part["a"], part["b"] = b"1", b"2"
+    del part["old"]
+    assert (part.get("a"), part.get("old"), "old" in part, sorted(part.items())) == (
+        b"1", None, False, [("a", b"1"), ("b", b"2")])
+    assert list(db.items()) == [(b"old", b"0")]  # nothing acknowledged yet
+    sent = [("a", b"1"), ("b", b"2"), ("old", None)]
+    part["a"] = b"3"  # changed again while the write was on its way
+    part.commit(sent, offset=41)
+    assert dict(db.items()) == {b"a": b"1", b"b": b"2", b"__faust\x00offset__": b"41"}
+    assert pending == {"a": b"3"} and part["a"] == b"3" and len(part) == 2
+    part.commit([("a", b"3")], offset=42)
+    assert (pending, db[b"a"], db[b"__faust\x00offset__"]) == ({}, b"3", b"42")
+    with pytest.raises(KeyError):
+        del part["old"]
+    db.close()
 
 
 def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_broker, prefix,
