@@ -2,9 +2,9 @@
 
 Both tables hold bytes that ``models/`` encodes: the join table compact orjson entries
 (``models.join``), the models table one ``ModelState`` per model (``models.codec``).
-Agents change ``table.data`` directly and then call :func:`write`, which sends each
-changed key to the changelog partition of the input partition it came from, once per
-batch.
+Agents change a partition's entries (:func:`entries`) and then call :func:`write`,
+which sends each changed key to the changelog partition of the input partition it came
+from, once per batch.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from faust.types import TP, AppT
 
 from streams.settings import Settings
 
-__all__ = ["Tables", "declare_tables", "entries", "every_entry", "shared_entries", "track_topics",
-           "write"]
+__all__ = ["Held", "PartitionEntries", "Tables", "declare_tables", "entries", "every_entry",
+           "shared_entries", "track_topics", "write"]
 
 log = logging.getLogger(__name__)
 
@@ -272,17 +272,18 @@ class PartitionEntries(MutableMapping[str, bytes]):
         The partition's database by partition (Faust's store opens it on first use).
     partition
         The changelog partition, which is the input partition its entries came from.
-    pending
-        The partition's unacknowledged changes, shared by every view of it.
+    held
+        What the worker holds of the partition since it was assigned: its unacknowledged
+        changes, shared by every view of it.
     """
 
-    __slots__ = ("_open_db", "partition", "pending")
+    __slots__ = ("_open_db", "held", "partition", "pending")
 
-    def __init__(self, open_db: Callable[[int], Any], partition: int,
-                 pending: dict[str, bytes | None]) -> None:
+    def __init__(self, open_db: Callable[[int], Any], partition: int, held: Held) -> None:
         self._open_db = open_db
         self.partition = partition
-        self.pending = pending
+        self.held = held
+        self.pending = held.pending
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.pending.get(key, _ABSENT)
@@ -311,7 +312,7 @@ class PartitionEntries(MutableMapping[str, bytes]):
         """Every entry, the database's read through ``pending``, in no set order."""
         pending = self.pending
         for raw_key, value in self._open_db(self.partition).items():
-            if raw_key == _OFFSET_KEY:
+            if raw_key in _MARKS:
                 continue
             key = raw_key.decode()
             if key not in pending:
@@ -324,25 +325,72 @@ class PartitionEntries(MutableMapping[str, bytes]):
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
 
-    def commit(self, changes: Collection[tuple[str, bytes | None]], offset: int | None) -> None:
-        """Write ``changes``, which the changelog has acknowledged up to ``offset``, to the
-        database in one batch; they leave ``pending`` unless changed again since."""
+    def commit(self, changes: Collection[tuple[str, bytes | None]], first: int,
+               last: int) -> None:
+        """Write ``changes``, which the changelog acknowledged at offsets ``first`` to
+        ``last``, to the database in one batch; they leave ``pending`` unless changed
+        again since.
+
+        Once the partition was revoked, nothing: its database is its next owner's to read
+        (a write sent by a timer may be acknowledged after a rebalance began). When the
+        database did not hold the changelog up to ``first - 1`` (another writer's records
+        in between), the changes are written without an offset, and the offset the
+        database had is removed: it no longer holds a prefix of its changelog, and is
+        read again from the start when next assigned.
+        """
+        if self.held.revoked:
+            return
+        db = self._open_db(self.partition)
         batch = rocksdict.WriteBatch(raw_mode=True)
         for key, value in changes:
             if value is None:
                 batch.delete(key.encode())
             else:
                 batch.put(key.encode(), value)
-        if offset is not None:  # None: an unacknowledged producer (acks=0)
-            batch.put(_OFFSET_KEY, str(offset).encode())
-        self._open_db(self.partition).write(batch)
+        held_to = db.get(_OFFSET_KEY)
+        if held_to is not None and int(held_to) + 1 == first:
+            _mark(batch, last)
+        else:
+            for mark in _MARKS:
+                batch.delete(mark)
+            if held_to is not None:
+                log.warning("changelog partition %d: written at offset %d while the "
+                            "database held it to %s; it is read again from the start when "
+                            "next assigned", self.partition, first, held_to.decode())
+        db.write(batch)
         pending = self.pending
         for key, value in changes:
             if pending.get(key, _ABSENT) is value:
                 del pending[key]
 
 
+class Held:
+    """What a worker holds of one changelog partition under ``rocksdb://``, from its
+    assignment to its revocation."""
+
+    __slots__ = ("pending", "revoked")
+
+    def __init__(self) -> None:
+        self.pending: dict[str, bytes | None] = {}  # unacknowledged changes; None: deleted
+        self.revoked = False
+
+
+#: Where Faust's store keeps the last changelog offset a database holds.
 _OFFSET_KEY: bytes = faust.stores.rocksdb.Store.offset_key
+#: When the database last held its changelog's state (Unix time).
+_SYNCED_KEY = b"__driftwarden\x00synced__"
+_MARKS = frozenset({_OFFSET_KEY, _SYNCED_KEY})
+#: A database last in step with its changelog longer ago than this is read again from the
+#: changelog's start: Kafka's log cleaner drops a tombstone from a compacted topic once
+#: ``delete.retention.ms`` has passed (24 h by default, the changelogs keep the
+#: default), so a deletion made since could be gone and the entry would live on here.
+TOMBSTONES_KEPT_SECONDS = 23 * 3600.0
+
+
+def _mark(batch: Any, offset: int) -> None:
+    """Have ``batch`` record that its database holds the changelog up to ``offset``, now."""
+    batch.put(_OFFSET_KEY, str(offset).encode())
+    batch.put(_SYNCED_KEY, repr(time.time()).encode())
 
 
 class _DurableStore(_ChangelogReader, faust.stores.rocksdb.Store):
@@ -355,11 +403,24 @@ class _DurableStore(_ChangelogReader, faust.stores.rocksdb.Store):
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
-        self._pending: dict[int, dict[str, bytes | None]] = {}
+        self._held: dict[int, Held] = {}
+        # Per partition, the latest write's commit: each waits for the one before.
+        self._commits: dict[int, asyncio.Future[None]] = {}
 
     def entries(self, partition: int) -> PartitionEntries:
-        return PartitionEntries(self._db_for_partition, partition,
-                                self._pending.setdefault(partition, {}))
+        held = self._held.get(partition)
+        if held is None:
+            held = self._held[partition] = Held()
+        return PartitionEntries(self._db_for_partition, partition, held)
+
+    def committed(self, partition: int, changes: list[tuple[str, bytes | None]],
+                  acks: list[Awaitable[Any]], counts: list[int]) -> asyncio.Future[None]:
+        """Commit ``changes`` to the partition's database once their ``acks`` (record
+        batches of ``counts`` records) resolve, after the partition's earlier writes."""
+        future = asyncio.ensure_future(_committed(
+            self.entries(partition), changes, acks, counts, self._commits.get(partition)))
+        self._commits[partition] = future
+        return future
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
                            newly_assigned: set[TP], generation_id: int = 0) -> None:
@@ -371,12 +432,22 @@ class _DurableStore(_ChangelogReader, faust.stores.rocksdb.Store):
     def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
         for tp in tps:
             if tp.topic in table.changelog_topic.topics:
-                # A rebalance waits for the batch in flight: nothing is left unacknowledged.
-                self._pending.pop(tp.partition, None)
+                held = self._held.pop(tp.partition, None)
+                if held is not None:
+                    held.revoked = True
         super().revoke_partitions(table, tps)
 
     def _held_offset(self, tp: TopicPartition) -> int | None:
-        return self.persisted_offset(cast(TP, tp))
+        db = self._db_for_partition(tp.partition)
+        offset, synced = db.get(_OFFSET_KEY), db.get(_SYNCED_KEY)
+        if offset is None or synced is None:
+            return None
+        if time.time() - float(synced) > TOMBSTONES_KEPT_SECONDS:
+            log.info("%s[%d]: the database was last in step with it %.1f h ago: read "
+                     "from the start", self.table.changelog_topic.get_topic_name(),
+                     tp.partition, (time.time() - float(synced)) / 3600)
+            return None
+        return int(offset)
 
     def _restart(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
@@ -395,21 +466,25 @@ class _DurableStore(_ChangelogReader, faust.stores.rocksdb.Store):
                 batch.delete(rec.key)
             else:
                 batch.put(rec.key, rec.value)
-        batch.put(_OFFSET_KEY, str(records[-1].offset).encode())
+        _mark(batch, records[-1].offset)
         self._db_for_partition(tp.partition).write(batch)
 
     def _reached(self, tp: TopicPartition, offset: int) -> None:
-        db = self._db_for_partition(tp.partition)
-        if db.get(_OFFSET_KEY) != str(offset).encode():
-            db[_OFFSET_KEY] = str(offset).encode()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        _mark(batch, offset)
+        self._db_for_partition(tp.partition).write(batch)
 
 
 async def _committed(entries: PartitionEntries, changes: list[tuple[str, bytes | None]],
-                     acks: list[Awaitable[Any]], counts: list[int]) -> None:
-    """Once the changelog has acknowledged ``changes``, write them to the database."""
+                     acks: list[Awaitable[Any]], counts: list[int],
+                     before: asyncio.Future[None] | None) -> None:
+    """Once the changelog has acknowledged ``changes``, and the write ``before`` them is
+    committed, write them to the database."""
     sent = await asyncio.gather(*acks)
-    last = sent[-1]
-    entries.commit(changes, None if last is None else last.offset + counts[-1] - 1)
+    if before is not None:
+        await asyncio.wait([before])  # its failure is its own writer's to raise
+    # The producer waits for every replica (acks=-1, streams.app): each batch has its offset.
+    entries.commit(changes, sent[0].offset, sent[-1].offset + counts[-1] - 1)
 
 
 def declare_tables(app: faust.App, partitions: int, settings: Settings) -> Tables:
@@ -474,7 +549,7 @@ async def write(table: faust.Table, partition: int,
         acks.append(await producer.send_batch(batch, topic, partition=partition))
     store = table.data
     if isinstance(store, _DurableStore) and acks:
-        return [_committed(store.entries(partition), list(changes.items()), acks, counts)]
+        return [store.committed(partition, list(changes.items()), acks, counts)]
     return acks
 
 

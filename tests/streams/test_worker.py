@@ -279,15 +279,19 @@ def test_a_restarted_worker_reads_its_changelogs_itself_and_goes_on_from_them(
 
 
 def _databases(data_dir: Any, table: str) -> dict[int, dict[bytes, bytes]]:
-    """What the RocksDB databases of ``table`` under ``data_dir`` hold, by partition."""
+    """What the RocksDB databases of ``table`` under ``data_dir`` hold, by partition, but
+    the time each last held its changelog's state (checked: within the last minute)."""
     import rocksdict
 
     out = {}
     for path in sorted(data_dir.glob(f"v1/tables/{table}-*.db")):
         db = rocksdict.Rdict(str(path), rocksdict.Options(raw_mode=True),
                              access_type=rocksdict.AccessType.read_only())
-        out[int(path.stem.rsplit("-", 1)[1])] = dict(db.items())
+        state = dict(db.items())
         db.close()
+        synced = float(state.pop(b"__driftwarden\x00synced__"))
+        assert time.time() - 60 < synced <= time.time(), (path, synced)
+        out[int(path.stem.rsplit("-", 1)[1])] = state
     return out
 
 
@@ -1031,29 +1035,41 @@ def test_the_join_keeps_its_entries_in_the_dict_faust_recovers_the_table_into(pr
 
 def test_a_rocksdb_partition_holds_only_what_its_changelog_acknowledged(tmp_path):
     """Under rocksdb:// a change is seen at once, and reaches the database only with the
-    changelog offset that acknowledged it: a kill -9 leaves the changelog's state."""
+    changelog offset that acknowledged it: a kill -9 leaves the changelog's state. A
+    database that would skip another writer's records, or a partition revoked
+    meanwhile, does not take the offset."""
     import rocksdict
 
-    from streams.tables import PartitionEntries
+    from streams.tables import Held, PartitionEntries
 
+    offset_key, synced_key = b"__faust\x00offset__", b"__driftwarden\x00synced__"
     db = rocksdict.Rdict(str(tmp_path / "p3.db"), rocksdict.Options(raw_mode=True))
-    db[b"old"] = b"0"
-    pending: dict[str, bytes | None] = {}
-    part = PartitionEntries(lambda partition: {3: db}[partition], 3, pending)
+    db[b"old"], db[offset_key] = b"0", b"40"
+    held = Held()
+    part = PartitionEntries(lambda partition: {3: db}[partition], 3, held)
     part["a"], part["b"] = b"1", b"2"
     del part["old"]
     assert (part.get("a"), part.get("old"), "old" in part, sorted(part.items())) == (
         b"1", None, False, [("a", b"1"), ("b", b"2")])
-    assert list(db.items()) == [(b"old", b"0")]  # nothing acknowledged yet
+    assert dict(db.items()) == {b"old": b"0", offset_key: b"40"}  # none acknowledged
     sent = [("a", b"1"), ("b", b"2"), ("old", None)]
     part["a"] = b"3"  # changed again while the write was on its way
-    part.commit(sent, offset=41)
-    assert dict(db.items()) == {b"a": b"1", b"b": b"2", b"__faust\x00offset__": b"41"}
-    assert pending == {"a": b"3"} and part["a"] == b"3" and len(part) == 2
-    part.commit([("a", b"3")], offset=42)
-    assert (pending, db[b"a"], db[b"__faust\x00offset__"]) == ({}, b"3", b"42")
+    before = time.time()
+    part.commit(sent, 41, 43)
+    stored = dict(db.items())
+    assert before <= float(stored.pop(synced_key)) <= time.time()
+    assert stored == {b"a": b"1", b"b": b"2", offset_key: b"43"}
+    assert held.pending == {"a": b"3"} and part["a"] == b"3" and len(part) == 2
     with pytest.raises(KeyError):
         del part["old"]
+
+    part.commit([("a", b"3")], 45, 45)  # offset 44: another writer's
+    assert (held.pending, db[b"a"], db.get(offset_key), db.get(synced_key)) == (
+        {}, b"3", None, None)
+    held.revoked = True
+    part["c"] = b"4"
+    part.commit([("c", b"4")], 46, 46)
+    assert db.get(b"c") is None
     db.close()
 
 
@@ -1107,6 +1123,57 @@ def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_brok
     assert run(store._read({tp}, time.monotonic() - 1)) == 0
     assert store.persisted_offset(tp) is None and store.data == {}
     assert "reading changelog partitions stopped after 0 records (TimeoutError" in caplog.text
+
+
+def test_the_rocksdb_store_reads_on_from_its_database_unless_a_day_old(kafka_broker, prefix,
+                                                                        tmp_path):
+    """``_DurableStore._read`` on the real broker: from the start into an empty database,
+    on from the offset the database holds, and from the start again, wiping it, when it
+    was last in step with its changelog longer ago than the broker keeps tombstones (a
+    deletion since may be gone from the changelog: its entry would live on)."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import TOMBSTONES_KEPT_SECONDS, declare_tables
+
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}",
+                        store="rocksdb://")
+    store = declare_tables(create_app(settings, 2), 2, settings).join.data
+    topic = settings.changelog("join")
+    run(create_topics(kafka_broker, {topic: 2}))
+    tp = TopicPartition(topic, 1)
+    db = store._db_for_partition(1)
+
+    def send(*items: tuple[bytes, bytes | None]) -> None:
+        async def go() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
+            await producer.start()
+            try:
+                for key, value in items:
+                    await producer.send_and_wait(topic, value, key=key, partition=1)
+            finally:
+                await producer.stop()
+        run(go())
+
+    def held() -> dict[str, bytes]:
+        return dict(store.entries(1).items())
+
+    send((b"a", b"1"), (b"b", b"2"), (b"a", b"3"))
+    assert run(store._read({tp}, time.monotonic() + 30)) == 3
+    assert (held(), store.persisted_offset(tp)) == ({"a": b"3", "b": b"2"}, 2)
+    send((b"b", None), (b"c", b"4"))  # a tombstone and a new key
+    assert run(store._read({tp}, time.monotonic() + 30)) == 2  # on from offset 3
+    assert (held(), store.persisted_offset(tp)) == ({"a": b"3", "c": b"4"}, 4)
+
+    db[b"zombie"] = b"5"  # as if its tombstone had been cleaned from the changelog since
+    db[b"__driftwarden\x00synced__"] = repr(time.time() - TOMBSTONES_KEPT_SECONDS
+                                            + 5).encode()
+    assert run(store._read({tp}, time.monotonic() + 30)) == 0  # in step 5 s within it
+    db[b"__driftwarden\x00synced__"] = repr(time.time() - TOMBSTONES_KEPT_SECONDS
+                                            - 5).encode()
+    assert run(store._read({tp}, time.monotonic() + 30)) == 5  # from the start
+    assert (held(), store.persisted_offset(tp)) == ({"a": b"3", "c": b"4"}, 4)
 
 
 def test_a_recovery_completing_late_drops_what_the_latest_assignment_does_not_hold(
