@@ -1040,7 +1040,7 @@ def test_a_rocksdb_partition_holds_only_what_its_changelog_acknowledged(tmp_path
     meanwhile, does not take the offset."""
     import rocksdict
 
-    from streams.tables import Held, PartitionEntries
+    from streams.durable import Held, PartitionEntries
 
     offset_key, synced_key = b"__faust\x00offset__", b"__driftwarden\x00synced__"
     db = rocksdict.Rdict(str(tmp_path / "p3.db"), rocksdict.Options(raw_mode=True))
@@ -1073,11 +1073,27 @@ def test_a_rocksdb_partition_holds_only_what_its_changelog_acknowledged(tmp_path
     db.close()
 
 
+def _send_to_partition_1(broker: str, topic: str,
+                         items: tuple[tuple[bytes, bytes | None], ...]) -> None:
+    """Publish ``items`` (key, value) to partition 1 of ``topic``, each acknowledged."""
+    from aiokafka import AIOKafkaProducer
+
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=broker)
+        await producer.start()
+        try:
+            for key, value in items:
+                await producer.send_and_wait(topic, value, key=key, partition=1)
+        finally:
+            await producer.stop()
+    run(go())
+
+
 def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_broker, prefix,
                                                                      tmp_path, caplog):
-    """``_PreloadingStore._read`` on the real broker: from the start for a partition new
-    to it, on from the last offset for one it holds, and, out of time, no further than
-    it got (Faust's recovery reads the rest from there)."""
+    """``ChangelogReader._read`` of the memory store on the real broker: from the start
+    for a partition new to it, on from the last offset for one it holds, and, out of
+    time, no further than it got (Faust's recovery reads the rest from there)."""
     from aiokafka import TopicPartition
 
     from streams.app import create_app
@@ -1092,16 +1108,7 @@ def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_brok
     tp = TopicPartition(topic, 1)
 
     def send(*items: tuple[bytes, bytes | None]) -> None:
-        async def go() -> None:
-            from aiokafka import AIOKafkaProducer
-            producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
-            await producer.start()
-            try:
-                for key, value in items:
-                    await producer.send_and_wait(topic, value, key=key, partition=1)
-            finally:
-                await producer.stop()
-        run(go())
+        _send_to_partition_1(kafka_broker, topic, items)
 
     send((b"a", b"1"), (b"b", b"2"), (b"a", b"3"))
     store.data["stale"] = b"x"  # what it held of partition 1 from an earlier assignment
@@ -1127,15 +1134,17 @@ def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_brok
 
 def test_the_rocksdb_store_reads_on_from_its_database_unless_a_day_old(kafka_broker, prefix,
                                                                         tmp_path):
-    """``_DurableStore._read`` on the real broker: from the start into an empty database,
-    on from the offset the database holds, and from the start again, wiping it, when it
-    was last in step with its changelog longer ago than the broker keeps tombstones (a
-    deletion since may be gone from the changelog: its entry would live on)."""
-    from aiokafka import AIOKafkaProducer, TopicPartition
+    """``ChangelogReader._read`` of the RocksDB store (``streams.durable``) on the real broker:
+    from the start into an empty database, on from the offset the database holds, and from
+    the start again, wiping it, when it was last in step with its changelog longer ago than
+    the broker keeps tombstones (a deletion since may be gone from the changelog: its entry
+    would live on)."""
+    from aiokafka import TopicPartition
 
     from streams.app import create_app
+    from streams.durable import TOMBSTONES_KEPT_SECONDS
     from streams.settings import Settings
-    from streams.tables import TOMBSTONES_KEPT_SECONDS, declare_tables
+    from streams.tables import declare_tables
 
     settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}",
                         store="rocksdb://")
@@ -1146,18 +1155,10 @@ def test_the_rocksdb_store_reads_on_from_its_database_unless_a_day_old(kafka_bro
     db = store._db_for_partition(1)
 
     def send(*items: tuple[bytes, bytes | None]) -> None:
-        async def go() -> None:
-            producer = AIOKafkaProducer(bootstrap_servers=kafka_broker)
-            await producer.start()
-            try:
-                for key, value in items:
-                    await producer.send_and_wait(topic, value, key=key, partition=1)
-            finally:
-                await producer.stop()
-        run(go())
+        _send_to_partition_1(kafka_broker, topic, items)
 
     def held() -> dict[str, bytes]:
-        return dict(store.entries(1).items())
+        return dict(store.partition_entries(1).items())
 
     send((b"a", b"1"), (b"b", b"2"), (b"a", b"3"))
     assert run(store._read({tp}, time.monotonic() + 30)) == 3
