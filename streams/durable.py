@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import faust.stores.rocksdb
 import rocksdict
@@ -100,38 +100,42 @@ class PartitionEntries(MutableMapping[str, bytes]):
         return sum(1 for _ in self.items())
 
     def commit(self, changes: Collection[tuple[str, bytes | None]], first: int,
-               last: int) -> None:
+               last: int, contiguous: bool = True) -> None:
         """Write ``changes``, which the changelog acknowledged at offsets ``first`` to
-        ``last``, to the database in one batch; they leave ``pending`` unless changed
-        again since.
+        ``last`` (``contiguous``: no other writer's records among them), to the database
+        in one batch; they leave ``pending`` unless changed again since.
 
         Once the partition was revoked, nothing: its database is its next owner's to read
-        (a write sent by a timer may be acknowledged after a rebalance began). When the
-        database did not hold the changelog up to ``first - 1`` (another writer's records
-        in between), the changes are written without an offset, and the offset the
-        database had is removed: it no longer holds a prefix of its changelog, and is
-        read again from the start when next assigned.
+        (a write sent by a timer may be acknowledged after a rebalance began). A database
+        that holds the changelog past ``last`` already (a reading since the write was
+        sent) is left as it is. One that did not hold it up to ``first - 1`` (another
+        writer's records in between) takes the changes without an offset, and loses the
+        offset it had: it no longer holds a prefix of its changelog, and is read again
+        from the start when next assigned.
         """
         if self.held.revoked:
             return
         db = self._open_db(self.partition)
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        for key, value in changes:
-            if value is None:
-                batch.delete(key.encode())
+        raw = db.get(_OFFSET_KEY)
+        held_to = None if raw is None else int(raw)
+        if held_to is None or held_to < last:
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for key, value in changes:
+                if value is None:
+                    batch.delete(key.encode())
+                else:
+                    batch.put(key.encode(), value)
+            # held_to >= first: a reading applied some of them already (the same values)
+            if contiguous and held_to is not None and held_to + 1 >= first:
+                _mark(batch, last)
             else:
-                batch.put(key.encode(), value)
-        held_to = db.get(_OFFSET_KEY)
-        if held_to is not None and int(held_to) + 1 == first:
-            _mark(batch, last)
-        else:
-            for mark in _MARKS:
-                batch.delete(mark)
-            if held_to is not None:
-                log.warning("changelog partition %d: written at offset %d while the "
-                            "database held it to %s; it is read again from the start when "
-                            "next assigned", self.partition, first, held_to.decode())
-        db.write(batch)
+                for mark in _MARKS:
+                    batch.delete(mark)
+                if held_to is not None:
+                    log.warning("changelog partition %d: written at offsets %d-%d while the "
+                                "database held it to %d; it is read again from the start "
+                                "when next assigned", self.partition, first, last, held_to)
+            db.write(batch)
         pending = self.pending
         for key, value in changes:
             if pending.get(key, _ABSENT) is value:
@@ -182,21 +186,44 @@ class DurableStore(ChangelogReader, faust.stores.rocksdb.Store):
         self._commits: dict[int, asyncio.Future[None]] = {}
 
     def partition_entries(self, partition: int) -> PartitionEntries:
+        """The view of ``partition``'s entries. Of a partition this worker is not active
+        for (a timer's write after a rebalance began), one whose commits write nothing."""
         held = self._held.get(partition)
         if held is None:
-            held = self._held[partition] = Held()
+            held = Held()
+            topic = self.table.changelog_topic.get_topic_name()
+            if any(tp.topic == topic and tp.partition == partition
+                   for tp in self.app.assignor.assigned_actives()):
+                self._held[partition] = held
+            else:
+                held.revoked = True
         return PartitionEntries(self._db_for_partition, partition, held)
 
     def commit_when_acked(self, partition: int, changes: list[tuple[str, bytes | None]],
                           acks: list[Awaitable[Any]], counts: list[int]
-                          ) -> asyncio.Future[None]:
+                          ) -> Awaitable[None]:
         """Commit ``changes`` to the partition's database once their ``acks`` (record
-        batches of ``counts`` records) resolve, after the partition's earlier writes."""
+        batches of ``counts`` records) resolve, after the partition's earlier writes.
+        A writer cancelled while it waits does not cancel the commit: the next one would
+        find a gap."""
         future = asyncio.ensure_future(_committed(
             self.partition_entries(partition), changes, acks, counts,
             self._commits.get(partition)))
         self._commits[partition] = future
-        return future
+        return asyncio.shield(future)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Faust's recovery, when it reads what :class:`ChangelogReader` left: the offset
+        with the time, as every write here records it."""
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        _mark(batch, offset)
+        self._db_for_partition(tp.partition).write(batch)
+
+    def _visible_items(self, db: Any) -> Iterator[tuple[bytes, bytes]]:
+        return ((k, v) for k, v in super()._visible_items(db) if k not in _MARKS)
+
+    def _visible_keys(self, db: Any) -> Iterator[bytes]:
+        return (k for k in super()._visible_keys(db) if k not in _MARKS)
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
                            newly_assigned: set[TP], generation_id: int = 0) -> None:
@@ -216,12 +243,8 @@ class DurableStore(ChangelogReader, faust.stores.rocksdb.Store):
     def _held_offset(self, tp: TopicPartition) -> int | None:
         db = self._db_for_partition(tp.partition)
         offset, synced = db.get(_OFFSET_KEY), db.get(_SYNCED_KEY)
-        if offset is None or synced is None:
-            return None
-        if time.time() - float(synced) > TOMBSTONES_KEPT_SECONDS:
-            log.info("%s[%d]: the database was last in step with it %.1f h ago: read "
-                     "from the start", self.table.changelog_topic.get_topic_name(),
-                     tp.partition, (time.time() - float(synced)) / 3600)
+        if (offset is None or synced is None
+                or time.time() - float(synced) > TOMBSTONES_KEPT_SECONDS):
             return None
         return int(offset)
 
@@ -229,8 +252,14 @@ class DurableStore(ChangelogReader, faust.stores.rocksdb.Store):
         for tp in tps:
             db = self._db_for_partition(tp.partition)
             batch = rocksdict.WriteBatch(raw_mode=True)
+            n = 0
             for key in db.keys():  # noqa: SIM118 (an Rdict iterates no keys)
                 batch.delete(key)
+                n += 1
+            if n:
+                log.info("%s[%d]: the database's %d keys are not known to hold its changelog "
+                         "(no offset, or last in step over %.0f h ago): read from the start",
+                         tp.topic, tp.partition, n, TOMBSTONES_KEPT_SECONDS / 3600)
             db.write(batch)
 
     def _apply(self, tp: TopicPartition, records: list[Any]) -> None:
@@ -246,9 +275,7 @@ class DurableStore(ChangelogReader, faust.stores.rocksdb.Store):
         self._db_for_partition(tp.partition).write(batch)
 
     def _reached(self, tp: TopicPartition, offset: int) -> None:
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        _mark(batch, offset)
-        self._db_for_partition(tp.partition).write(batch)
+        self.set_persisted_offset(cast(TP, tp), offset)
 
 
 async def _committed(entries: PartitionEntries, changes: list[tuple[str, bytes | None]],
@@ -259,5 +286,8 @@ async def _committed(entries: PartitionEntries, changes: list[tuple[str, bytes |
     sent = await asyncio.gather(*acks)
     if before is not None:
         await asyncio.wait([before])  # its failure is its own writer's to raise
-    # The producer waits for every replica (acks=-1, streams.app): each batch has its offset.
-    entries.commit(changes, sent[0].offset, sent[-1].offset + counts[-1] - 1)
+    # The producer waits for every replica (acks=-1, streams.app): each batch has its
+    # base offset. Another writer's batch between two of these would be a gap.
+    contiguous = all(b.offset == a.offset + n
+                     for a, b, n in zip(sent, sent[1:], counts, strict=False))
+    entries.commit(changes, sent[0].offset, sent[-1].offset + counts[-1] - 1, contiguous)

@@ -24,6 +24,7 @@ from models.join import ModelRecord, encode_records
 from models.simulation import Scenario
 from streams.settings import Settings
 from tests.streams.harness import (
+    Worker,
     all_committed,
     group_lag,
     produce,
@@ -78,13 +79,19 @@ def test_each_role_declares_its_own_tables_on_the_shared_changelogs(role, tables
     assert ("p.retraining" in writes) == (role != "join")
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
-        start_worker, kafka_broker, prefix):
+        start_worker, kafka_broker, prefix, tmp_path, store):
     events = merged(scenarios(40_000))  # 160,000 predictions, 5% never labelled
     expected = oracle(events)
     assert expected.retraining_ids == {"m3:1:000001"}
-    roles = {"join": start_worker(DRIFTWARDEN_ROLE="join"),
-             "monitor": start_worker(DRIFTWARDEN_ROLE="monitor")}
+
+    def role_worker(role: str, wait: bool = True) -> Worker:
+        """Under rocksdb:// a killed role's successor opens its databases."""
+        return start_worker(wait=wait, DRIFTWARDEN_ROLE=role, DRIFTWARDEN_STORE=store,
+                            DRIFTWARDEN_DATA_DIR=str(tmp_path / role))
+
+    roles = {"join": role_worker("join"), "monitor": role_worker("monitor")}
     publisher = ThreadPoolExecutor(1)
     published = publisher.submit(run, produce(kafka_broker, records(prefix, events),
                                               throttle=6_500.0))
@@ -111,7 +118,7 @@ def test_two_roles_killed_in_turn_lose_nothing_and_count_nothing_twice(
         proc.wait(timeout=30)
         kills[role] += 1
         time.sleep(2.0)
-        roles[role] = start_worker(wait=False, DRIFTWARDEN_ROLE=role)
+        roles[role] = role_worker(role, wait=False)
     try:
         wait_until(done, 300, "the join to consume every input event")
     except AssertionError as exc:

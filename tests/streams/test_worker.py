@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -1063,13 +1064,54 @@ def test_a_rocksdb_partition_holds_only_what_its_changelog_acknowledged(tmp_path
     with pytest.raises(KeyError):
         del part["old"]
 
-    part.commit([("a", b"3")], 45, 45)  # offset 44: another writer's
-    assert (held.pending, db[b"a"], db.get(offset_key), db.get(synced_key)) == (
-        {}, b"3", None, None)
+    # A reading since the write was sent applied it, and a later value: left as it is.
+    part["b"] = b"5"
+    db[b"b"], db[offset_key] = b"6", b"50"
+    part.commit([("b", b"5")], 44, 44)
+    assert (held.pending, db[b"b"], db[offset_key]) == ({"a": b"3"}, b"6", b"50")
+    # A reading applied the first of its two records: written, and marked to its end.
+    part.commit([("a", b"3")], 50, 51)
+    assert (held.pending, db[b"a"], db[offset_key]) == ({}, b"3", b"51")
+
+    part["d"] = b"7"
+    part.commit([("d", b"7")], 52, 54, contiguous=False)  # another writer's batch among
+    assert (db[b"d"], db.get(offset_key), db.get(synced_key)) == (b"7", None, None)
+    part["e"] = b"8"
+    part.commit([("e", b"8")], 55, 55)  # no offset to follow: still none
+    assert (db[b"e"], db.get(offset_key), held.pending) == (b"8", None, {})
+
     held.revoked = True
     part["c"] = b"4"
-    part.commit([("c", b"4")], 46, 46)
+    part.commit([("c", b"4")], 56, 56)
     assert db.get(b"c") is None
+    db.close()
+
+
+def test_a_rocksdb_write_of_several_batches_is_contiguous_only_when_they_are(tmp_path):
+    """The batches of one changelog write are acknowledged with their base offsets; one
+    that does not follow the last (another writer's batch between) is a gap."""
+    import rocksdict
+
+    from streams.durable import Held, PartitionEntries, _committed
+
+    offset_key = b"__faust\x00offset__"
+    db = rocksdict.Rdict(str(tmp_path / "p0.db"), rocksdict.Options(raw_mode=True))
+    part = PartitionEntries(lambda partition: db, 0, Held())
+
+    async def commit(bases: list[int], counts: list[int], key: str) -> None:
+        acks = []
+        for base in bases:
+            ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            ack.set_result(SimpleNamespace(offset=base))
+            acks.append(ack)
+        part[key] = key.encode()
+        await _committed(part, [(key, key.encode())], acks, counts, None)
+
+    db[offset_key] = b"9"
+    run(commit([10, 13], [3, 2], "x"))  # 10-12, 13-14
+    assert (db[b"x"], db[offset_key]) == (b"x", b"14")
+    run(commit([15, 18], [2, 1], "y"))  # 15-16, then 18: offset 17 is another's
+    assert (db[b"y"], db.get(offset_key)) == (b"y", None)
     db.close()
 
 
