@@ -22,6 +22,7 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
 from streams.settings import Settings
+from streams.tables import TableManager
 
 __all__ = ["App", "BatchConsumer", "create_app"]
 
@@ -626,6 +627,8 @@ def create_app(settings: Settings, partitions: int) -> App:
         key_serializer="raw",
         value_serializer="raw",
         Worker=Worker,
+        # Its recovery reads the changelogs (streams.tables), not the assignment callback.
+        TableManager=TableManager,
     )
     app.fetch_min_bytes = settings.fetch_min_bytes
     return app

@@ -225,13 +225,6 @@ class DurableStore(ChangelogReader, faust.stores.rocksdb.Store):
     def _visible_keys(self, db: Any) -> Iterator[bytes]:
         return (k for k in super()._visible_keys(db) if k not in _MARKS)
 
-    async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
-                           newly_assigned: set[TP], generation_id: int = 0) -> None:
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-        actives = self._actives(generation_id)
-        if actives:
-            await self._read_logged(actives)
-
     def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
         for tp in tps:
             if tp.topic in table.changelog_topic.topics:

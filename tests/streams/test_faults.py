@@ -11,7 +11,9 @@ from the same seeded input (``tests/streams/oracle.py``): nothing lost, nothing 
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 
 from models.simulation import Scenario
 from tests.streams.harness import (
+    ROOT,
     all_committed,
     group_lag,
     group_offsets,
@@ -134,3 +137,56 @@ def test_kill_9_every_10_seconds_loses_nothing_and_counts_nothing_twice(
 
     ids = retraining_ids(kafka_broker, prefix)
     assert set(ids) == expected.retraining_ids, ids
+
+
+#: Loaded by the worker's interpreter (``sitecustomize``): each reading of changelog
+#: partitions first waits DW_TEST_READ_DELAY seconds, as a long changelog would.
+SLOW_READ = '''
+import asyncio
+import os
+
+import streams.tables
+
+_read = streams.tables.ChangelogReader._read
+_DELAY = float(os.environ["DW_TEST_READ_DELAY"])
+
+
+async def _slow_read(self, tps, deadline):
+    await asyncio.sleep(_DELAY)
+    return await _read(self, tps, deadline + _DELAY)
+
+
+streams.tables.ChangelogReader._read = _slow_read
+'''
+
+
+def test_a_changelog_read_longer_than_the_session_keeps_the_workers_in_their_group(
+        start_worker, kafka_broker, prefix, tmp_path):
+    """Each worker reads its changelogs as its recovery starts, while its heartbeats go
+    on. Read inside the assignment callback (aiokafka heartbeats only after it returns),
+    two readings of 5 s with a 6 s session had the broker drop the worker from its
+    group while it went on to process the partitions it had been given; a CI run lost 40
+    to 70 outcomes of each model to such a worker. Here both workers stay members of
+    the generation they joined, and the counts are exact."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_READ)
+    env = {"PYTHONPATH": f"{inject}{os.pathsep}{ROOT}", "DW_TEST_READ_DELAY": "5",
+           "DRIFTWARDEN_SESSION_TIMEOUT_SECONDS": "6", "DRIFTWARDEN_PARTITIONS": "8"}
+    events = merged(scenarios(2_000))
+    expected = oracle(events)
+    assert sum(expected.predictions.values()) == 8_000
+    first = start_worker(**env)
+    assert run(produce(kafka_broker, records(prefix, events))) == len(events)
+    second = start_worker(**env)
+    workers = [first, second]
+    settle(workers, expected, MODELS, "every expected outcome, each model exported once")
+    for worker in workers:
+        log = worker.log_text()
+        assert "changelog records of" in log  # the reading ran (and waited)
+        for dropped in ("member_id was not recognized", "Heartbeat session expired"):
+            assert dropped not in log, f"{dropped!r} in {worker.log_path}: {log[-3000:]}"
+    # The first worker joined alone, then with the second; each joined as often.
+    joins = [re.findall(r"Joined group .* \(generation (\d+)\)", w.log_text())
+             for w in workers]
+    assert joins == [["1", "2"], ["2"]], joins
