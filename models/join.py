@@ -505,6 +505,11 @@ class JoinPartition:
         self._meta = _Meta.decode(raw_meta) if raw_meta is not None else _Meta()
         self.recovered: Flush | None = None
         # One heap per entry kind, (ts, id); items whose entry changed are skipped on pop.
+        # A prediction matched by its label keeps its item: its marker has the same ts, and
+        # the P heap hands the item to the marker's rule when it comes due (expire). That
+        # saves the marker's own item for the TTL (88 of 388 heap bytes per matched id),
+        # where a marker is kept at least as long as a prediction, so never due later.
+        self._carry = self._keep["D"] >= self._keep["P"]
         self._heaps = {"P": [], "L": [], "D": [], **(
             heaps if heaps is not None else expiry_heaps(store, {partition}).get(partition, {}))}
         raw_wal = store.get(wal_key(partition))
@@ -573,6 +578,7 @@ class JoinPartition:
         """
         wm_p, wm_l = self.watermark("p"), self.watermark("l")
         cutoffs = {"P": wm_l, "L": wm_p, "D": min(wm_p, wm_l)}
+        marker_cutoff = cutoffs["D"] - self._keep["D"]
         for kind, heap in self._heaps.items():
             cutoff = cutoffs[kind] - self._keep[kind]
             while heap and heap[0][0] < cutoff and self.held < budget:
@@ -581,12 +587,16 @@ class JoinPartition:
                 if raw is None:
                     continue
                 entry = orjson.loads(raw)
-                if entry[0] != kind or entry[1] != ts:  # superseded heap item
+                carried = kind == "P" and entry[0] == "D"  # a matched prediction's item
+                if entry[1] != ts or (entry[0] != kind and not carried):
+                    continue  # superseded heap item
+                if carried and ts >= marker_cutoff:  # not due yet: it waits with the markers
+                    heapq.heappush(self._heaps["D"], (ts, event_id))
                     continue
                 self._delete(event_id)
-                if kind == "P":
+                if entry[0] == "P":
                     self._count("expired", count_key(entry[3], entry[4]))
-                elif kind == "L":
+                elif entry[0] == "L":
                     for cand in _candidates(entry):
                         raw_label = cand[4].encode()
                         self.held += len(raw_label)
@@ -759,11 +769,14 @@ class JoinPartition:
         if self._numeric_model(model) and not isinstance(lab.label, float):
             raise InvalidEvent("invalid_label",
                                f"field 'label' must be a number: {model!r} is a regression")
-        self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts, p_ts)
+        self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts, p_ts,
+                    carried=self._carry)
 
     def _match(self, event_id: str, model: str, version: str, prediction: Any,
                scores: dict[str, float] | None, p_ts: float, label: Any, l_ts: float,
-               entry_ts: float) -> None:
+               entry_ts: float, carried: bool = False) -> None:
+        """Pair a prediction with its label: an ``o`` record, and the id's marker (whose
+        expiry item the prediction's heap holds already when ``carried``)."""
         mv = count_key(model, version)
         self._count("matched", mv)
         p_label = None
@@ -781,7 +794,7 @@ class JoinPartition:
                          delay if delay > 0.0 else 0.0])
         )
         self._outcomes += 1
-        self._put(event_id, ["D", entry_ts, self.partition])
+        self._put(event_id, ["D", entry_ts, self.partition], push=not carried)
 
     def _dead(self, topic: str, offset: int, reason: str, raw: bytes, key: bytes | None,
               stateful: bool = True) -> None:
@@ -793,8 +806,9 @@ class JoinPartition:
         bucket = self._meta.counts.setdefault(counter, {})
         bucket[label] = bucket.get(label, 0) + 1
 
-    def _put(self, event_id: str, entry: list[Any]) -> None:
-        heapq.heappush(self._heaps[entry[0]], (entry[1], event_id))
+    def _put(self, event_id: str, entry: list[Any], push: bool = True) -> None:
+        if push:
+            heapq.heappush(self._heaps[entry[0]], (entry[1], event_id))
         self.store[event_id] = self.changed[event_id] = _entry_bytes(entry)
 
     def _delete(self, event_id: str) -> None:

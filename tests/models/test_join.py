@@ -863,3 +863,56 @@ def test_a_model_s_records_split_into_messages_under_the_limit_in_order() -> Non
             assert received == [r for r in sent if r.model == model]
     alone = encode_records(sent[:1], limit=10)  # a record over the limit still goes, alone
     assert [list(decode_records(m, raw)) for m, raw in alone] == [sent[:1]]
+
+
+def heap_items(part: JoinPartition) -> dict[str, int]:
+    return {kind: len(heap) for kind, heap in part._heaps.items()}
+
+
+def test_a_matched_prediction_hands_its_expiry_item_to_its_marker() -> None:
+    """A marker made when a label meets its pending prediction keeps no heap item of its
+    own: the prediction's (same ts) comes due first and is handed to the marker's rule,
+    which removes the marker at once or keeps the item with the markers."""
+    part, feed = new()
+    feed("predictions", prediction("a", 100.0))
+    feed("labels", label("a", 110.0))
+    assert heap_items(part) == {"P": 1, "L": 0, "D": 0}
+    feed("labels", label("b", 1_000.0))  # the labels moved on, the predictions did not
+    part.expire()
+    assert heap_items(part) == {"P": 0, "L": 1, "D": 1}  # the item waits with the markers
+    assert orjson.loads(part.store["a"])[0] == "D"
+    feed("predictions", prediction("c", 1_000.0))
+    part.expire()
+    assert "a" not in part.store and heap_items(part) == {"P": 1, "L": 1, "D": 0}
+    feed("predictions", prediction("d", 2_000.0))
+    feed("labels", label("d", 2_000.0))  # carried again, and due at once below
+    feed("predictions", prediction("e", 3_000.0))
+    feed("labels", label("f", 3_000.0))
+    part.expire()
+    assert sorted(part.store) == ["e", "f"]
+    assert heap_items(part) == {"P": 1, "L": 1, "D": 0}
+
+
+def test_markers_that_carry_their_predictions_items_join_as_markers_with_their_own() -> None:
+    """Joined side by side with a partition whose markers push an item of their own (as
+    before), a seeded stream with duplicates gives the same records, dead letters and
+    store batch by batch, with one heap item fewer per marker."""
+    rng = random.Random(8)
+    events = []
+    for event in sim_events(seed=9, n=1500):
+        events += [event, event] if rng.random() < 0.05 else [event]
+    carried, carried_feed = new()
+    pushed, pushed_feed = new()
+    pushed._carry = False
+    for batch in batches(events):
+        for topic, raw, ts in batch:
+            carried_feed(topic, raw, ts)
+            pushed_feed(topic, raw, ts)
+        carried.expire()
+        pushed.expire()
+        assert carried.drain()[:3] == pushed.drain()[:3]
+        assert carried.store == pushed.store
+    assert sum(carried.counts["matched"].values()) == 842  # pinned for seed 9
+    assert store_kinds(carried.store) == {"P": 0, "L": 324, "D": 335}
+    assert heap_items(carried) == {"P": 0, "L": 324, "D": 335}  # one per entry
+    assert heap_items(pushed) == {"P": 0, "L": 324, "D": 670}
