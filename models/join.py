@@ -587,7 +587,8 @@ class JoinPartition:
                 if raw is None:
                     continue
                 entry = orjson.loads(raw)
-                carried = kind == "P" and entry[0] == "D"  # a matched prediction's item
+                # A matched prediction's item, which its marker carries.
+                carried = self._carry and kind == "P" and entry[0] == "D"
                 if entry[1] != ts or (entry[0] != kind and not carried):
                     continue  # superseded heap item
                 if carried and ts >= marker_cutoff:  # not due yet: it waits with the markers

@@ -896,7 +896,7 @@ def test_a_matched_prediction_hands_its_expiry_item_to_its_marker() -> None:
 def test_markers_that_carry_their_predictions_items_join_as_markers_with_their_own() -> None:
     """Joined side by side with a partition whose markers push an item of their own (as
     before), a seeded stream with duplicates gives the same records, dead letters and
-    store batch by batch, with one heap item fewer per marker."""
+    store batch by batch, with one heap item fewer per marker while it is kept."""
     rng = random.Random(8)
     events = []
     for event in sim_events(seed=9, n=1500):
@@ -904,6 +904,7 @@ def test_markers_that_carry_their_predictions_items_join_as_markers_with_their_o
     carried, carried_feed = new()
     pushed, pushed_feed = new()
     pushed._carry = False
+    most = [0, 0]  # heap items at most, after a batch
     for batch in batches(events):
         for topic, raw, ts in batch:
             carried_feed(topic, raw, ts)
@@ -911,8 +912,15 @@ def test_markers_that_carry_their_predictions_items_join_as_markers_with_their_o
         carried.expire()
         pushed.expire()
         assert carried.drain()[:3] == pushed.drain()[:3]
+        # The same entries; a marker now goes in the predictions' pass, so the write-ahead
+        # entry may list the batch's deletions in another order.
+        wal = wal_key(0)
+        assert orjson.loads(carried.store.pop(wal)) == orjson.loads(pushed.store.pop(wal))
         assert carried.store == pushed.store
+        most = [max(a, sum(heap_items(part).values()))
+                for a, part in zip(most, (carried, pushed), strict=True)]
     assert sum(carried.counts["matched"].values()) == 842  # pinned for seed 9
     assert store_kinds(carried.store) == {"P": 0, "L": 324, "D": 335}
     assert heap_items(carried) == {"P": 0, "L": 324, "D": 335}  # one per entry
-    assert heap_items(pushed) == {"P": 0, "L": 324, "D": 670}
+    assert heap_items(pushed) == heap_items(carried)  # all due: the same at the end
+    assert most == [745, 902]  # but the TTL long, a matched prediction's item or two
