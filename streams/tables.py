@@ -27,6 +27,7 @@ from streams.settings import Settings
 
 __all__ = [
     "READ_BUDGET_SECONDS",
+    "READ_LIMIT_SECONDS",
     "ChangelogReader",
     "TableManager",
     "Tables",
@@ -83,6 +84,14 @@ class _Table(faust.Table):
 #: Longest a rebalance spends reading changelogs itself (Faust's rebalance timeout is 60 s);
 #: Faust's recovery reads what is left, from where this stopped.
 READ_BUDGET_SECONDS = 20.0
+#: Longest a reading of one table lasts however it goes (a broker that does not answer):
+#: Faust's recovery gives up for good on a step that outlasts its broker request timeout
+#: (90 s or more), and reads both tables in one such step.
+READ_LIMIT_SECONDS = 30.0
+
+
+class _Overtaken(Exception):
+    """A changelog reading stopped by a newer rebalance."""
 
 
 class ChangelogReader:
@@ -103,6 +112,17 @@ class ChangelogReader:
     app: AppT
     table: Any
     settings: Settings
+    # Rebalances begun: a reading stops applying at the next one. It runs in Faust's
+    # recovery task, which a new rebalance cancels only once its callback has run this
+    # store's on_rebalance: a fetch applied meanwhile could bring back the offset of a
+    # partition just taken away, its entries then dropped (on_recovery_completed).
+    _rebalances = 0
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
+                           newly_assigned: set[TP], generation_id: int = 0) -> None:
+        self._rebalances += 1
+        await cast(Any, super()).on_rebalance(assigned, revoked, newly_assigned,
+                                              generation_id)
 
     def _held_offset(self, tp: TopicPartition) -> int | None:
         """The last offset of ``tp`` the store applied; None: it holds nothing of it."""
@@ -126,7 +146,14 @@ class ChangelogReader:
             return
         new = sum(1 for tp in actives if self._held_offset(tp) is None)
         started = time.monotonic()
-        n = await self._read(actives, started + READ_BUDGET_SECONDS)
+        try:
+            async with asyncio.timeout(READ_LIMIT_SECONDS):
+                n = await self._read(actives, started + READ_BUDGET_SECONDS)
+        except TimeoutError:
+            log.warning("%s: reading changelog partitions took over %g s; Faust's recovery "
+                        "reads the rest", self.table.changelog_topic.get_topic_name(),
+                        READ_LIMIT_SECONDS)
+            return
         log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
                  "in %.1f s as recovery starts", self.table.changelog_topic.get_topic_name(),
                  n, len(actives), new, time.monotonic() - started)
@@ -140,6 +167,12 @@ class ChangelogReader:
             # Where the log no longer reaches back to held + 1: from its start.
             auto_offset_reset="earliest", **settings.aiokafka_security())
         n = 0
+        rebalances = self._rebalances
+
+        def current() -> None:
+            if self._rebalances != rebalances:
+                raise _Overtaken("a newer rebalance began")
+
         try:
             # Held nothing of: the changelog alone says what they hold, from its start.
             held = {tp: self._held_offset(tp) for tp in tps}
@@ -151,6 +184,7 @@ class ChangelogReader:
             # So too a changelog that no longer reaches where the last reading ended
             # (deleted and made again).
             gone = {tp for tp in tps - new if ends[tp] <= cast(int, held[tp])}
+            current()
             self._restart(gone)
             new |= gone
             after = {tp: -1 if tp in new else cast(int, held[tp]) for tp in tps}
@@ -164,6 +198,7 @@ class ChangelogReader:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{READ_BUDGET_SECONDS:g} s passed")
                 fetched = await consumer.getmany(*pending, timeout_ms=1000)
+                current()
                 for tp, records in fetched.items():
                     if records:
                         self._apply(tp, records)
@@ -171,6 +206,7 @@ class ChangelogReader:
                 for tp in list(pending):
                     if await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
+            current()
             for tp in tps:
                 self._reached(tp, ends[tp] - 1)
         except Exception as exc:
@@ -204,6 +240,7 @@ class _PreloadingStore(ChangelogReader, faust.stores.memory.Store):
 
     async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
                            newly_assigned: set[TP], generation_id: int = 0) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
         if generation_id != self.app.consumer_generation_id:
             return  # a newer rebalance is under way: Faust's recovery skips this one too
         topic = self.table.changelog_topic.get_topic_name()
@@ -267,10 +304,8 @@ class _Recovery(faust.tables.recovery.Recovery):
                     continue
                 await store.read_ahead({TopicPartition(tp.topic, tp.partition)
                                         for tp in actives})
-                for tp in actives:
-                    offset = table.persisted_offset(tp)
-                    if offset is not None:
-                        self.active_offsets[tp] = offset
+                for tp in actives:  # None (a partition it restarted): from the start
+                    cast(Any, self.active_offsets)[tp] = table.persisted_offset(tp)
         await super()._build_highwaters(consumer, tps, destination, title)
 
 

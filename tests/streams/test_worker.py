@@ -1174,6 +1174,70 @@ def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_brok
     assert "reading changelog partitions stopped after 0 records (TimeoutError" in caplog.text
 
 
+def test_a_changelog_reading_applies_nothing_once_a_newer_rebalance_began(
+        kafka_broker, prefix, tmp_path, caplog, monkeypatch):
+    """The store reads its changelogs in Faust's recovery task, which a newer rebalance
+    cancels only after that rebalance's callback has run the store's ``on_rebalance``.
+    A fetch that comes back in between is not applied: it could be of a partition just
+    taken away, and bring back an offset whose entries the store then drops. Here the
+    rebalance begins while the first fetch is awaited."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}")
+    app = create_app(settings, 2)
+    store = declare_tables(app, 2, settings).join.data
+    topic = settings.changelog("join")
+    run(create_topics(kafka_broker, {topic: 2}))
+    tp = TopicPartition(topic, 1)
+    _send_to_partition_1(kafka_broker, topic, [(b"a", b"1"), (b"b", b"2")])
+    fetch = AIOKafkaConsumer.getmany
+
+    async def fetch_then_rebalance(consumer: Any, *tps: Any, **kwargs: Any) -> Any:
+        fetched = await fetch(consumer, *tps, **kwargs)
+        await store.on_rebalance(set(), set(), set(), generation_id=-1)  # a stale one
+        return fetched
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", fetch_then_rebalance)
+    assert run(store._read({tp}, time.monotonic() + 30)) == 0
+    assert (store.data, store.persisted_offset(tp)) == ({}, None)  # Faust: from the start
+    assert "stopped after 0 records (_Overtaken: a newer rebalance began)" in caplog.text
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", fetch)
+    assert run(store._read({tp}, time.monotonic() + 30)) == 2  # the next one reads it
+    assert (store.data, store.persisted_offset(tp)) == ({"a": b"1", "b": b"2"}, 1)
+
+
+def test_a_changelog_reading_ends_within_its_limit_when_the_broker_does_not_answer(
+        tmp_path, caplog, monkeypatch):
+    """However the reading goes, it ends within ``READ_LIMIT_SECONDS`` with a warning:
+    Faust's recovery gives up for good on a step that outlasts its request timeout, and
+    the worker would then never resume. Here the reader's consumer never starts."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    import streams.tables
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix="t.", data_dir=tmp_path, broker="kafka://127.0.0.1:9")
+    store = declare_tables(create_app(settings, 2), 2, settings).join.data
+
+    async def never(consumer: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(AIOKafkaConsumer, "start", never)
+    monkeypatch.setattr(streams.tables, "READ_LIMIT_SECONDS", 1.0)
+    tp = TopicPartition(settings.changelog("join"), 0)
+    started = time.monotonic()
+    run(store.read_ahead({tp}))
+    assert time.monotonic() - started < 5.0
+    assert store.persisted_offset(tp) is None
+    assert "reading changelog partitions took over 1 s" in caplog.text
+
+
 def test_the_rocksdb_store_reads_on_from_its_database_unless_a_day_old(kafka_broker, prefix,
                                                                         tmp_path):
     """``ChangelogReader._read`` of the RocksDB store (``streams.durable``) on the real broker:
