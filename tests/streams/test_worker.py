@@ -1131,23 +1131,30 @@ def _send_to_partition_1(broker: str, topic: str,
     run(go())
 
 
-def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_broker, prefix,
-                                                                     tmp_path, caplog):
-    """``ChangelogReader._read`` of the memory store on the real broker: from the start
-    for a partition new to it, on from the last offset for one it holds, and, out of
-    time, no further than it got (Faust's recovery reads the rest from there)."""
+def _memory_join_store(broker: str, prefix: str, tmp_path: Any) -> tuple[Any, Any]:
+    """A worker's memory store of the join table, not started, and partition 1 of its
+    changelog (made on the broker with 2 partitions)."""
     from aiokafka import TopicPartition
 
     from streams.app import create_app
     from streams.settings import Settings
     from streams.tables import declare_tables
 
-    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}")
-    app = create_app(settings, 2)
-    store = declare_tables(app, 2, settings).join.data
+    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{broker}")
+    store = declare_tables(create_app(settings, 2), 2, settings).join.data
     topic = settings.changelog("join")
-    run(create_topics(kafka_broker, {topic: 2}))
-    tp = TopicPartition(topic, 1)
+    run(create_topics(broker, {topic: 2}))
+    return store, TopicPartition(topic, 1)
+
+
+def test_the_table_store_reads_its_changelog_on_from_where_it_stopped(kafka_broker, prefix,
+                                                                     tmp_path, caplog):
+    """``ChangelogReader._read`` of the memory store on the real broker: from the start
+    for a partition new to it, on from the last offset for one it holds, and, out of
+    time, no further than it got (Faust's recovery reads the rest from there)."""
+
+    store, tp = _memory_join_store(kafka_broker, prefix, tmp_path)
+    topic = tp.topic
 
     def send(*items: tuple[bytes, bytes | None]) -> None:
         _send_to_partition_1(kafka_broker, topic, items)
@@ -1181,18 +1188,10 @@ def test_a_changelog_reading_applies_nothing_once_a_newer_rebalance_began(
     A fetch that comes back in between is not applied: it could be of a partition just
     taken away, and bring back an offset whose entries the store then drops. Here the
     rebalance begins while the first fetch is awaited."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
-    from streams.app import create_app
-    from streams.settings import Settings
-    from streams.tables import declare_tables
-
-    settings = Settings(topic_prefix=prefix, data_dir=tmp_path, broker=f"kafka://{kafka_broker}")
-    app = create_app(settings, 2)
-    store = declare_tables(app, 2, settings).join.data
-    topic = settings.changelog("join")
-    run(create_topics(kafka_broker, {topic: 2}))
-    tp = TopicPartition(topic, 1)
+    store, tp = _memory_join_store(kafka_broker, prefix, tmp_path)
+    topic = tp.topic
     _send_to_partition_1(kafka_broker, topic, [(b"a", b"1"), (b"b", b"2")])
     fetch = AIOKafkaConsumer.getmany
 
