@@ -298,15 +298,24 @@ class _Recovery(faust.tables.recovery.Recovery):
     async def _build_highwaters(self, consumer: Any, tps: set[TP],
                                 destination: Any, title: str) -> None:
         if title == "active":  # before the highwaters: they must not be older than this
+            generation = self.app.consumer_generation_id
             for table, actives in list(self.actives_for_table.items()):
                 store = cast(Any, table).data
                 if not isinstance(store, ChangelogReader):
                     continue
+                self._current(generation)
                 await store.read_ahead({TopicPartition(tp.topic, tp.partition)
                                         for tp in actives})
+                self._current(generation)
                 for tp in actives:  # None (a partition it restarted): from the start
                     cast(Any, self.active_offsets)[tp] = table.persisted_offset(tp)
         await super()._build_highwaters(consumer, tps, destination, title)
+
+    def _current(self, generation: int) -> None:
+        """Stop this recovery (Faust starts the next) once a newer rebalance has begun:
+        its partitions are not this one's, and the next table must not read them."""
+        if self.app.consumer_generation_id != generation:
+            raise faust.tables.recovery.RebalanceAgain()
 
 
 class TableManager(faust.tables.TableManager):

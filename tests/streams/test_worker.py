@@ -1237,6 +1237,42 @@ def test_a_changelog_reading_ends_within_its_limit_when_the_broker_does_not_answ
     assert "reading changelog partitions took over 1 s" in caplog.text
 
 
+def test_a_recovery_overtaken_by_a_rebalance_reads_no_further_table(tmp_path):
+    """Faust's recovery task is cancelled only after a newer rebalance's callback: the
+    recovery whose first table's reading that rebalance overtook reads no other table
+    (its partitions are no longer this worker's) and records no offset; it stops, and
+    Faust starts the next recovery."""
+    from faust.tables.recovery import RebalanceAgain
+    from faust.types import TP
+
+    from streams.app import create_app
+    from streams.settings import Settings
+    from streams.tables import declare_tables
+
+    settings = Settings(topic_prefix="t.", data_dir=tmp_path, broker="kafka://127.0.0.1:9")
+    app = create_app(settings, 2)
+    tables = declare_tables(app, 2, settings)
+    app.consumer_generation_id = 4
+    recovery = app.tables.recovery
+    read: list[str] = []
+
+    def reading(table: Any, rebalance: bool) -> Any:
+        async def read_ahead(tps: Any) -> None:
+            read.append(table.name)
+            if rebalance:  # as the driver does when a rebalance's assignment arrives
+                app.consumer_generation_id = 5
+        return read_ahead
+
+    for table, rebalance in ((tables.join, True), (tables.models, False)):
+        table.data.read_ahead = reading(table, rebalance)
+        tp = table.changelog_topic.get_topic_name()
+        recovery.actives_for_table[table] = {TP(tp, 0)}
+    with pytest.raises(RebalanceAgain):
+        run(recovery._build_highwaters(None, set(), {}, "active"))
+    assert read == ["join"]
+    assert dict(recovery.active_offsets) == {}
+
+
 def test_the_rocksdb_store_reads_on_from_its_database_unless_a_day_old(kafka_broker, prefix,
                                                                         tmp_path):
     """``ChangelogReader._read`` of the RocksDB store (``streams.durable``) on the real broker:
