@@ -112,17 +112,6 @@ class ChangelogReader:
     app: AppT
     table: Any
     settings: Settings
-    # Rebalances begun: a reading stops applying at the next one. It runs in Faust's
-    # recovery task, which a new rebalance cancels only once its callback has run this
-    # store's on_rebalance: a fetch applied meanwhile could bring back the offset of a
-    # partition just taken away, its entries then dropped (on_recovery_completed).
-    _rebalances = 0
-
-    async def on_rebalance(self, assigned: set[TP], revoked: set[TP],
-                           newly_assigned: set[TP], generation_id: int = 0) -> None:
-        self._rebalances += 1
-        await cast(Any, super()).on_rebalance(assigned, revoked, newly_assigned,
-                                              generation_id)
 
     def _held_offset(self, tp: TopicPartition) -> int | None:
         """The last offset of ``tp`` the store applied; None: it holds nothing of it."""
@@ -144,39 +133,40 @@ class ChangelogReader:
         """Read ``actives`` (this worker's active changelog partitions) into the store."""
         if not actives:
             return
-        new = sum(1 for tp in actives if self._held_offset(tp) is None)
-        started = time.monotonic()
         try:
             async with asyncio.timeout(READ_LIMIT_SECONDS):
-                n = await self._read(actives, started + READ_BUDGET_SECONDS)
+                await self._read(actives, time.monotonic() + READ_BUDGET_SECONDS)
         except TimeoutError:
             log.warning("%s: reading changelog partitions took over %g s; Faust's recovery "
                         "reads the rest", self.table.changelog_topic.get_topic_name(),
                         READ_LIMIT_SECONDS)
-            return
-        log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
-                 "in %.1f s as recovery starts", self.table.changelog_topic.get_topic_name(),
-                 n, len(actives), new, time.monotonic() - started)
 
     async def _read(self, tps: set[TopicPartition], deadline: float) -> int:
         """Read ``tps`` up to their ends into the store; return how many records."""
         settings = self.settings
+        started = time.monotonic()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
             group_id=None, max_partition_fetch_bytes=settings.fetch_bytes,
             # Where the log no longer reaches back to held + 1: from its start.
             auto_offset_reset="earliest", **settings.aiokafka_security())
         n = 0
-        rebalances = self._rebalances
+        # Faust's driver sets the generation as a newer rebalance's assignment arrives,
+        # before its callback runs this store's on_rebalance, while this runs in the
+        # recovery task that rebalance cancels only once that callback is over: a fetch
+        # applied meanwhile could bring back the offset of a partition just taken away,
+        # its entries then dropped (on_recovery_completed). So each step checks it.
+        generation = self.app.consumer_generation_id
 
         def current() -> None:
-            if self._rebalances != rebalances:
+            if self.app.consumer_generation_id != generation:
                 raise _Overtaken("a newer rebalance began")
 
         try:
             # Held nothing of: the changelog alone says what they hold, from its start.
             held = {tp: self._held_offset(tp) for tp in tps}
             new = {tp for tp, offset in held.items() if offset is None}
+            assigned = len(new)
             self._restart(new)
             await consumer.start()
             consumer.assign(list(tps))
@@ -209,6 +199,10 @@ class ChangelogReader:
             current()
             for tp in tps:
                 self._reached(tp, ends[tp] - 1)
+            log.info("%s: read %d changelog records of %d partitions (%d newly assigned) "
+                     "in %.1f s as recovery starts",
+                     self.table.changelog_topic.get_topic_name(), n, len(tps), assigned,
+                     time.monotonic() - started)
         except Exception as exc:
             # What was applied stays, with how far it got: Faust's recovery reads on from
             # there (a new partition with nothing read: from its start).
