@@ -70,6 +70,13 @@ class VersionMonitor:
         self.policy = RetrainingPolicy(config, model, version)
         self.data = DataDriftMonitor(config.drift_config(), model=model, version=version)
 
+    def reconfigure(self, config: PolicyConfig) -> None:
+        """Decide under ``config`` from now on, keeping what this version was built with
+        (:data:`models.policy.SHAPING_KEYS`: :meth:`PolicyConfig.running`)."""
+        running = config.running(self.policy.config)
+        self.policy.config = running
+        self.data.config = running.drift_config()
+
     def use_reference(self, profile: ReferenceProfile) -> None:
         """Adopt a published reference profile (from the next drift window on)."""
         self.data.use(profile)
@@ -222,6 +229,31 @@ class ModelState:
         self.version(profile.version).use_reference(profile)
         return True
 
+    def reconfigure(self, policies: PolicyBook) -> list[str]:
+        """Adopt the model's policy as ``policies`` has it now; return the keys that
+        changed since the state last did (none: nothing changes).
+
+        Versions already monitored decide under it from their next outcome or drift
+        window on, and keep the :data:`models.policy.SHAPING_KEYS` they were built with;
+        versions first seen from now on are built under it whole.
+
+        >>> state = ModelState("m", PolicyBook())
+        >>> _ = state.version("1")
+        >>> book = PolicyBook(models={"m": PolicyConfig(accuracy_drop=0.3, window=50)})
+        >>> state.reconfigure(book)
+        ['window', 'accuracy_drop']
+        >>> v1, v2 = state.versions["1"], state.version("2")
+        >>> v1.policy.config.accuracy_drop, v1.performance.window, v2.performance.window
+        (0.3, 1000, 50)
+        """
+        config = policies.for_model(self.model)
+        changed = self.config.changed(config)
+        if changed:
+            self.config = config
+            for monitor in self.versions.values():
+                monitor.reconfigure(config)
+        return changed
+
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)
         if monitor is None:
@@ -317,7 +349,7 @@ class ModelState:
         are both floats. The join dead-letters the others; one from before a policy change
         is counted (``rejected``) and skipped rather than stopping the agent."""
         monitor = self.version(version)
-        if self.config.task != "regression":
+        if monitor.policy.config.task != "regression":  # the version's own (SHAPING_KEYS)
             return monitor.add_outcomes(ts, list(map(class_key, predictions)),
                                         list(map(class_key, labels)), p_labels, delays)
         kept = [i for i, (p, label) in enumerate(zip(predictions, labels, strict=True))

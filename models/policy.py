@@ -25,17 +25,24 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from models.datadrift import DriftConfig
 from models.errors import ConfigError
 from models.performance import DETECTORS, DriftSignal
 
-__all__ = ["PolicyBook", "PolicyConfig", "RetrainingPolicy"]
+__all__ = ["SHAPING_KEYS", "PolicyBook", "PolicyConfig", "RetrainingPolicy"]
 
 #: Most outcomes in the rolling window (kept per model version, in memory).
 MAX_WINDOW = 1_000_000
+
+#: The policy keys that shape what a model version builds when it is first seen: its
+#: task, rolling window and detector, and its bootstrapped reference. A version keeps
+#: them for its life; the other keys are read at each decision, so a changed value
+#: reaches versions already monitored (:meth:`PolicyConfig.running`).
+SHAPING_KEYS = ("task", "window", "detector", "detector_params", "reference_size",
+                "drift_bins", "drift_top_k", "drift_max_features")
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,24 @@ class PolicyConfig:
     drift_top_k: int = DriftConfig.top_k
     drift_max_features: int = DriftConfig.max_features
     drift_min_labels: int = DriftConfig.min_labels
+
+    def changed(self, other: PolicyConfig) -> list[str]:
+        """The keys whose values differ in ``other``, in declaration order.
+
+        >>> PolicyConfig().changed(PolicyConfig(window=50, accuracy_drop=0.2))
+        ['window', 'accuracy_drop']
+        """
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def running(self, built: PolicyConfig) -> PolicyConfig:
+        """This config as a version first built under ``built`` runs under it: ``built``'s
+        :data:`SHAPING_KEYS`, this config's other keys.
+
+        >>> now = PolicyConfig(window=50, accuracy_drop=0.2).running(PolicyConfig())
+        >>> now.window, now.accuracy_drop
+        (1000, 0.2)
+        """
+        return replace(self, **{key: getattr(built, key) for key in SHAPING_KEYS})
 
     def drift_config(self) -> DriftConfig:
         """The data-drift settings, as :class:`models.datadrift.DriftConfig`."""

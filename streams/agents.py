@@ -49,7 +49,7 @@ from models.join import (
     wal_key,
 )
 from models.monitor import ModelState
-from models.policy import PolicyBook
+from models.policy import SHAPING_KEYS, PolicyBook
 from models.reference import ReferenceProfile
 from streams.app import App, BatchConsumer
 from streams.metrics import (
@@ -689,17 +689,25 @@ class Pipeline:
 
     def _stored(self, model: str, partition: int) -> ModelState:
         """The model's state as the models table holds it (under its records partition),
-        or a new one. One that cannot be read back (a later release's, or corrupted) stops
-        the model stage, naming the model: starting it afresh would overwrite the stored
-        state."""
+        under the policy file's policy as it is now, or a new one. One that cannot be read
+        back (a later release's, or corrupted) stops the model stage, naming the model:
+        starting it afresh would overwrite the stored state."""
         raw = entries(self.models_table, partition).get(_model_key(model))
         if raw is None:
             return ModelState(model, self.policies)
         try:
-            return cast(ModelState, codec.loads(raw))
+            state = cast(ModelState, codec.loads(raw))
         except StateError as exc:
             raise StateError(f"the models table's state of model {model!r} cannot be read "
                              f"back ({exc}); was it written by a later release?") from exc
+        changed = state.reconfigure(self.policies)
+        if changed:
+            shaping = [key for key in changed if key in SHAPING_KEYS]
+            log.info("model %r: policy changed since its state was stored (%s): applied to "
+                     "the versions it monitors%s", model, ", ".join(changed),
+                     f", but for {', '.join(shaping)}, which apply to versions first seen "
+                     "from now on" if shaping else "")
+        return state
 
     def _referenced(self, state: ModelState) -> ModelState:
         """``state``, using its model's published reference profiles."""

@@ -128,6 +128,65 @@ def test_accuracy_reaches_the_policy_only_once_the_window_is_full() -> None:
     assert state.versions["1"].policy.reference == pytest.approx(2 / 3, abs=1e-12)
 
 
+# -- a policy changed under a monitored model ---------------------------------------------
+
+
+def _degrading(state: ModelState, book: PolicyBook | None) -> list[dict[str, object]]:
+    """10 right outcomes (the reference, 1.0), the policy changed to ``book`` (None: not),
+    then 10 more with the 13th and 16th wrong: the rolling accuracy falls to 0.8."""
+    fired = [e for k in range(10) if (e := state.absorb(o_rec(k)))]
+    if book is not None:
+        state.reconfigure(book)
+    fired += [e for k in range(10, 20) if (e := state.absorb(o_rec(k, label="0" if k in (12, 15)
+                                                                  else "1")))]
+    return fired
+
+
+def test_a_changed_threshold_applies_to_the_versions_already_monitored() -> None:
+    before = PolicyBook(PolicyConfig(window=10, min_outcomes=10, accuracy_drop=0.5))
+    after = PolicyBook(PolicyConfig(window=10, min_outcomes=10, accuracy_drop=0.1))
+    assert _degrading(ModelState("m", before), None) == []  # 0.8 is above 0.5 of 1.0
+    state = ModelState("m", before)
+    [event] = _degrading(state, after)
+    [reason] = event["reasons"]  # type: ignore[index]
+    assert (event["id"], reason) == ("m:1:000001", {
+        "kind": "performance", "metric": "accuracy", "before": 1.0, "after": 0.8,
+        "threshold": 0.9})
+    assert event["evidence"]["outcomes_seen"] == 16  # type: ignore[index]
+    assert state.config == after.default
+    assert state.reconfigure(after) == []  # once adopted, nothing changes
+
+
+def test_a_changed_shape_applies_to_versions_first_seen_after_the_change() -> None:
+    """The window, detector and task a version was built with stay its own; its other
+    keys follow the file. A version first seen afterwards is built under the new one."""
+    state = ModelState("m", PolicyBook(PolicyConfig(window=10, min_outcomes=10)))
+    state.absorb(o_rec(0))
+    new = PolicyConfig(window=20, detector="DDM", min_outcomes=5, cooldown_seconds=60.0)
+    assert state.reconfigure(PolicyBook(models={"m": new})) == [
+        "window", "detector", "min_outcomes", "cooldown_seconds"]
+    v1 = state.versions["1"]
+    assert (v1.performance.window, v1.performance.detector_name) == (10, "ADWIN")
+    assert dataclasses.astuple(v1.policy.config) == dataclasses.astuple(
+        dataclasses.replace(new, window=10, detector="ADWIN"))
+    v2 = state.version("2")
+    assert (v2.performance.window, v2.performance.detector_name) == (20, "DDM")
+    assert v2.policy.config == new
+    assert codec.loads(codec.dumps(state)).versions["1"].policy.config.min_outcomes == 5
+
+
+def test_a_regression_version_stays_one_when_the_file_makes_the_model_a_classifier() -> None:
+    state = ModelState("m", PolicyBook(PolicyConfig(task="regression")))
+    state.absorb(o_rec(0, prediction=2.0, label=3.0))
+    state.reconfigure(PolicyBook(PolicyConfig(task="classification")))
+    state.absorb(o_rec(1, prediction=2.0, label=4.0))  # still scored as a regression
+    state.absorb(o_rec(2, prediction="a", label="b", version="2"))  # a classifier's
+    assert state.rejected == 0
+    assert state.versions["1"].performance.n == 2
+    assert state.versions["1"].performance.report()["mae"] == pytest.approx(1.5)
+    assert state.versions["2"].performance.report()["accuracy"] == 0.0
+
+
 # -- the whole pipeline on a seeded stream ------------------------------------------------
 
 

@@ -107,3 +107,45 @@ def test_the_duplicate_window_setting_reaches_the_join(start_worker, kafka_broke
     assert worker.value("driftwarden_dead_letters_total", topic="predictions",
                         reason="duplicate_prediction") == 1
     assert worker.value("driftwarden_pending_labels") == 3  # b, d and a
+
+
+def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, kafka_broker,
+                                                                 prefix, tmp_path):
+    """A model's state keeps the policy it was first seen under; restarted with a changed
+    file, the worker judges it by the new thresholds, while its version keeps the window
+    it was built with. Here the accuracy drop that counts goes from 50% to 10%, and the
+    window from 10 to 20 (for versions first seen from now on): 2 wrong outcomes of the
+    next 10 fire, as they would not under 50%, nor over a window of 20 (0.9)."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nwindow = 10\nmin_outcomes = 10\naccuracy_drop = 0.5\n")
+    env = {"DRIFTWARDEN_PARTITIONS": "1", "DRIFTWARDEN_POLICY_FILE": str(policy)}
+    mv = {"model": "m", "version": "0"}
+
+    def pair(k: int, label: int) -> list[tuple[str, bytes, bytes]]:
+        key = f"id-{k}".encode()
+        return [(prefix + "predictions", key, orjson.dumps(
+                    {"id": key.decode(), "model": "m", "ts": START + k,
+                     "features": {"x": float(k)}, "prediction": 1})),
+                (prefix + "labels", key, orjson.dumps(
+                    {"id": key.decode(), "label": label, "ts": START + k + 0.5}))]
+
+    first = start_worker(**env)
+    run(produce(kafka_broker, [r for k in range(10) for r in pair(k, 1)]))
+    wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 10, 60,
+               "the first 10 outcomes, all right (the reference accuracy, 1.0)")
+    first.stop()
+
+    policy.write_text("[default]\nwindow = 20\nmin_outcomes = 10\naccuracy_drop = 0.1\n")
+    second = start_worker(**env)
+    run(produce(kafka_broker, [r for k in range(10, 20)
+                               for r in pair(k, 0 if k in (12, 15) else 1)]))
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 20, 60,
+               "the next 10 outcomes, 2 of them wrong")
+    events = [orjson.loads(r.value)
+              for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
+    assert [(e["id"], e["reasons"], e["evidence"]["outcomes_seen"]) for e in events] == [
+        ("m:0:000001", [{"kind": "performance", "metric": "accuracy", "before": 1.0,
+                         "after": 0.8, "threshold": 0.9}], 16)]
+    assert ("model 'm': policy changed since its state was stored (window, accuracy_drop): "
+            "applied to the versions it monitors, but for window, which apply to versions "
+            "first seen from now on") in second.log_text()
