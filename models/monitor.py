@@ -207,6 +207,10 @@ class ModelState:
         Where each model's PolicyConfig comes from.
     """
 
+    #: Policy changes not applied yet, as ``(records offset, config)`` in offset order
+    #: (:meth:`reconfigure`). A class default: states stored before it have none.
+    pending: tuple[tuple[int, PolicyConfig], ...] = ()
+
     def __init__(self, model: str, policies: PolicyBook) -> None:
         self.model = model
         self.config = policies.for_model(model)
@@ -229,30 +233,48 @@ class ModelState:
         self.version(profile.version).use_reference(profile)
         return True
 
-    def reconfigure(self, policies: PolicyBook) -> list[str]:
-        """Adopt the model's policy as ``policies`` has it now; return the keys that
-        changed since the state last did (none: nothing changes).
+    def latest_config(self) -> PolicyConfig:
+        """The policy the model is under once its pending changes apply."""
+        return self.pending[-1][1] if self.pending else self.config
 
-        Versions already monitored decide under it from their next outcome or drift
-        window on, and keep the :data:`models.policy.SHAPING_KEYS` they were built with;
-        versions first seen from now on are built under it whole.
+    def reconfigure(self, policies: PolicyBook, at: int | None = None) -> list[str]:
+        """Adopt the model's policy as ``policies`` has it now, from the records message
+        at offset ``at`` on (:meth:`reach`; None: at once); return the keys that changed
+        (none: nothing changes).
+
+        Versions already monitored then decide under it, keeping the
+        :data:`models.policy.SHAPING_KEYS` they were built with; versions first seen
+        afterwards are built under it whole. The change waits in the state, which is
+        stored, until then: records absorbed before a crash whose state was not stored
+        are absorbed again under the policy they had, and fire the same events with the
+        same ids, whatever the file says since.
 
         >>> state = ModelState("m", PolicyBook())
         >>> _ = state.version("1")
         >>> book = PolicyBook(models={"m": PolicyConfig(accuracy_drop=0.3, window=50)})
-        >>> state.reconfigure(book)
-        ['window', 'accuracy_drop']
-        >>> v1, v2 = state.versions["1"], state.version("2")
+        >>> state.reconfigure(book, at=7), state.reconfigure(book, at=9)
+        (['window', 'accuracy_drop'], [])
+        >>> state.reach(6); state.versions["1"].policy.config.accuracy_drop
+        0.1
+        >>> state.reach(7); v1, v2 = state.versions["1"], state.version("2")
         >>> v1.policy.config.accuracy_drop, v1.performance.window, v2.performance.window
         (0.3, 1000, 50)
         """
         config = policies.for_model(self.model)
-        changed = self.config.changed(config)
+        changed = self.latest_config().changed(config)
         if changed:
+            self.pending = (*self.pending, (-1 if at is None else at, config))
+            if at is None:
+                self.reach(-1)
+        return changed
+
+    def reach(self, offset: int) -> None:
+        """Apply the policy changes due by the records message at ``offset``."""
+        while self.pending and self.pending[0][0] <= offset:
+            (_, config), self.pending = self.pending[0], self.pending[1:]
             self.config = config
             for monitor in self.versions.values():
                 monitor.reconfigure(config)
-        return changed
 
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)

@@ -157,6 +157,9 @@ class Pipeline:
         # over the table when the first one opens after a rebalance (models.join.expiry_heaps).
         self._heaps: dict[int, dict[str, list[tuple[float, str]]]] = {}
         self.states: dict[str, tuple[int, ModelState]] = {}
+        # Per model: the records offset from which the policy file's changed policy
+        # applies, as found when this assignment loaded its state (_loaded).
+        self._policy_at: dict[str, int] = {}
         # Published reference profiles: model -> {version: (fingerprint, profile)}. Every
         # worker reads the whole compacted topic, whichever models it owns.
         self.references: dict[str, dict[str, tuple[str, ReferenceProfile]]] = {}
@@ -293,6 +296,7 @@ class Pipeline:
         self.joins.clear()
         self._heaps = {}
         self.states.clear()
+        self._policy_at.clear()
         self._records_next.clear()
         self.next_offset.clear()
         self.snapshot.forget(set(self.snapshot.join), set(self.snapshot.models))
@@ -302,6 +306,7 @@ class Pipeline:
         self.joins.clear()
         self._heaps = {}
         self.states.clear()
+        self._policy_at.clear()
         self._records_next.clear()
         self._stale_snapshot = True
 
@@ -428,14 +433,24 @@ class Pipeline:
                         offset)
         return missed
 
-    async def _read_range(self, expected: int, at: TP, offset: int) -> list[Any]:
-        tp = TopicPartition(at.topic, at.partition)  # aiokafka's, not Faust's TP
+    async def _probe_consumer(self) -> AIOKafkaConsumer:
+        """The consumer that reads what the group's consumer did not hand over."""
         if self._probe is None:
             self._probe = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False,
                 group_id=None, **self.settings.aiokafka_security())
             await self._probe.start()
-        probe = self._probe
+        return self._probe
+
+    async def _end_offset(self, at: TP) -> int:
+        tp = TopicPartition(at.topic, at.partition)
+        async with self._probe_lock:
+            probe = await self._probe_consumer()
+            return int((await probe.end_offsets([tp]))[tp])
+
+    async def _read_range(self, expected: int, at: TP, offset: int) -> list[Any]:
+        tp = TopicPartition(at.topic, at.partition)  # aiokafka's, not Faust's TP
+        probe = await self._probe_consumer()
         probe.assign([tp])
         probe.seek(tp, expected)
         missed: list[Any] = []
@@ -689,9 +704,9 @@ class Pipeline:
 
     def _stored(self, model: str, partition: int) -> ModelState:
         """The model's state as the models table holds it (under its records partition),
-        under the policy file's policy as it is now, or a new one. One that cannot be read
-        back (a later release's, or corrupted) stops the model stage, naming the model:
-        starting it afresh would overwrite the stored state."""
+        or a new one, with the policy change this assignment found (:meth:`_loaded`). One
+        that cannot be read back (a later release's, or corrupted) stops the model stage,
+        naming the model: starting it afresh would overwrite the stored state."""
         raw = entries(self.models_table, partition).get(_model_key(model))
         if raw is None:
             return ModelState(model, self.policies)
@@ -700,13 +715,27 @@ class Pipeline:
         except StateError as exc:
             raise StateError(f"the models table's state of model {model!r} cannot be read "
                              f"back ({exc}); was it written by a later release?") from exc
-        changed = state.reconfigure(self.policies)
+        at = self._policy_at.get(model)
+        if at is not None:
+            state.reconfigure(self.policies, at)
+        return state
+
+    async def _loaded(self, model: str, tp: TP) -> ModelState:
+        """:meth:`_stored`, and the policy file's policy for the model if it changed, from
+        the records partition's end offset on: whatever lies before it may have been
+        absorbed before a crash with its retraining events sent but not its state stored,
+        and is absorbed again under the policy it had (``ModelState.reconfigure``)."""
+        state = self._stored(model, tp.partition)
+        changed = state.latest_config().changed(self.policies.for_model(model))
         if changed:
+            at = self._policy_at[model] = await self._end_offset(tp)
+            state.reconfigure(self.policies, at)
             shaping = [key for key in changed if key in SHAPING_KEYS]
-            log.info("model %r: policy changed since its state was stored (%s): applied to "
-                     "the versions it monitors%s", model, ", ".join(changed),
+            log.info("model %r: policy changed since its state was stored (%s): applies to "
+                     "the versions it monitors from %s[%d] offset %d on%s", model,
+                     ", ".join(changed), tp.topic, tp.partition, at,
                      f", but for {', '.join(shaping)}, which apply to versions first seen "
-                     "from now on" if shaping else "")
+                     "from then on" if shaping else "")
         return state
 
     def _referenced(self, state: ModelState) -> ModelState:
@@ -716,13 +745,14 @@ class Pipeline:
         return state
 
     def _unabsorb(self, model: str, partition: int,
-                  absorbed: list[list[Any]]) -> tuple[int, ModelState]:
+                  absorbed: list[tuple[int, list[Any]]]) -> tuple[int, ModelState]:
         """The model's state after ``absorbed`` alone: its stored state (as of the last
         batch) with them absorbed again. Absorbing is deterministic, so this is the state
         as if the message that failed part-way through had never come; the retraining
         events they fire again were already taken the first time."""
         state = self._referenced(self._stored(model, partition))
-        for records in absorbed:
+        for offset, records in absorbed:
+            state.reach(offset)
             state.absorb_many(records)
         entry = self.states[model] = (partition, state)
         return entry
@@ -787,7 +817,7 @@ class Pipeline:
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
         # Per model, the records of this batch's messages absorbed so far (_unabsorb).
-        absorbed: dict[str, list[list[Any]]] = {}
+        absorbed: dict[str, list[tuple[int, list[Any]]]] = {}
         dead: list[DeadLetter] = []
         read = 0
         for tp, messages in runs:
@@ -808,10 +838,10 @@ class Pipeline:
                     continue
                 entry = self.states.get(model)
                 if entry is None:
-                    entry = self.states[model] = (tp.partition,
-                                                  self._stored(model, tp.partition))
+                    entry = self.states[model] = (tp.partition, await self._loaded(model, tp))
                 state = self._referenced(entry[1])
                 skipped, rejected = state.replays_skipped, state.rejected
+                state.reach(msg.offset)
                 try:
                     retraining += state.absorb_many(records)
                 except Exception as exc:
@@ -823,11 +853,11 @@ class Pipeline:
                 if state.replays_skipped != skipped:
                     REPLAYS_SKIPPED.labels("model-records").inc(state.replays_skipped - skipped)
                 if state.rejected != rejected:
-                    log.warning("model %r: %d outcomes skipped (%d in all): its state's policy "
-                                "is a regression's, and their prediction or label is not a "
-                                "number; the join's policy file says otherwise", model,
+                    log.warning("model %r: %d outcomes skipped (%d in all): their version "
+                                "monitors a regression, and their prediction or label is not "
+                                "a number; the join's policy file says otherwise", model,
                                 state.rejected - rejected, state.rejected)
-                absorbed.setdefault(model, []).append(records)
+                absorbed.setdefault(model, []).append((msg.offset, records))
                 touched[model] = entry
             if messages:
                 self.next_offset[tp] = max(self.next_offset.get(tp, 0), messages[-1].offset + 1)

@@ -175,6 +175,48 @@ def test_a_changed_shape_applies_to_versions_first_seen_after_the_change() -> No
     assert codec.loads(codec.dumps(state)).versions["1"].policy.config.min_outcomes == 5
 
 
+def test_records_absorbed_again_after_a_crash_fire_as_before_under_a_changed_policy() -> None:
+    """A worker sends a batch's retraining events before it stores the states: killed in
+    between and restarted with a changed file, it absorbs that batch again. Under the
+    new policy the event would not fire again, and a later one would take its id, which
+    consumers drop as a duplicate; so a change applies from the records partition's end
+    offset as the state is loaded, and the batch fires as before."""
+    before = PolicyBook(PolicyConfig(window=10, min_outcomes=10, accuracy_drop=0.1))
+    after = PolicyBook(PolicyConfig(window=10, min_outcomes=10, accuracy_drop=0.5))
+    first = [o_rec(k) for k in range(10)]  # records message 0
+    second = [o_rec(k, label="0" if k in (12, 15) else "1") for k in range(10, 20)]  # 1
+    state = ModelState("m", before)
+    state.reach(0)
+    state.absorb_many(first)
+    stored = codec.dumps(state)
+    state.reach(1)
+    [event] = state.absorb_many(second)  # sent; the worker is killed before storing
+
+    again = codec.loads(stored)  # restarted: the records partition ends at offset 2
+    assert again.reconfigure(after, at=2) == ["accuracy_drop"]
+    again.reach(1)
+    assert again.absorb_many(second) == [event]  # "m:1:000001" again, the same event
+    assert again.versions["1"].policy.config.accuracy_drop == 0.1
+    again.reach(2)
+    assert again.versions["1"].policy.config.accuracy_drop == 0.5
+    assert again.pending == ()
+    at_once = codec.loads(stored)  # applied at once instead: the event is not fired again
+    at_once.reconfigure(after)
+    assert at_once.absorb_many(second) == []
+
+
+def test_a_pending_policy_change_is_stored_with_the_state() -> None:
+    state = ModelState("m", PolicyBook())
+    assert "pending" not in vars(state)  # as in states an earlier release stored
+    assert codec.loads(codec.dumps(state)).pending == ()
+    change = PolicyConfig(hysteresis=0.05)
+    state.reconfigure(PolicyBook(change), at=5)
+    state.reconfigure(PolicyBook(), at=8)  # changed back before it applied
+    assert codec.loads(codec.dumps(state)).pending == ((5, change), (8, PolicyConfig()))
+    state.reach(6)
+    assert (state.config, state.pending) == (change, ((8, PolicyConfig()),))
+
+
 def test_a_regression_version_stays_one_when_the_file_makes_the_model_a_classifier() -> None:
     state = ModelState("m", PolicyBook(PolicyConfig(task="regression")))
     state.absorb(o_rec(0, prediction=2.0, label=3.0))

@@ -260,7 +260,7 @@ def test_a_records_message_the_model_stage_cannot_read_is_dead_lettered_and_undo
     log = worker.log_text()
     assert log.count("dead-lettered as invalid_record") == len(bad)
     assert "ValueError at models/monitor.py:" in log  # where the partial message failed
-    assert "model 'reg': 1 outcomes skipped (1 in all): its state's policy" in log
+    assert "model 'reg': 1 outcomes skipped (1 in all): their version monitors a" in log
     assert "Traceback" not in log
     assert worker.proc.poll() is None and worker.proc.pid == pid
 

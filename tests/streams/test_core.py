@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import orjson
@@ -112,40 +113,54 @@ def test_the_duplicate_window_setting_reaches_the_join(start_worker, kafka_broke
 def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, kafka_broker,
                                                                  prefix, tmp_path):
     """A model's state keeps the policy it was first seen under; restarted with a changed
-    file, the worker judges it by the new thresholds, while its version keeps the window
-    it was built with. Here the accuracy drop that counts goes from 50% to 10%, and the
-    window from 10 to 20 (for versions first seen from now on): 2 wrong outcomes of the
-    next 10 fire, as they would not under 50%, nor over a window of 20 (0.9)."""
+    file, the worker judges it by the new thresholds from the records published after it
+    loaded the model's state (those before it may be what a crash left to absorb again),
+    while its version keeps the window it was built with. Here the accuracy drop that
+    counts goes from 50% to 10%, and the window from 10 to 20 (for versions first seen
+    from then on): 2 wrong outcomes of the last 10 fire, as they would not under 50%, nor
+    over a window of 20 (0.9)."""
     policy = tmp_path / "policy.toml"
     policy.write_text("[default]\nwindow = 10\nmin_outcomes = 10\naccuracy_drop = 0.5\n")
     env = {"DRIFTWARDEN_PARTITIONS": "1", "DRIFTWARDEN_POLICY_FILE": str(policy)}
     mv = {"model": "m", "version": "0"}
 
-    def pair(k: int, label: int) -> list[tuple[str, bytes, bytes]]:
-        key = f"id-{k}".encode()
-        return [(prefix + "predictions", key, orjson.dumps(
-                    {"id": key.decode(), "model": "m", "ts": START + k,
-                     "features": {"x": float(k)}, "prediction": 1})),
-                (prefix + "labels", key, orjson.dumps(
-                    {"id": key.decode(), "label": label, "ts": START + k + 0.5}))]
+    def pairs(ks: range, wrong: tuple[int, ...] = ()) -> list[tuple[str, bytes, bytes]]:
+        out = []
+        for k in ks:
+            key = f"id-{k}".encode()
+            out += [(prefix + "predictions", key, orjson.dumps(
+                        {"id": key.decode(), "model": "m", "ts": START + k,
+                         "features": {"x": float(k)}, "prediction": 1})),
+                    (prefix + "labels", key, orjson.dumps(
+                        {"id": key.decode(), "label": 0 if k in wrong else 1,
+                         "ts": START + k + 0.5}))]
+        return out
 
     first = start_worker(**env)
-    run(produce(kafka_broker, [r for k in range(10) for r in pair(k, 1)]))
+    run(produce(kafka_broker, pairs(range(10))))
     wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 10, 60,
                "the first 10 outcomes, all right (the reference accuracy, 1.0)")
     first.stop()
+    records = prefix + "driftwarden-model-records"
+    published = len(run(read_topic(kafka_broker, records, idle=2.0)))
 
     policy.write_text("[default]\nwindow = 20\nmin_outcomes = 10\naccuracy_drop = 0.1\n")
     second = start_worker(**env)
-    run(produce(kafka_broker, [r for k in range(10, 20)
-                               for r in pair(k, 0 if k in (12, 15) else 1)]))
-    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 20, 60,
-               "the next 10 outcomes, 2 of them wrong")
+    run(produce(kafka_broker, pairs(range(10, 11))))  # has the worker load the state
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 11, 60,
+               "the 11th outcome")
+    log = second.log_text()
+    [at] = re.findall(
+        r"model 'm': policy changed since its state was stored \(window, accuracy_drop\): "
+        rf"applies to the versions it monitors from {re.escape(records)}\[0\] offset (\d+) "
+        r"on, but for window, which apply to versions first seen from then on", log)
+    # Not before what the first worker published, nor after what the 11th pair made.
+    assert published <= int(at) <= len(run(read_topic(kafka_broker, records, idle=2.0)))
+    run(produce(kafka_broker, pairs(range(11, 21), wrong=(13, 16))))
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 21, 60,
+               "the last 10 outcomes, 2 of them wrong")
     events = [orjson.loads(r.value)
               for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
     assert [(e["id"], e["reasons"], e["evidence"]["outcomes_seen"]) for e in events] == [
         ("m:0:000001", [{"kind": "performance", "metric": "accuracy", "before": 1.0,
-                         "after": 0.8, "threshold": 0.9}], 16)]
-    assert ("model 'm': policy changed since its state was stored (window, accuracy_drop): "
-            "applied to the versions it monitors, but for window, which apply to versions "
-            "first seen from now on") in second.log_text()
+                         "after": 0.8, "threshold": 0.9}], 17)]
