@@ -839,6 +839,12 @@ class Pipeline:
                 entry = self.states.get(model)
                 if entry is None:
                     entry = self.states[model] = (tp.partition, await self._loaded(model, tp))
+                    if model in self._policy_at:
+                        # Stored with this batch, whose messages all lie before the change
+                        # (fetched before the end offset was read), even if none of them
+                        # is absorbed: so a crash later replays nothing past it under
+                        # the policy before.
+                        touched[model] = entry
                 state = self._referenced(entry[1])
                 skipped, rejected = state.replays_skipped, state.rejected
                 state.reach(msg.offset)
