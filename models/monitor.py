@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import bisect
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -76,6 +77,15 @@ class VersionMonitor:
         running = config.running(self.policy.config)
         self.policy.config = running
         self.data.config = running.drift_config()
+
+    def rebuilt(self, config: PolicyConfig) -> VersionMonitor:
+        """This version built anew under ``config``, with the published profile it uses:
+        for one that has seen no prediction or outcome yet, as if first seen under it."""
+        monitor = VersionMonitor(self.model, self.version, config)
+        profile = self.data.reference
+        if profile is not None:  # only a published one, before any prediction
+            monitor.use_reference(profile)
+        return monitor
 
     def use_reference(self, profile: ReferenceProfile) -> None:
         """Adopt a published reference profile (from the next drift window on)."""
@@ -250,7 +260,7 @@ class ModelState:
         same ids, whatever the file says since.
 
         >>> state = ModelState("m", PolicyBook())
-        >>> _ = state.version("1")
+        >>> state.absorb(ModelRecord("p", "m", "1", "p0", (0, 0), [1.0, {}, "a", None]))
         >>> book = PolicyBook(models={"m": PolicyConfig(accuracy_drop=0.3, window=50)})
         >>> state.reconfigure(book, at=7), state.reconfigure(book, at=9)
         (['window', 'accuracy_drop'], [])
@@ -264,17 +274,22 @@ class ModelState:
         changed = self.latest_config().changed(config)
         if changed:
             self.pending = (*self.pending, (-1 if at is None else at, config))
-            if at is None:
-                self.reach(-1)
+            if at is None:  # with any change still pending before it
+                self.reach(sys.maxsize)
         return changed
 
     def reach(self, offset: int) -> None:
-        """Apply the policy changes due by the records message at ``offset``."""
+        """Apply the policy changes due by the records message at ``offset``. A version
+        that has seen nothing yet (one a published profile made) is built anew under
+        the change, with its profile: it is first seen under it."""
         while self.pending and self.pending[0][0] <= offset:
             (_, config), self.pending = self.pending[0], self.pending[1:]
             self.config = config
-            for monitor in self.versions.values():
-                monitor.reconfigure(config)
+            for name, monitor in self.versions.items():
+                if monitor.predictions_seen or monitor.outcomes_seen:
+                    monitor.reconfigure(config)
+                else:
+                    self.versions[name] = monitor.rebuilt(config)
 
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)

@@ -720,17 +720,29 @@ class Pipeline:
             state.reconfigure(self.policies, at)
         return state
 
-    async def _loaded(self, model: str, tp: TP) -> ModelState:
+    async def _loaded(self, model: str, tp: TP, ends: dict[int, int]) -> ModelState:
         """:meth:`_stored`, and the policy file's policy for the model if it changed, from
-        the records partition's end offset on: whatever lies before it may have been
-        absorbed before a crash with its retraining events sent but not its state stored,
-        and is absorbed again under the policy it had (``ModelState.reconfigure``)."""
+        the records partition's end offset on (read once per batch, into ``ends``, after
+        the batch was fetched): whatever lies before it may have been absorbed before a
+        crash with its retraining events sent but not its state stored, and is absorbed
+        again under the policy it had (``ModelState.reconfigure``). A model not stored
+        yet is stored at once, under the policy it is first seen under, for the same
+        reason: its first batch's events are sent before its state is stored."""
+        key = _model_key(model)
+        store = entries(self.models_table, tp.partition)
+        if store.get(key) is None:
+            state = ModelState(model, self.policies)
+            blob = store[key] = codec.dumps(state)
+            await asyncio.gather(*await write(self.models_table, tp.partition, {key: blob}))
+            return state
         state = self._stored(model, tp.partition)
         changed = state.latest_config().changed(self.policies.for_model(model))
         if changed:
-            at = self._policy_at[model] = await self._end_offset(tp)
+            if tp.partition not in ends:
+                ends[tp.partition] = await self._end_offset(tp)
+            at = self._policy_at[model] = ends[tp.partition]
             state.reconfigure(self.policies, at)
-            shaping = [key for key in changed if key in SHAPING_KEYS]
+            shaping = [name for name in changed if name in SHAPING_KEYS]
             log.info("model %r: policy changed since its state was stored (%s): applies to "
                      "the versions it monitors from %s[%d] offset %d on%s", model,
                      ", ".join(changed), tp.topic, tp.partition, at,
@@ -816,6 +828,8 @@ class Pipeline:
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
+        # Per records partition, its end offset as a changed policy file found it (_loaded).
+        policy_ends: dict[int, int] = {}
         # Per model, the records of this batch's messages absorbed so far (_unabsorb).
         absorbed: dict[str, list[tuple[int, list[Any]]]] = {}
         dead: list[DeadLetter] = []
@@ -838,7 +852,8 @@ class Pipeline:
                     continue
                 entry = self.states.get(model)
                 if entry is None:
-                    entry = self.states[model] = (tp.partition, await self._loaded(model, tp))
+                    entry = self.states[model] = (tp.partition,
+                                                  await self._loaded(model, tp, policy_ends))
                     if model in self._policy_at:
                         # Stored with this batch, whose messages all lie before the change
                         # (fetched before the end offset was read), even if none of them

@@ -7,12 +7,14 @@ import itertools
 from collections import Counter
 
 import orjson
+import pandas as pd
 import pytest
 
 from models import codec
 from models.join import JoinPartition, ModelRecord
 from models.monitor import DELAY_BUCKETS, ModelState
 from models.policy import PolicyBook, PolicyConfig
+from models.reference import build_profile
 from models.simulation import Scenario, simulate
 
 
@@ -215,6 +217,39 @@ def test_a_pending_policy_change_is_stored_with_the_state() -> None:
     assert codec.loads(codec.dumps(state)).pending == ((5, change), (8, PolicyConfig()))
     state.reach(6)
     assert (state.config, state.pending) == (change, ((8, PolicyConfig()),))
+
+
+def test_a_version_a_profile_made_is_built_under_the_change_it_is_first_seen_under() -> None:
+    """A published profile makes its version before any of its records: with a change
+    pending, that version is built anew under it as the change applies, with the
+    profile, since its first record comes under it."""
+    frame = pd.DataFrame({"x": [float(i) for i in range(100)],
+                          "pred": ["a", "b"] * 50, "label": ["a"] * 100})
+    profile = build_profile(frame, "m", "2", prediction="pred", label="label")
+    state = ModelState("m", PolicyBook(PolicyConfig(window=10)))
+    state.absorb(o_rec(0))  # version 1 has seen an outcome
+    new = PolicyConfig(window=50, detector="DDM", accuracy_drop=0.3)
+    state.reconfigure(PolicyBook(new), at=5)
+    assert state.use_reference(profile) is True
+    assert state.versions["2"].performance.window == 10  # made under the policy before
+    state.reach(5)
+    v1, v2 = state.versions["1"], state.versions["2"]
+    assert (v1.performance.window, v1.policy.config.accuracy_drop) == (10, 0.3)
+    assert (v2.performance.window, v2.performance.detector_name) == (50, "DDM")
+    assert v2.policy.config == new
+    assert (v2.data.reference, v2.policy.reference) == (profile, 0.5)
+    assert state.use_reference(profile) is False  # still the one in use
+
+
+def test_a_change_made_at_once_applies_what_was_pending_first() -> None:
+    state = ModelState("m", PolicyBook())
+    state.absorb(o_rec(0))
+    state.reconfigure(PolicyBook(PolicyConfig(accuracy_drop=0.3)), at=10)
+    assert state.reconfigure(PolicyBook(PolicyConfig(accuracy_drop=0.3, hysteresis=0.05))) == [
+        "hysteresis"]
+    assert state.pending == ()
+    assert (state.config.accuracy_drop, state.config.hysteresis) == (0.3, 0.05)
+    assert state.versions["1"].policy.config == state.config
 
 
 def test_a_regression_version_stays_one_when_the_file_makes_the_model_a_classifier() -> None:

@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 import pytest
 
 from models.simulation import Scenario
@@ -27,9 +28,11 @@ from tests.streams.harness import (
     group_lag,
     group_offsets,
     produce,
+    read_topic,
     retraining_ids,
     run,
     settle,
+    wait_until,
 )
 from tests.streams.oracle import merged, oracle, records
 
@@ -190,3 +193,87 @@ def test_a_changelog_read_longer_than_the_session_keeps_the_workers_in_their_gro
     joins = [re.findall(r"Joined group .* \(generation (\d+)\)", w.log_text())
              for w in workers]
     assert joins == [["1", "2"], ["2"]], joins
+
+
+#: Loaded by the worker's interpreter (``sitecustomize``): once a batch has fired a
+#: retraining event, the worker exits at its first write of a model's state, so the
+#: events are on the topic and the state that fired them is not stored.
+EXIT_AFTER_EVENTS = '''
+import os
+
+import models.monitor
+import streams.agents
+
+_absorb_many = models.monitor.ModelState.absorb_many
+_write = streams.agents.write
+_fired = []
+
+
+def _absorb_and_note(self, records):
+    events = _absorb_many(self, records)
+    _fired.extend(events)
+    return events
+
+
+async def _write_or_exit(table, partition, changes):
+    if _fired and table.name == "models":
+        os._exit(17)
+    return await _write(table, partition, changes)
+
+
+models.monitor.ModelState.absorb_many = _absorb_and_note
+streams.agents.write = _write_or_exit
+'''
+
+
+def test_a_batch_absorbed_again_under_a_changed_policy_fires_as_the_first_time(
+        start_worker, kafka_broker, prefix, tmp_path):
+    """The model stage sends a batch's retraining events before it stores the states.
+    Killed in between and restarted with a changed policy file, the worker absorbs the
+    batch again under the policy it had, so it publishes the same event again (the same
+    id, which consumers drop), and the next real event takes the next id. Applied at
+    once, the new policy (a 50% drop, not 10%) fired nothing on the replay, and the next
+    event took the id already published, for consumers to drop as a duplicate."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(EXIT_AFTER_EVENTS)
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[default]\nwindow = 10\nmin_outcomes = 10\naccuracy_drop = 0.1\n"
+                      "cooldown_seconds = 0\n")
+    env = {"DRIFTWARDEN_PARTITIONS": "1", "DRIFTWARDEN_POLICY_FILE": str(policy)}
+    mv = {"model": "m", "version": "0"}
+
+    def pairs(ks: range, wrong: tuple[int, ...] = ()) -> list[tuple[str, bytes, bytes]]:
+        out = []
+        for k in ks:
+            key = f"id-{k}".encode()
+            out += [(prefix + "predictions", key, orjson.dumps(
+                        {"id": key.decode(), "model": "m", "ts": START + k,
+                         "features": {"x": float(k)}, "prediction": 1})),
+                    (prefix + "labels", key, orjson.dumps(
+                        {"id": key.decode(), "label": 0 if k in wrong else 1,
+                         "ts": START + k + 0.5}))]
+        return out
+
+    first = start_worker(PYTHONPATH=f"{inject}{os.pathsep}{ROOT}", **env)
+    run(produce(kafka_broker, pairs(range(20), wrong=(12, 15))))
+    wait_until(lambda: first.proc.poll() is not None, 60, "the worker to exit after the event")
+    assert first.proc.returncode == 17
+    fired = [r.value for r in run(read_topic(kafka_broker, prefix + "retraining", idle=2.0))]
+    assert [orjson.loads(v)["id"] for v in fired] == ["m:0:000001"]
+
+    policy.write_text("[default]\nwindow = 10\nmin_outcomes = 10\naccuracy_drop = 0.5\n"
+                      "cooldown_seconds = 0\n")
+    second = start_worker(**env)
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 20, 60,
+               "the 20 outcomes, absorbed again")
+    # 10 right (the latch re-arms), then 6 of 10 wrong: 0.4, under the new 50% drop.
+    run(produce(kafka_broker, pairs(range(20, 30)) + pairs(range(30, 40),
+                                                           wrong=(31, 32, 34, 35, 37, 38))))
+    wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 40, 60,
+               "the 40 outcomes")
+    events = [r.value for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
+    assert events[:2] == [fired[0], fired[0]]  # byte for byte, the same event again
+    assert [(e["id"], e["reasons"][0]["threshold"], e["evidence"]["outcomes_seen"])
+            for e in map(orjson.loads, events)] == [
+        ("m:0:000001", 0.9, 16), ("m:0:000001", 0.9, 16), ("m:0:000002", 0.5, 39)]
