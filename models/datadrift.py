@@ -315,6 +315,11 @@ class DataDriftMonitor:
         """``"data"``, ``"bootstrap"``, or None while the bootstrap reference is building."""
         return self.reference.source if self.reference is not None else None
 
+    @property
+    def queued(self) -> ReferenceProfile | None:
+        """A published profile that replaces the one in use from the next window."""
+        return self._next
+
     def use(self, reference: ReferenceProfile) -> None:
         """Adopt a published profile: at once while bootstrapping, else from the next window."""
         if self.reference is None:

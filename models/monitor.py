@@ -82,9 +82,11 @@ class VersionMonitor:
         """This version built anew under ``config``, with the published profile it uses:
         for one that has seen no prediction or outcome yet, as if first seen under it."""
         monitor = VersionMonitor(self.model, self.version, config)
-        profile = self.data.reference
-        if profile is not None:  # only a published one, before any prediction
-            monitor.use_reference(profile)
+        # Only published ones, before any prediction: the one in use, and one that
+        # replaces it from the next window (with its baseline accuracy at once).
+        for profile in (self.data.reference, self.data.queued):
+            if profile is not None:
+                monitor.use_reference(profile)
         return monitor
 
     def use_reference(self, profile: ReferenceProfile) -> None:
@@ -279,17 +281,18 @@ class ModelState:
         return changed
 
     def reach(self, offset: int) -> None:
-        """Apply the policy changes due by the records message at ``offset``. A version
-        that has seen nothing yet (one a published profile made) is built anew under
-        the change, with its profile: it is first seen under it."""
+        """Apply the policy changes due by the records message at ``offset``. A version a
+        published profile made, which has seen no prediction or outcome yet, is built
+        anew under the change, with its profile: its records come under it."""
         while self.pending and self.pending[0][0] <= offset:
             (_, config), self.pending = self.pending[0], self.pending[1:]
             self.config = config
             for name, monitor in self.versions.items():
-                if monitor.predictions_seen or monitor.outcomes_seen:
-                    monitor.reconfigure(config)
-                else:
+                if (name in self.references and not monitor.predictions_seen
+                        and not monitor.outcomes_seen):
                     self.versions[name] = monitor.rebuilt(config)
+                else:
+                    monitor.reconfigure(config)
 
     def version(self, version: str) -> VersionMonitor:
         monitor = self.versions.get(version)

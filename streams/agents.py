@@ -720,20 +720,18 @@ class Pipeline:
             state.reconfigure(self.policies, at)
         return state
 
-    async def _loaded(self, model: str, tp: TP, ends: dict[int, int]) -> ModelState:
+    async def _loaded(self, model: str, tp: TP, ends: dict[int, int],
+                      first: dict[str, tuple[int, bytes]]) -> ModelState:
         """:meth:`_stored`, and the policy file's policy for the model if it changed, from
         the records partition's end offset on (read once per batch, into ``ends``, after
         the batch was fetched): whatever lies before it may have been absorbed before a
         crash with its retraining events sent but not its state stored, and is absorbed
-        again under the policy it had (``ModelState.reconfigure``). A model not stored
-        yet is stored at once, under the policy it is first seen under, for the same
-        reason: its first batch's events are sent before its state is stored."""
-        key = _model_key(model)
-        store = entries(self.models_table, tp.partition)
-        if store.get(key) is None:
+        again under the policy it had (``ModelState.reconfigure``). For the same reason
+        a model not stored yet has its state as first seen, under the policy it is first
+        seen under, put in ``first``: stored before its first batch's events are sent."""
+        if entries(self.models_table, tp.partition).get(_model_key(model)) is None:
             state = ModelState(model, self.policies)
-            blob = store[key] = codec.dumps(state)
-            await asyncio.gather(*await write(self.models_table, tp.partition, {key: blob}))
+            first[model] = (tp.partition, codec.dumps(state))
             return state
         state = self._stored(model, tp.partition)
         changed = state.latest_config().changed(self.policies.for_model(model))
@@ -828,8 +826,10 @@ class Pipeline:
         await self._producer_ready()
         touched: dict[str, tuple[int, ModelState]] = {}
         retraining: list[dict[str, Any]] = []
-        # Per records partition, its end offset as a changed policy file found it (_loaded).
+        # Per records partition, its end offset as a changed policy file found it; per
+        # model first seen, its state as first seen (_loaded).
         policy_ends: dict[int, int] = {}
+        first: dict[str, tuple[int, bytes]] = {}
         # Per model, the records of this batch's messages absorbed so far (_unabsorb).
         absorbed: dict[str, list[tuple[int, list[Any]]]] = {}
         dead: list[DeadLetter] = []
@@ -852,8 +852,8 @@ class Pipeline:
                     continue
                 entry = self.states.get(model)
                 if entry is None:
-                    entry = self.states[model] = (tp.partition,
-                                                  await self._loaded(model, tp, policy_ends))
+                    entry = self.states[model] = (
+                        tp.partition, await self._loaded(model, tp, policy_ends, first))
                     if model in self._policy_at:
                         # Stored with this batch, whose messages all lie before the change
                         # (fetched before the end offset was read), even if none of them
@@ -883,6 +883,16 @@ class Pipeline:
             if messages:
                 self.next_offset[tp] = max(self.next_offset.get(tp, 0), messages[-1].offset + 1)
         if retraining or dead:
+            # A model first seen in this batch that fires: its state as first seen is
+            # stored before the events (_loaded).
+            firsts: dict[int, dict[str, bytes]] = {}
+            for model in {ev["model"] for ev in retraining} & first.keys():
+                partition, blob = first[model]
+                firsts.setdefault(partition, {})[_model_key(model)] = blob
+            acks = []
+            for partition, changes in firsts.items():
+                acks.extend(await write(self.models_table, partition, changes))
+            await asyncio.gather(*acks)
             sends = [await self._dead_letter(d) for d in dead]
             for ev in retraining:
                 log.info("retraining event %s (%s)", ev["id"], ev["severity"])

@@ -240,6 +240,29 @@ def test_a_version_a_profile_made_is_built_under_the_change_it_is_first_seen_und
     assert (v2.data.reference, v2.policy.reference) == (profile, 0.5)
     assert state.use_reference(profile) is False  # still the one in use
 
+    # Republished before the version's first record: queued for its next window, with
+    # its baseline at once; so it stays, built anew under a further change.
+    better = build_profile(frame.assign(pred=["a", "a", "a", "b"] * 25), "m", "2",
+                           prediction="pred", label="label")
+    assert state.use_reference(better) is True
+    state.reconfigure(PolicyBook(dataclasses.replace(new, window=60)), at=9)
+    state.reach(9)
+    v2 = state.versions["2"]
+    assert (v2.performance.window, v2.data.reference, v2.data.queued) == (60, profile, better)
+    assert v2.policy.reference == 0.75
+    assert state.use_reference(better) is False
+
+
+def test_a_version_whose_outcomes_were_all_rejected_keeps_its_task() -> None:
+    """A regression version whose outcomes were all skipped (not numbers) has seen none
+    yet, but its records came before the change: it is not built anew."""
+    state = ModelState("m", PolicyBook(PolicyConfig(task="regression")))
+    state.absorb(o_rec(0, prediction="a", label="b"))
+    assert (state.rejected, state.versions["1"].outcomes_seen) == (1, 0)
+    state.reconfigure(PolicyBook(PolicyConfig(task="classification")), at=3)
+    state.reach(3)
+    assert state.versions["1"].performance.task == "regression"
+
 
 def test_a_change_made_at_once_applies_what_was_pending_first() -> None:
     state = ModelState("m", PolicyBook())

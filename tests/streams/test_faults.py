@@ -195,33 +195,37 @@ def test_a_changelog_read_longer_than_the_session_keeps_the_workers_in_their_gro
     assert joins == [["1", "2"], ["2"]], joins
 
 
-#: Loaded by the worker's interpreter (``sitecustomize``): once a batch has fired a
-#: retraining event, the worker exits at its first write of a model's state, so the
-#: events are on the topic and the state that fired them is not stored.
+#: Loaded by the worker's interpreter (``sitecustomize``): once the model stage has sent a
+#: retraining event (``streams.agents`` encodes nothing else with orjson), the worker
+#: exits at its next write of a model's state, so the events are on the topic and the
+#: state that fired them is not stored.
 EXIT_AFTER_EVENTS = '''
 import os
 
-import models.monitor
+import orjson
+
 import streams.agents
 
-_absorb_many = models.monitor.ModelState.absorb_many
 _write = streams.agents.write
-_fired = []
+_sent = []
 
 
-def _absorb_and_note(self, records):
-    events = _absorb_many(self, records)
-    _fired.extend(events)
-    return events
+class _Orjson:
+    def __getattr__(self, name):
+        return getattr(orjson, name)
+
+    def dumps(self, obj, *args, **kwargs):
+        _sent.append(obj)
+        return orjson.dumps(obj, *args, **kwargs)
 
 
 async def _write_or_exit(table, partition, changes):
-    if _fired and table.name == "models":
+    if _sent and table.name == "models":
         os._exit(17)
     return await _write(table, partition, changes)
 
 
-models.monitor.ModelState.absorb_many = _absorb_and_note
+streams.agents.orjson = _Orjson()
 streams.agents.write = _write_or_exit
 '''
 
