@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,7 +348,12 @@ async def create_topics(broker: str, partitions: dict[str, int]) -> None:
         await admin.close()
 
 
-def labelled(prefix: str, ids: range, model: str = "fraud",
+def wrong(ids: Collection[int]) -> Callable[[int], int]:
+    """The ``label`` of :func:`labelled_pairs` that is right but for ``ids``."""
+    return lambda i: 1 - i % 2 if i in ids else i % 2
+
+
+def labelled_pairs(prefix: str, ids: range, model: str = "fraud",
              label: Callable[[int], int] = lambda i: i % 2) -> list[tuple[str, bytes, bytes]]:
     """A prediction (of ``i % 2``) and its label for each ``i``, as records to produce."""
     out = []

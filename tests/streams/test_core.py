@@ -8,7 +8,15 @@ import time
 import orjson
 
 from models.simulation import Scenario, simulate
-from tests.streams.harness import produce, read_topic, run, scenario_records, wait_until
+from tests.streams.harness import (
+    labelled_pairs,
+    produce,
+    read_topic,
+    run,
+    scenario_records,
+    wait_until,
+    wrong,
+)
 
 # Event time passes at 10 predictions per second in these scenarios; it starts now, since
 # the worker rejects event times more than a year from the Kafka timestamp.
@@ -124,20 +132,9 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
     env = {"DRIFTWARDEN_PARTITIONS": "1", "DRIFTWARDEN_POLICY_FILE": str(policy)}
     mv = {"model": "m", "version": "0"}
 
-    def pairs(ks: range, wrong: tuple[int, ...] = ()) -> list[tuple[str, bytes, bytes]]:
-        out = []
-        for k in ks:
-            key = f"id-{k}".encode()
-            out += [(prefix + "predictions", key, orjson.dumps(
-                        {"id": key.decode(), "model": "m", "ts": START + k,
-                         "features": {"x": float(k)}, "prediction": 1})),
-                    (prefix + "labels", key, orjson.dumps(
-                        {"id": key.decode(), "label": 0 if k in wrong else 1,
-                         "ts": START + k + 0.5}))]
-        return out
 
     first = start_worker(**env)
-    run(produce(kafka_broker, pairs(range(10))))
+    run(produce(kafka_broker, labelled_pairs(prefix, range(10), "m")))
     wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 10, 60,
                "the first 10 outcomes, all right (the reference accuracy, 1.0)")
     first.stop()
@@ -146,7 +143,8 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
 
     policy.write_text("[default]\nwindow = 20\nmin_outcomes = 10\naccuracy_drop = 0.1\n")
     second = start_worker(**env)
-    run(produce(kafka_broker, pairs(range(10, 11))))  # has the worker load the state
+    # The 11th pair has the worker load the model's state.
+    run(produce(kafka_broker, labelled_pairs(prefix, range(10, 11), "m")))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 11, 60,
                "the 11th outcome")
     log = second.log_text()
@@ -156,7 +154,7 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
         r"on, but for window, which apply to versions first seen from then on", log)
     # Not before what the first worker published, nor after what the 11th pair made.
     assert published <= int(at) <= len(run(read_topic(kafka_broker, records, idle=2.0)))
-    run(produce(kafka_broker, pairs(range(11, 21), wrong=(13, 16))))
+    run(produce(kafka_broker, labelled_pairs(prefix, range(11, 21), "m", wrong((13, 16)))))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 21, 60,
                "the last 10 outcomes, 2 of them wrong")
     events = [orjson.loads(r.value)

@@ -27,12 +27,14 @@ from tests.streams.harness import (
     all_committed,
     group_lag,
     group_offsets,
+    labelled_pairs,
     produce,
     read_topic,
     retraining_ids,
     run,
     settle,
     wait_until,
+    wrong,
 )
 from tests.streams.oracle import merged, oracle, records
 
@@ -247,20 +249,9 @@ def test_a_batch_absorbed_again_under_a_changed_policy_fires_as_the_first_time(
     env = {"DRIFTWARDEN_PARTITIONS": "1", "DRIFTWARDEN_POLICY_FILE": str(policy)}
     mv = {"model": "m", "version": "0"}
 
-    def pairs(ks: range, wrong: tuple[int, ...] = ()) -> list[tuple[str, bytes, bytes]]:
-        out = []
-        for k in ks:
-            key = f"id-{k}".encode()
-            out += [(prefix + "predictions", key, orjson.dumps(
-                        {"id": key.decode(), "model": "m", "ts": START + k,
-                         "features": {"x": float(k)}, "prediction": 1})),
-                    (prefix + "labels", key, orjson.dumps(
-                        {"id": key.decode(), "label": 0 if k in wrong else 1,
-                         "ts": START + k + 0.5}))]
-        return out
 
     first = start_worker(PYTHONPATH=f"{inject}{os.pathsep}{ROOT}", **env)
-    run(produce(kafka_broker, pairs(range(20), wrong=(12, 15))))
+    run(produce(kafka_broker, labelled_pairs(prefix, range(20), "m", wrong((12, 15)))))
     wait_until(lambda: first.proc.poll() is not None, 60, "the worker to exit after the event")
     assert first.proc.returncode == 17
     fired = [r.value for r in run(read_topic(kafka_broker, prefix + "retraining", idle=2.0))]
@@ -272,8 +263,9 @@ def test_a_batch_absorbed_again_under_a_changed_policy_fires_as_the_first_time(
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 20, 60,
                "the 20 outcomes, absorbed again")
     # 10 right (the latch re-arms), then 6 of 10 wrong: 0.4, under the new 50% drop.
-    run(produce(kafka_broker, pairs(range(20, 30)) + pairs(range(30, 40),
-                                                           wrong=(31, 32, 34, 35, 37, 38))))
+    later = (labelled_pairs(prefix, range(20, 30), "m")
+             + labelled_pairs(prefix, range(30, 40), "m", wrong((31, 32, 34, 35, 37, 38))))
+    run(produce(kafka_broker, later))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 40, 60,
                "the 40 outcomes")
     events = [r.value for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
