@@ -349,11 +349,11 @@ async def create_topics(broker: str, partitions: dict[str, int]) -> None:
 
 
 def wrong(ids: Collection[int]) -> Callable[[int], int]:
-    """The ``label`` of :func:`labelled_pairs` that is right but for ``ids``."""
+    """The ``label`` of :func:`labelled` that is right but for ``ids``."""
     return lambda i: 1 - i % 2 if i in ids else i % 2
 
 
-def labelled_pairs(prefix: str, ids: range, model: str = "fraud",
+def labelled(prefix: str, ids: range, model: str = "fraud",
              label: Callable[[int], int] = lambda i: i % 2) -> list[tuple[str, bytes, bytes]]:
     """A prediction (of ``i % 2``) and its label for each ``i``, as records to produce."""
     out = []

@@ -9,7 +9,7 @@ import orjson
 
 from models.simulation import Scenario, simulate
 from tests.streams.harness import (
-    labelled_pairs,
+    labelled,
     produce,
     read_topic,
     run,
@@ -45,7 +45,7 @@ def test_stationary_stream_emits_no_retraining_event(start_worker, kafka_broker,
 def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_broker, prefix):
     scenario = Scenario(n=70_000, seed=5, change_at=50_000, error_before=0.1, error_after=0.3,
                         label_delay=(0.0, 30.0), unlabelled=0.1, start_ts=START)
-    labelled = _labelled(scenario)
+    n_labelled = _labelled(scenario)
     # TTL of 120 s of event time: every label (delay <= 30 s) is in time, and the
     # never-labelled predictions expire while the stream runs.
     worker = start_worker(DRIFTWARDEN_LABEL_TTL_SECONDS="120")
@@ -54,8 +54,8 @@ def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_b
     run(produce(kafka_broker, scenario_records(prefix, scenario), throttle=3000))
 
     mv = {"model": "demo", "version": "1"}
-    wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == labelled,
-               300, f"{labelled} outcomes")
+    wait_until(lambda: worker.value("driftwarden_outcomes_total", **mv) == n_labelled,
+               300, f"{n_labelled} outcomes")
     events = [orjson.loads(r.value)
               for r in run(read_topic(kafka_broker, prefix + "retraining", idle=3.0))]
     assert len(events) == 1, events
@@ -77,7 +77,7 @@ def test_error_increase_gives_exactly_one_retraining_event(start_worker, kafka_b
     matched = worker.value("driftwarden_outcomes_total", **mv)
     expired = worker.value("driftwarden_expired_predictions_total", **mv)
     pending = worker.value("driftwarden_pending_labels")
-    assert matched == labelled
+    assert matched == n_labelled
     assert expired > 0
     assert matched + expired + pending == scenario.n
     assert worker.value("driftwarden_retraining_events_total", **mv) == 1
@@ -134,7 +134,7 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
 
 
     first = start_worker(**env)
-    run(produce(kafka_broker, labelled_pairs(prefix, range(10), "m")))
+    run(produce(kafka_broker, labelled(prefix, range(10), "m")))
     wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 10, 60,
                "the first 10 outcomes, all right (the reference accuracy, 1.0)")
     first.stop()
@@ -144,7 +144,7 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
     policy.write_text("[default]\nwindow = 20\nmin_outcomes = 10\naccuracy_drop = 0.1\n")
     second = start_worker(**env)
     # The 11th pair has the worker load the model's state.
-    run(produce(kafka_broker, labelled_pairs(prefix, range(10, 11), "m")))
+    run(produce(kafka_broker, labelled(prefix, range(10, 11), "m")))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 11, 60,
                "the 11th outcome")
     log = second.log_text()
@@ -154,7 +154,7 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
         r"on, but for window, which apply to versions first seen from then on", log)
     # Not before what the first worker published, nor after what the 11th pair made.
     assert published <= int(at) <= len(run(read_topic(kafka_broker, records, idle=2.0)))
-    run(produce(kafka_broker, labelled_pairs(prefix, range(11, 21), "m", wrong((13, 16)))))
+    run(produce(kafka_broker, labelled(prefix, range(11, 21), "m", wrong((13, 16)))))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 21, 60,
                "the last 10 outcomes, 2 of them wrong")
     events = [orjson.loads(r.value)

@@ -27,7 +27,7 @@ from tests.streams.harness import (
     all_committed,
     group_lag,
     group_offsets,
-    labelled_pairs,
+    labelled,
     produce,
     read_topic,
     retraining_ids,
@@ -251,7 +251,7 @@ def test_a_batch_absorbed_again_under_a_changed_policy_fires_as_the_first_time(
 
 
     first = start_worker(PYTHONPATH=f"{inject}{os.pathsep}{ROOT}", **env)
-    run(produce(kafka_broker, labelled_pairs(prefix, range(20), "m", wrong((12, 15)))))
+    run(produce(kafka_broker, labelled(prefix, range(20), "m", wrong((12, 15)))))
     wait_until(lambda: first.proc.poll() is not None, 60, "the worker to exit after the event")
     assert first.proc.returncode == 17
     fired = [r.value for r in run(read_topic(kafka_broker, prefix + "retraining", idle=2.0))]
@@ -263,8 +263,8 @@ def test_a_batch_absorbed_again_under_a_changed_policy_fires_as_the_first_time(
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 20, 60,
                "the 20 outcomes, absorbed again")
     # 10 right (the latch re-arms), then 6 of 10 wrong: 0.4, under the new 50% drop.
-    later = (labelled_pairs(prefix, range(20, 30), "m")
-             + labelled_pairs(prefix, range(30, 40), "m", wrong((31, 32, 34, 35, 37, 38))))
+    later = (labelled(prefix, range(20, 30), "m")
+             + labelled(prefix, range(30, 40), "m", wrong((31, 32, 34, 35, 37, 38))))
     run(produce(kafka_broker, later))
     wait_until(lambda: second.value("driftwarden_outcomes_total", **mv) == 40, 60,
                "the 40 outcomes")
