@@ -79,6 +79,9 @@ class Snapshot:
                 "predictions": v.predictions_seen,
                 "report": report,
                 "estimated": v.estimate.rolling() if v.estimate.n else None,
+                # The policy in force: its accuracy_drop from the reference, or its floor.
+                "threshold": (v.policy.threshold()
+                              if v.performance.task == "classification" else None),
                 # The configured detector counts from 0, so the first detection is a change.
                 "detections": {v.performance.detector_name: 0, **v.detections},
                 "events": v.events_emitted,
@@ -199,6 +202,10 @@ class _Collector(Collector):
             "driftwarden_estimated_accuracy",
             "Label-free accuracy estimate: mean top-class probability over the rolling window.",
             labels=mv)
+        threshold = GaugeMetricFamily(
+            "driftwarden_accuracy_threshold",
+            "Rolling accuracy below which the version counts as degraded (its policy).",
+            labels=mv)
         gauges = {
             name: GaugeMetricFamily(f"driftwarden_{name}", help_, labels=mv)
             for name, help_ in (
@@ -234,6 +241,8 @@ class _Collector(Collector):
                     error_rate.add_metric([*labels, "rolling"], report["rolling_error_rate"])
                 if row["estimated"] is not None:
                     estimated.add_metric(labels, row["estimated"])
+                if row["threshold"] is not None:
+                    threshold.add_metric(labels, row["threshold"])
                 for name, family in gauges.items():
                     if name in report:
                         family.add_metric(labels, report[name])
@@ -249,6 +258,7 @@ class _Collector(Collector):
             delay.add_metric([model], buckets, delay_sum)
         yield outcomes
         yield accuracy
+        yield threshold
         yield estimated
         yield from gauges.values()
         yield error_rate

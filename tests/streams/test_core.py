@@ -137,6 +137,7 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
     run(produce(kafka_broker, labelled(prefix, range(10), "m")))
     wait_until(lambda: first.value("driftwarden_outcomes_total", **mv) == 10, 60,
                "the first 10 outcomes, all right (the reference accuracy, 1.0)")
+    assert first.value("driftwarden_accuracy_threshold", **mv) == 0.5
     first.stop()
     records = prefix + "driftwarden-model-records"
     published = len(run(read_topic(kafka_broker, records, idle=2.0)))
@@ -162,3 +163,4 @@ def test_a_changed_policy_file_reaches_a_model_already_monitored(start_worker, k
     assert [(e["id"], e["reasons"], e["evidence"]["outcomes_seen"]) for e in events] == [
         ("m:0:000001", [{"kind": "performance", "metric": "accuracy", "before": 1.0,
                          "after": 0.8, "threshold": 0.9}], 17)]
+    assert second.value("driftwarden_accuracy_threshold", **mv) == 0.9  # Grafana shows it
