@@ -704,21 +704,17 @@ class Pipeline:
 
     def _stored(self, model: str, partition: int) -> ModelState:
         """The model's state as the models table holds it (under its records partition),
-        or a new one, with the policy change this assignment found (:meth:`_loaded`). One
-        that cannot be read back (a later release's, or corrupted) stops the model stage,
-        naming the model: starting it afresh would overwrite the stored state."""
+        or a new one. One that cannot be read back (a later release's, or corrupted) stops
+        the model stage, naming the model: starting it afresh would overwrite the stored
+        state."""
         raw = entries(self.models_table, partition).get(_model_key(model))
         if raw is None:
             return ModelState(model, self.policies)
         try:
-            state = cast(ModelState, codec.loads(raw))
+            return cast(ModelState, codec.loads(raw))
         except StateError as exc:
             raise StateError(f"the models table's state of model {model!r} cannot be read "
                              f"back ({exc}); was it written by a later release?") from exc
-        at = self._policy_at.get(model)
-        if at is not None:
-            state.reconfigure(self.policies, at)
-        return state
 
     async def _loaded(self, model: str, tp: TP, ends: dict[int, int],
                       first: dict[str, tuple[int, bytes]]) -> ModelState:
@@ -760,7 +756,11 @@ class Pipeline:
         batch) with them absorbed again. Absorbing is deterministic, so this is the state
         as if the message that failed part-way through had never come; the retraining
         events they fire again were already taken the first time."""
-        state = self._referenced(self._stored(model, partition))
+        state = self._stored(model, partition)
+        at = self._policy_at.get(model)
+        if at is not None:  # the policy change this assignment found (_loaded)
+            state.reconfigure(self.policies, at)
+        state = self._referenced(state)
         for offset, records in absorbed:
             state.reach(offset)
             state.absorb_many(records)
@@ -891,6 +891,7 @@ class Pipeline:
                 firsts.setdefault(partition, {})[_model_key(model)] = blob
             acks = []
             for partition, changes in firsts.items():
+                entries(self.models_table, partition).update(changes)  # as write() expects
                 acks.extend(await write(self.models_table, partition, changes))
             await asyncio.gather(*acks)
             sends = [await self._dead_letter(d) for d in dead]
