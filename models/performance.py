@@ -27,6 +27,8 @@ Examples
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from math import log
 from typing import Any, cast
@@ -36,7 +38,8 @@ from river import drift, metrics, stats, utils
 #: river's CrossEntropy clamps a probability to these before its logarithm.
 _P_MIN, _P_MAX = 1e-15, 1 - 1e-15
 
-__all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor", "RollingCount"]
+__all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor", "RollingCount", "RollingMean",
+           "try_detector"]
 
 
 class _PageHinkley(drift.PageHinkley):
@@ -118,6 +121,128 @@ class RollingCount:
         return self.ones / self.n if self.n else 0.0
 
 
+class RollingMean:
+    """The mean of the last ``window`` values, exact: a regression's rolling absolute error.
+
+    river's ``utils.Rolling`` keeps a running mean and subtracts each value again as it
+    leaves the window, so the rounding of one outlier stays in the mean for good (an error
+    of 1e20 among errors of 0.5 left a mean of 0.05 behind it). Here the window is kept
+    and summed with ``math.fsum`` when read, which is correctly rounded; reads happen per
+    metrics scrape and per detection, not per outcome.
+
+    >>> window = RollingMean(3)
+    >>> for error in (0.5, 1e20, 0.5, 0.5, 0.5):
+    ...     window.update(error)
+    >>> window.n, window.get()  # the last three
+    (3, 0.5)
+    """
+
+    __slots__ = ("_next", "_ring", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._ring: list[float] = []
+        self._next = 0
+
+    @property
+    def n(self) -> int:
+        """Values in the window."""
+        return len(self._ring)
+
+    def update(self, value: float) -> None:
+        """Absorb the next value, dropping the oldest once the window is full."""
+        ring = self._ring
+        if len(ring) < self.window:
+            ring.append(value)
+            return
+        i = self._next
+        ring[i] = value
+        self._next = i + 1 if i + 1 < self.window else 0
+
+    def get(self) -> float:
+        """Mean of the window (0.0 when empty)."""
+        ring = self._ring
+        return math.fsum(ring) / len(ring) if ring else 0.0
+
+
+#: Outcomes :func:`try_detector` feeds a detector beyond its largest integer parameter
+#: (its grace periods and warm-ups are such parameters), and the most in all.
+TRIAL_OUTCOMES = 2_000
+TRIAL_MAX = 100_000
+
+
+def try_detector(task: str, detector: str, params: dict[str, Any]) -> None:
+    """Build ``detector`` with ``params`` and run it as a version's monitor would, over a
+    seeded error stream that steps up halfway; raise ValueError naming the parameter or
+    saying what failed.
+
+    river checks few parameters when a detector is built: a string threshold fails once
+    the warm-up is over, ``drift_confidence=5.0`` at the first update (a logarithm of a
+    negative number), and ADWIN's ``clock=0`` panics in its Rust core with an exception
+    that is not an ``Exception``. Met in the worker, each would refuse every outcome of
+    the model, or stop it; met here, the policy file is refused at start-up.
+
+    >>> try_detector("classification", "DDM", {"warm_start": 50})
+    >>> try_detector("classification", "PageHinkley", {"threshold": "x"})
+    Traceback (most recent call last):
+    ...
+    ValueError: 'threshold' must be a number, like its default 50.0; got 'x'
+    >>> try_detector("classification", "HDDM_A", {"drift_confidence": 5.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: 'drift_confidence' is a probability: it must be in (0, 1); got 5.0
+    """
+    factory, _ = DETECTORS[detector]
+    built = factory(**params)
+    defaults = inspect.signature(type(built)).parameters
+    for name, value in params.items():
+        default = defaults[name].default if name in defaults else None
+        _check_like(name, value, default)
+        if (detector, name) in _PROBABILITIES and not 0.0 < value < 1.0:
+            # Accepted by river, and a detector that never fires (delta 0) or fails later.
+            raise ValueError(f"{name!r} is a probability: it must be in (0, 1); got {value!r}")
+    longest = max((v for v in params.values() if type(v) is int), default=0)
+    n = min(TRIAL_OUTCOMES + max(longest, 0), TRIAL_MAX)
+    monitor = PerformanceMonitor(task, window=100, detector=detector, detector_params=params)
+    state = 12345
+    try:
+        for i in range(n):
+            state = (state * 1103515245 + 12345) & 0x7FFFFFFF  # seeded, no random module
+            wrong = state % 100 < (10 if i < n // 2 else 40)
+            if task == "classification":
+                monitor.update("1" if wrong else "0", "0")
+            else:
+                monitor.update(float(wrong) * (1 + state % 7), 0.0)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt and the like; pyo3's panics are BaseExceptions
+        raise ValueError(f"running it failed: {exc} ({type(exc).__name__})") from None
+
+
+#: (detector, parameter) that are probabilities: confidence levels of the tests.
+_PROBABILITIES = frozenset({
+    ("ADWIN", "delta"), ("HDDM_A", "drift_confidence"), ("HDDM_A", "warning_confidence"),
+    ("HDDM_W", "drift_confidence"), ("HDDM_W", "warning_confidence"),
+})
+
+
+def _check_like(name: str, value: Any, default: Any) -> None:
+    """A parameter's value has its default's type (an int does for a float)."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = type(value) is int, "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{name!r} must be {kind}, like its default {default!r}; got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class DriftSignal:
     """A detected increase of the error: which detector, error rate before and after."""
@@ -191,8 +316,9 @@ class PerformanceMonitor:
             self._log_loss = metrics.CrossEntropy()
         else:
             self._metrics = {"mae": metrics.MAE(), "rmse": metrics.RMSE()}
-            self._errors = utils.Rolling(stats.Mean, window_size=window)
-            self._rolling = utils.Rolling(metrics.MAE, window_size=window)
+            # Absolute errors over the window: rolling MAE and error rate both.
+            self._errors = RollingMean(window)
+            self._rolling = None
 
     def update(
         self, prediction: Any, label: Any, p_label: float | None = None
@@ -226,7 +352,6 @@ class PerformanceMonitor:
         else:
             for metric in self._metrics.values():
                 metric.update(label, prediction)
-            self._rolling.update(label, prediction)
             error = abs(float(prediction) - float(label))
             self._errors.update(error)
         detector.update(error)
@@ -251,6 +376,12 @@ class PerformanceMonitor:
             for args, _ in errors.window:
                 window.update(int(args[0]))
             state["_errors"], state["_rolling"] = window, None
+        elif state["task"] == "regression" and isinstance(errors, utils.Rolling):
+            # Stored before RollingMean: river windows of errors and of (label, prediction).
+            mean = RollingMean(errors.window_size)
+            for args, _ in errors.window:
+                mean.update(float(args[0]))
+            state["_errors"], state["_rolling"] = mean, None
         self.__dict__.update(state)
 
     def _before(self) -> float:
@@ -293,7 +424,7 @@ class PerformanceMonitor:
         if self.task == "classification":
             out["rolling_accuracy"] = cast(float, self.rolling_accuracy)
         else:
-            out["rolling_mae"] = float(self._rolling.get())
+            out["rolling_mae"] = self._errors.get()
         out["rolling_error_rate"] = self.error_rate
         if self.task == "classification" and self._scored:
             out["log_loss"] = float(self._log_loss.get())

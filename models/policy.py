@@ -30,7 +30,7 @@ from typing import Any
 
 from models.datadrift import DriftConfig
 from models.errors import ConfigError
-from models.performance import DETECTORS, DriftSignal
+from models.performance import DETECTORS, DriftSignal, try_detector
 
 __all__ = ["SHAPING_KEYS", "PolicyBook", "PolicyConfig", "RetrainingPolicy"]
 
@@ -159,11 +159,29 @@ class PolicyConfig:
         if binary_only and self.task == "regression":
             raise ConfigError(f"policy 'detector' {self.detector} needs binary errors; "
                               "a regression model can use ADWIN or PageHinkley")
-        try:  # a typo in detector_params fails at start-up, not inside the worker
-            factory(**self.detector_params)
+        if self.detector_params:  # a bad value fails at start-up, not inside the worker
+            why = _detector_trial(self.task, self.detector, self.detector_params)
+            if why:
+                raise ConfigError(f"policy 'detector_params' do not suit {self.detector}: {why}")
+
+
+def _detector_trial(task: str, detector: str, params: dict[str, Any]) -> str:
+    """Why the detector does not run with ``params``, or "" (remembered: each model's
+    policy is checked, and most share the default's parameters)."""
+    key = (task, detector, repr(sorted(params.items())))
+    why = _TRIED.get(key)
+    if why is None:
+        try:
+            try_detector(task, detector, params)
+            why = ""
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"policy 'detector_params' do not suit {self.detector}: {exc}"
-                              ) from None
+            why = str(exc)
+        if len(_TRIED) < 256:
+            _TRIED[key] = why
+    return why
+
+
+_TRIED: dict[tuple[str, str, str], str] = {}
 
 
 #: DriftConfig field -> policy key.

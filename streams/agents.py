@@ -76,6 +76,13 @@ DEAD_LETTER_MAX_BYTES = 1_000_000
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
 
 
+def _recoverable(exc: BaseException) -> bool:
+    """An error a records message is dead-lettered for: any Exception, and the panics of
+    river's Rust detectors (pyo3's PanicException is a BaseException), which would
+    otherwise stop the worker at that message on every restart."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[InputRecord]]]:
     """Faust messages as the batch route hands records over: runs by partition."""
     out: list[tuple[TP, list[InputRecord]]] = []
@@ -767,7 +774,7 @@ class Pipeline:
         entry = self.states[model] = (partition, state)
         return entry
 
-    def _unreadable(self, tp: TP, msg: Any, exc: Exception) -> DeadLetter:
+    def _unreadable(self, tp: TP, msg: Any, exc: BaseException) -> DeadLetter:
         """The dead letter of a records message the model stage could not absorb, logged
         with what went wrong but no value (StateError's messages name columns and
         sources, others may quote a value: their type and where they were raised)."""
@@ -865,7 +872,9 @@ class Pipeline:
                 state.reach(msg.offset)
                 try:
                     retraining += state.absorb_many(records)
-                except Exception as exc:
+                except BaseException as exc:
+                    if not _recoverable(exc):
+                        raise
                     dead.append(self._unreadable(tp, msg, exc))
                     entry = self._unabsorb(model, tp.partition, absorbed.get(model, []))
                     if model in touched:

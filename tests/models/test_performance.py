@@ -300,3 +300,43 @@ def test_state_stored_with_river_rolling_windows_continues_with_the_same_window(
     assert old.rolling_accuracy == new.rolling_accuracy
     assert old.error_rate == new.error_rate
     assert old.report()["accuracy"] == new.report()["accuracy"]
+
+
+# Fixed (models/performance.py, RollingMean): a regression's rolling MAE and error rate came
+# from river's utils.Rolling, which subtracts each error again as it leaves the window: one
+# error of 1e20 among errors of 0.5 left the rolling MAE at 0.05 for good.
+def test_regression_rolling_error_is_exact_after_an_outlier_leaves_the_window() -> None:
+    monitor = PerformanceMonitor(task="regression", window=10)
+    for i in range(1000):
+        monitor.update(1e20 if i == 20 else 0.5, 0.0)
+    report = monitor.report()
+    assert report["rolling_mae"] == report["rolling_error_rate"] == 0.5
+    assert report["mae"] == pytest.approx((999 * 0.5 + 1e20) / 1000, rel=1e-12)
+
+
+def test_regression_state_stored_with_river_rolling_windows_continues_exactly() -> None:
+    from river import metrics, stats, utils
+
+    from models import codec
+
+    rng = random.Random(4)
+    stream = [(rng.gauss(0.0, 1.0), rng.gauss(0.0, 1.0)) for _ in range(700)]
+    old = PerformanceMonitor(task="regression", window=250)
+    new = PerformanceMonitor(task="regression", window=250)
+    # What a stored regression monitor held: river windows of errors and of outcomes.
+    old._errors = utils.Rolling(stats.Mean, window_size=250)
+    old._rolling = utils.Rolling(metrics.MAE, window_size=250)
+    for prediction, label in stream[:400]:
+        for metric in old._metrics.values():
+            metric.update(label, prediction)
+        old._rolling.update(label, prediction)
+        old._errors.update(abs(prediction - label))
+        old.n += 1
+        new.update(prediction, label)
+    old = codec.loads(codec.dumps(old))
+    for prediction, label in stream[400:]:
+        old.update(prediction, label)
+        new.update(prediction, label)
+    assert old.report() == new.report()
+    assert old.report()["rolling_mae"] == math.fsum(
+        abs(p - label) for p, label in stream[-250:]) / 250

@@ -308,3 +308,36 @@ def test_from_toml_rejects_an_unknown_section(text: str) -> None:
 def test_from_toml_rejects_bad_detector_params_at_load_time(params: str) -> None:
     with pytest.raises(ConfigError, match="detector_params"):
         PolicyBook.from_toml(f"[default]\ndetector_params = {params}")
+
+
+# Fixed (models/policy.py, PolicyConfig; models.performance.try_detector): values river
+# accepts when it builds a detector but fails on later were accepted at start-up. In the
+# worker, HDDM_A's drift_confidence 5.0 failed every outcome of the model (each records
+# message dead-lettered), a string threshold once the warm-up was over, and ADWIN's
+# clock 0 panicked in river's Rust core with a BaseException that stopped the worker.
+@pytest.mark.parametrize(("detector", "params", "why"), [
+    ("HDDM_A", "{ drift_confidence = 5.0 }",
+     "'drift_confidence' is a probability: it must be in (0, 1); got 5.0"),
+    ("PageHinkley", '{ threshold = "x" }', "'threshold' must be a number, like its default "
+     "50.0; got 'x'"),
+    ("DDM", '{ warm_start = 2.5 }', "'warm_start' must be an integer, like its default 30; "
+     "got 2.5"),
+    ("ADWIN", "{ delta = 0 }", "'delta' is a probability: it must be in (0, 1); got 0"),
+    ("ADWIN", "{ clock = 0 }", "running it failed: attempt to calculate the remainder with a "
+     "divisor of zero (PanicException)"),
+    ("ADWIN", "{ max_buckets = 0 }", "running it failed: index out of bounds: the len is 1 but "
+     "the index is 1 (PanicException)"),
+])
+def test_detector_params_river_accepts_but_cannot_run_are_refused_at_load_time(
+        detector: str, params: str, why: str) -> None:
+    text = f'[default]\ndetector = "{detector}"\n[models.fraud]\ndetector_params = {params}'
+    with pytest.raises(ConfigError) as caught:
+        PolicyBook.from_toml(text)
+    assert str(caught.value) == (f"policy file [models.fraud]: policy 'detector_params' do "
+                                 f"not suit {detector}: {why}")
+
+
+def test_detector_params_that_run_are_kept() -> None:
+    book = PolicyBook.from_toml('[default]\ndetector = "PageHinkley"\n'
+                                "detector_params = { threshold = 5, min_instances = 50 }")
+    assert book.default.detector_params == {"threshold": 5, "min_instances": 50}

@@ -1611,3 +1611,23 @@ def test_records_format_records_sends_one_record_per_prediction(kafka_broker, pr
 
     assert sent("runs") == ["c"]
     assert sent("records") == ["e"] * 40
+
+
+# Fixed (streams/agents.py, _recoverable): the model stage dead-letters a records message
+# it cannot absorb, but caught only Exception; river's Rust detectors panic with pyo3's
+# PanicException, a BaseException, which went past it and stopped the worker at that
+# message on every restart. (The policy file now refuses the parameters that panicked.)
+def test_a_detector_panic_is_dead_lettered_and_an_interrupt_is_not():
+    from river.drift import ADWIN
+
+    from streams.agents import _recoverable
+
+    detector = ADWIN(clock=0)
+    with pytest.raises(BaseException) as caught:
+        detector.update(1.0)
+    assert type(caught.value).__name__ == "PanicException"
+    assert not isinstance(caught.value, Exception)
+    assert _recoverable(caught.value)
+    assert _recoverable(ValueError("math domain error"))
+    assert not _recoverable(KeyboardInterrupt())
+    assert not _recoverable(SystemExit(2))
