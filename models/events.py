@@ -34,6 +34,7 @@ import orjson
 from models.errors import InvalidEvent
 
 __all__ = [
+    "MAX_REGRESSION_VALUE",
     "REASONS",
     "SCORES_SUM_TOLERANCE",
     "Label",
@@ -42,6 +43,7 @@ __all__ = [
     "class_key",
     "parse_label",
     "parse_prediction",
+    "regression_number",
 ]
 
 #: Every reason code an input event can be dead-lettered with.
@@ -145,6 +147,24 @@ class Label:
     label: str | float
     model: str | None
     ts: float
+
+
+#: Largest magnitude of a regression model's prediction or label: the squared difference
+#: of two such numbers (a term of the RMSE) is still a finite float. river squares with
+#: ``**``, which raises OverflowError past about 1.34e154 rather than giving inf.
+MAX_REGRESSION_VALUE = 1e153
+
+
+def regression_number(value: Any) -> bool:
+    """Whether a regression model can score ``value`` as a prediction or label: a float
+    (events hold finite ones only) of magnitude at most :data:`MAX_REGRESSION_VALUE`.
+
+    >>> regression_number(2.5), regression_number(-1e153), regression_number(2e153)
+    (True, True, False)
+    >>> regression_number("2.5"), regression_number(True)
+    (False, False)
+    """
+    return isinstance(value, float) and -MAX_REGRESSION_VALUE <= value <= MAX_REGRESSION_VALUE
 
 
 def class_key(value: Any) -> str:

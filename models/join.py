@@ -87,6 +87,7 @@ from models.events import (
     class_key,
     parse_label,
     parse_prediction,
+    regression_number,
 )
 
 __all__ = ["RECORDS_MESSAGE_BYTES", "RUN_MIN", "DeadLetter", "Flush", "InputRecord",
@@ -703,9 +704,9 @@ class JoinPartition:
                 raise InvalidEvent("duplicate_prediction", f"prediction id {p.id!r} seen before")
             label_first = entry
         numeric = self._numeric_model(p.model)
-        if numeric and not isinstance(p.prediction, float):
-            raise InvalidEvent("invalid_prediction",
-                               f"field 'prediction' must be a number: {p.model!r} is a regression")
+        if numeric and not regression_number(p.prediction):
+            raise InvalidEvent("invalid_prediction", f"field 'prediction' must be a number "
+                               f"within ±1e153: {p.model!r} is a regression")
         mv = count_key(p.model, p.version)
         followed = self._meta.counts.get("predictions", {})
         if mv not in followed and len(followed) >= self.max_versions:
@@ -725,7 +726,7 @@ class JoinPartition:
             for cand in _candidates(label_first):
                 l_ts, label, l_model, l_offset, l_raw = cand[:5]
                 bad = ("model_mismatch" if l_model is not None and l_model != p.model
-                       else "invalid_label" if numeric and not isinstance(label, float)
+                       else "invalid_label" if numeric and not regression_number(label)
                        else "duplicate_label" if winner is not None else None)
                 if bad is None:
                     winner = (l_ts, label)
@@ -767,9 +768,9 @@ class JoinPartition:
         _, p_ts, _, model, version, prediction, scores = entry
         if lab.model is not None and lab.model != model:
             raise InvalidEvent("model_mismatch", f"label names model {lab.model!r}, not {model!r}")
-        if self._numeric_model(model) and not isinstance(lab.label, float):
-            raise InvalidEvent("invalid_label",
-                               f"field 'label' must be a number: {model!r} is a regression")
+        if self._numeric_model(model) and not regression_number(lab.label):
+            raise InvalidEvent("invalid_label", f"field 'label' must be a number within "
+                               f"±1e153: {model!r} is a regression")
         self._match(lab.id, model, version, prediction, scores, p_ts, lab.label, lab.ts, p_ts,
                     carried=self._carry)
 

@@ -28,7 +28,7 @@ from typing import Any
 from models.columns import FeatureColumns, OutcomeRun, PredictionRun
 from models.datadrift import DataDriftMonitor
 from models.estimate import ConfidenceEstimate
-from models.events import class_key
+from models.events import class_key, regression_number
 from models.join import ModelRecord
 from models.performance import PerformanceMonitor
 from models.policy import PolicyBook, PolicyConfig, RetrainingPolicy
@@ -386,14 +386,15 @@ class ModelState:
                p_labels: list[float | None], delays: list[float]) -> list[dict[str, Any]]:
         """:meth:`VersionMonitor.add_outcomes` of the outcomes the model can score: a
         classifier's as class keys; a regression model's only where prediction and label
-        are both floats. The join dead-letters the others; one from before a policy change
+        are both floats within ±1e153 (:func:`models.events.regression_number`). The join
+        dead-letters the others; one from before a policy change
         is counted (``rejected``) and skipped rather than stopping the agent."""
         monitor = self.version(version)
         if monitor.policy.config.task != "regression":  # the version's own (SHAPING_KEYS)
             return monitor.add_outcomes(ts, list(map(class_key, predictions)),
                                         list(map(class_key, labels)), p_labels, delays)
         kept = [i for i, (p, label) in enumerate(zip(predictions, labels, strict=True))
-                if isinstance(p, float) and isinstance(label, float)]
+                if regression_number(p) and regression_number(label)]
         if len(kept) < len(predictions):
             self.rejected += len(predictions) - len(kept)
             ts, delays = [ts[i] for i in kept], [delays[i] for i in kept]

@@ -924,3 +924,24 @@ def test_markers_that_carry_their_predictions_items_join_as_markers_with_their_o
     assert heap_items(carried) == {"P": 0, "L": 324, "D": 335}  # one per entry
     assert heap_items(pushed) == heap_items(carried)  # all due: the same at the end
     assert most == [745, 902]  # but the TTL long, a matched prediction's item or two
+
+
+# Fixed (models/join.py, models.events.regression_number): a regression's numbers were
+# any finite float, but river's RMSE squares the error with **, which raises
+# OverflowError past about 1.34e154; the model stage then dead-lettered the whole records
+# message, every valid outcome in it too.
+def test_regression_model_dead_letters_numbers_whose_error_could_not_be_squared() -> None:
+    part = JoinPartition({}, partition=0, ttl=TTL, regression=lambda model: model == "price")
+    feed = Feed(part)
+    feed("predictions", prediction("a", 100.0, model="price", prediction=2e153))
+    feed("predictions", prediction("b", 100.0, model="price", prediction=-1e153))
+    feed("labels", label("b", 101.0, value=1.5e153))  # after its prediction
+    feed("labels", label("c", 102.0, value=-2e153))  # before its prediction
+    feed("predictions", prediction("c", 103.0, model="price", prediction=3.0))
+    feed("labels", label("b", 104.0, value=1e153))  # the largest number joins
+    assert [(d.topic, d.offset, d.reason) for d in part.dead_letters] == [
+        ("predictions", 0, "invalid_prediction"),
+        ("labels", 0, "invalid_label"),
+        ("labels", 1, "invalid_label"),
+    ]
+    assert [r.item[1:3] for r in outcomes(part)] == [[-1e153, 1e153]]

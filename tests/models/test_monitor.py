@@ -264,6 +264,16 @@ def test_a_version_whose_outcomes_were_all_rejected_keeps_its_task() -> None:
     assert state.versions["1"].performance.task == "regression"
 
 
+def test_a_regression_outcome_whose_error_could_not_be_squared_is_rejected_alone() -> None:
+    """One from before the policy made the model a regression (the join dead-letters them
+    since): skipped and counted, the outcomes beside it scored."""
+    state = ModelState("m", PolicyBook(PolicyConfig(task="regression")))
+    state.absorb(o_rec(0, prediction=2e154, label=0.0))
+    state.absorb(o_rec(1, prediction=1e153, label=-1e153))
+    assert state.rejected == 1
+    assert state.versions["1"].performance.report()["rmse"] == 2e153
+
+
 def test_a_change_made_at_once_applies_what_was_pending_first() -> None:
     state = ModelState("m", PolicyBook())
     state.absorb(o_rec(0))
