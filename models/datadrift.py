@@ -138,7 +138,8 @@ class DriftConfig:
     reference_size
         Predictions that become the reference when no profile is published.
     bins, top_k, max_features
-        Shape of a bootstrapped reference.
+        Shape of a bootstrapped reference; ``max_features`` also caps the features of a
+        published one that are tracked (the first, in the profile's column order).
     min_labels
         Labels a window needs before label drift is judged.
     """
@@ -222,7 +223,9 @@ class FeatureWindow:
         counts = np.asarray(self.counts, dtype=np.float64)
         total = counts.sum()
         out = {"missing": self.missing / max(self.n, 1)}
-        if total > 0:
+        # A reference with no values (a column empty in the training data, or missing in
+        # every bootstrap prediction) has no distribution to compare with: not judged.
+        if total > 0 and self.reference.any():
             q = counts / total
             p = self.reference
             out["psi"] = psi(p, q)
@@ -447,7 +450,8 @@ class DataDriftMonitor:
     def _apply(self, reference: ReferenceProfile) -> None:
         self.reference = reference
         self._builder = None
-        self.features = {name: FeatureWindow(p) for name, p in sorted(reference.features.items())}
+        tracked = list(reference.features.items())[:self.config.max_features]
+        self.features = {name: FeatureWindow(p) for name, p in sorted(tracked)}
         self.prediction = FeatureWindow(reference.prediction) if reference.prediction else None
         self.label = FeatureWindow(reference.label) if reference.label else None
         self.window_n = 0

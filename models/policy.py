@@ -155,7 +155,7 @@ class PolicyConfig:
                 raise ConfigError(f"policy '{name}' must be in [0, 1), got {getattr(self, name)!r}")
         if self.accuracy_min is not None and not 0.0 <= self.accuracy_min <= 1.0:
             raise ConfigError(f"policy 'accuracy_min' must be in [0, 1], got {self.accuracy_min!r}")
-        factory, binary_only = DETECTORS[self.detector]
+        _, binary_only = DETECTORS[self.detector]
         if binary_only and self.task == "regression":
             raise ConfigError(f"policy 'detector' {self.detector} needs binary errors; "
                               "a regression model can use ADWIN or PageHinkley")

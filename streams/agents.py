@@ -885,8 +885,8 @@ class Pipeline:
                 if state.rejected != rejected:
                     log.warning("model %r: %d outcomes skipped (%d in all): their version "
                                 "monitors a regression, and their prediction or label is not "
-                                "a number within ±1e153; the join's policy file says otherwise", model,
-                                state.rejected - rejected, state.rejected)
+                                "a number within ±1e153; the join's policy file says "
+                                "otherwise", model, state.rejected - rejected, state.rejected)
                 absorbed.setdefault(model, []).append((msg.offset, records))
                 touched[model] = entry
             if messages:

@@ -331,6 +331,16 @@ async def _reference_build(a: argparse.Namespace) -> None:
                   f"{share:.0%} of its values are numbers written as text; live events that "
                   "send numbers will match none of them (clean the column, or leave it out "
                   "with --features)", file=sys.stderr)
+        for name, feature in profile.features.items():
+            if not any(feature.counts):
+                print(f"driftwarden: warning: feature {name!r} has no values in {a.data}: "
+                      "its drift is not judged, only its missing rate is exported",
+                      file=sys.stderr)
+        most = settings.policies().for_model(a.model).drift_max_features
+        if len(profile.features) > most:
+            print(f"driftwarden: warning: the profile has {len(profile.features):,} features; "
+                  f"the worker tracks the first {most:,} (policy drift_max_features of "
+                  f"{a.model!r}), in the order of the columns", file=sys.stderr)
         raw = profile.to_json()
         if len(raw) > REFERENCE_MAX_BYTES:
             raise ConfigError(

@@ -295,6 +295,31 @@ def test_features_outside_the_reference_are_ignored() -> None:
     assert list(monitor.last["features"]) == ["f"]
 
 
+# Fixed (models/datadrift.py, FeatureWindow.evaluate): a feature with no values in the
+# reference (a column empty in the training data) was compared with all-zero proportions:
+# ordinary live values then drifted at once (psi 9.2, js 1.0, ks 1.0), every window.
+def test_a_feature_with_no_reference_values_reports_its_missing_rate_and_never_drifts() -> None:
+    empty = FeatureProfile("numeric", counts=(0,), missing=100, edges=())
+    profile = ReferenceProfile("m", "1", "data", 100, {"x": empty})
+    monitor = DataDriftMonitor(DriftConfig(window=4, consecutive=1), reference=profile)
+    assert feed(monitor, [{"x": 1.0}, {"x": 2.0}, {"x": 3.0}, {"x": None}] * 3) == []
+    assert monitor.last == {"features": {"x": {"missing": 0.25}}}
+    frame = pd.DataFrame({"x": [float("nan")] * 10, "y": [1.0, 2.0] * 5})
+    assert build_profile(frame, "m", "1").features["x"].counts == (0,)
+
+
+# Fixed (models/datadrift.py, DataDriftMonitor._apply): drift_max_features capped only a
+# bootstrapped reference; a published profile of 3,000 columns was tracked whole.
+def test_a_published_profile_is_tracked_up_to_max_features_in_its_column_order() -> None:
+    names = ("zeta", "alpha", "mid", "beta")
+    monitor = DataDriftMonitor(DriftConfig(window=2, max_features=2),
+                               reference=profile_2(names=names))
+    feed(monitor, [dict.fromkeys(names, "a"), dict.fromkeys(names, "b")])
+    assert list(monitor.features) == ["alpha", "zeta"]
+    assert list(monitor.last["features"]) == ["alpha", "zeta"]
+    assert monitor.untracked == 4  # two features of two predictions
+
+
 # -- prediction and label ----------------------------------------------------------------
 
 
@@ -487,10 +512,11 @@ def test_prediction_and_label_reasons_name_what_drifted() -> None:
         assert set(r) == {"kind", "statistic", "value", "threshold"}, r
 
 
-def test_js_of_a_reference_without_present_values_is_a_distance() -> None:
+def test_a_bootstrap_feature_always_missing_is_not_judged_once_it_shows_up() -> None:
     # A feature that was always missing in the bootstrap rows gets an empty profile (see
-    # ProfileBuilder); once it shows up, psi is 9.2, ks 1.0 and js 1.0 (disjoint), where
-    # scipy's jensenshannon would give 0/0 = NaN.
+    # ProfileBuilder). Once it shows up it used to drift at once (psi 9.2, ks 1.0, js 1.0:
+    # any values against none); like a feature the reference lacks, it is not judged, and
+    # its missing rate is reported. No warning either (scipy's jensenshannon gives 0/0).
     monitor = DataDriftMonitor(DriftConfig(window=3, reference_size=5, consecutive=1),
                                model="m", version="1")
     feed(monitor, [{"x": None, "y": 1.0}] * 5)
@@ -498,11 +524,8 @@ def test_js_of_a_reference_without_present_values_is_a_distance() -> None:
     assert monitor.reference.features["x"] == FeatureProfile("numeric", (0,), 5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        feed(monitor, [{"x": 1.0, "y": 1.0}] * 3)
-    stats = monitor.last["features"]["x"]
-    assert stats["psi"] == pytest.approx((1 - FLOOR) * math.log(1 / FLOOR), abs=EXACT)
-    assert stats["ks"] == 1.0
-    assert stats["js"] == 1.0, stats
+        assert feed(monitor, [{"x": 1.0, "y": 1.0}] * 3) == []
+    assert monitor.last["features"]["x"] == {"missing": 0.0}
     assert [str(w.message) for w in caught] == []
 
 

@@ -117,6 +117,26 @@ def test_reference_build_warns_of_a_numeric_column_read_as_categories(tmp_path) 
     assert done.returncode == 2 and "cannot reach Kafka" in done.stderr
 
 
+def test_reference_build_warns_of_an_empty_column_and_of_more_features_than_tracked(
+        tmp_path) -> None:
+    data = tmp_path / "train.csv"
+    data.write_text("a,b,c,pred\n" + "".join(f",{i},{i % 3},{i % 2}\n" for i in range(20)))
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[models.m]\ndrift_max_features = 2\n")
+    output = tmp_path / "p.json"
+    done = _streams("reference", "build", str(data), "--model", "m", "--version", "1",
+                    "--prediction", "pred", "--output", str(output), "--quiet",
+                    DRIFTWARDEN_BROKER="kafka://127.0.0.1:1",
+                    DRIFTWARDEN_POLICY_FILE=str(policy))
+    assert done.stderr.splitlines()[:2] == [
+        f"driftwarden: warning: feature 'a' has no values in {data}: its drift is not "
+        "judged, only its missing rate is exported",
+        "driftwarden: warning: the profile has 3 features; the worker tracks the first 2 "
+        "(policy drift_max_features of 'm'), in the order of the columns",
+    ], done.stderr
+    assert orjson.loads(output.read_bytes())["features"]["a"]["counts"] == [0]
+
+
 def test_help_lists_the_commands_and_every_options_default() -> None:
     # With no command at all: driftwarden's commands, not Faust's, and a usage error.
     done = _streams()
