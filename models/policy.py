@@ -203,6 +203,13 @@ _TYPES: dict[str, Any] = {
 }
 
 
+#: Margin of the accuracy comparisons. The threshold is a product of floats, rounded
+#: either way (0.53 * 0.9 is 0.47700000000000004), so an accuracy exactly at it could
+#: count as below; accuracies over a window of at most MAX_WINDOW outcomes differ by at
+#: least 1e-6, so a margin of 1e-9 never moves one from below to above.
+_MARGIN = 1e-9
+
+
 class PolicyBook:
     """Per-model PolicyConfigs from a TOML document, with a default.
 
@@ -321,12 +328,12 @@ class RetrainingPolicy:
                             "metric": "error_rate", "before": drift.before, "after": drift.after})
         threshold = self.threshold()
         if accuracy is not None and threshold is not None:
-            if accuracy < threshold and "performance" not in self._latched:
+            if accuracy < threshold - _MARGIN and "performance" not in self._latched:
                 self._latched.add("performance")
                 reasons.append({"kind": "performance", "metric": "accuracy",
                                 "before": self.reference, "after": accuracy,
                                 "threshold": threshold})
-            elif accuracy >= threshold + cfg.hysteresis:
+            elif accuracy >= threshold + cfg.hysteresis - _MARGIN:
                 self._latched.discard("performance")
         reasons.extend(extra_reasons or [])
         if not reasons:

@@ -322,6 +322,11 @@ class ReferenceProfile:
         for metric, value in baseline.items():
             if not _is_number(value) or not math.isfinite(value):
                 _fail(f"baseline.{metric}", "must be a finite number")
+            # An accuracy of 5 would put the threshold at 4.5: every full window fires.
+            if metric == "accuracy" and not 0.0 <= value <= 1.0:
+                _fail("baseline.accuracy", f"must be in [0, 1], got {value!r}")
+            if metric in ("mae", "rmse") and value < 0.0:
+                _fail(f"baseline.{metric}", f"must be >= 0, got {value!r}")
         source = _string(doc, "source", "")
         if source not in _SOURCES:
             _fail("source", f"must be one of {list(_SOURCES)}, got {source!r}")

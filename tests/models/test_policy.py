@@ -142,6 +142,24 @@ def test_threshold_is_the_higher_of_the_absolute_floor_and_the_relative_drop() -
     assert step(q, 2.0, accuracy=0.80) is not None
 
 
+# Fixed (models/policy.py, RetrainingPolicy.update): the threshold is a product of floats
+# and may round up (0.53 * 0.9 is 0.47700000000000004), so an accuracy exactly at it
+# counted as below it and fired, where the README says an event fires below it.
+def test_an_accuracy_exactly_at_the_threshold_does_not_fire_and_one_outcome_below_does() -> None:
+    p = policy(cooldown_seconds=0.0, accuracy_drop=0.10, hysteresis=0.05)
+    step(p, 0.0, accuracy=530 / 1000)
+    assert p.threshold() == 0.47700000000000004
+    assert step(p, 1.0, accuracy=477 / 1000) is None
+    assert step(p, 2.0, accuracy=476 / 1000) is not None  # one outcome of 1,000 below
+    # Re-armed at exactly threshold + hysteresis (0.527), which rounds up too.
+    assert step(p, 3.0, accuracy=527 / 1000) is None
+    assert step(p, 4.0, accuracy=476 / 1000) is not None
+    # Over the largest window, one outcome below still fires.
+    q = policy(cooldown_seconds=0.0, accuracy_drop=0.10, window=1_000_000)
+    step(q, 0.0, accuracy=530_000 / 1_000_000)
+    assert step(q, 1.0, accuracy=476_999 / 1_000_000) is not None
+
+
 def test_absolute_floor_fires_before_any_reference() -> None:
     p = policy(accuracy_min=0.95)
     event = step(p, 0.0, accuracy=0.90)  # becomes the reference and is below the floor

@@ -375,6 +375,10 @@ def test_from_json_accepts_integer_edges() -> None:
     (("features", "country"), "DE", "'features.country' must be an object"),
     (("prediction", "categories"), ["0", "0"], "'prediction.categories' must not repeat"),
     (("baseline", "accuracy"), None, "'baseline.accuracy' must be a finite number"),
+    # Fixed: an impossible baseline was taken, and put the threshold above any accuracy.
+    (("baseline", "accuracy"), 5.0, "'baseline.accuracy' must be in [0, 1], got 5.0"),
+    (("baseline", "accuracy"), -0.1, "'baseline.accuracy' must be in [0, 1], got -0.1"),
+    (("baseline", "rmse"), -1, "'baseline.rmse' must be >= 0, got -1"),
 ])
 def test_from_json_errors_name_the_field(path: tuple[str, ...], value: Any, message: str) -> None:
     doc = good_doc()
