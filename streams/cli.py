@@ -84,6 +84,7 @@ def _worker(argv: list[str]) -> None:
 
     settings = Settings.from_env()
     settings.policies()  # a bad policy file stops the worker before Kafka is touched
+    settings.make_data_dir()  # and so does a data directory that cannot be made
     snapshot = Snapshot(max_models=settings.max_models)
     worker = argv[:1] == ["worker"] and not {"-h", "--help"} & set(argv)
     if worker:

@@ -153,6 +153,18 @@ class Settings:
             )
         return settings
 
+    def make_data_dir(self) -> None:
+        """Create DRIFTWARDEN_DATA_DIR (Faust's data, the rocksdb:// databases), or raise
+        a ConfigError naming it: not a traceback once Kafka has been touched."""
+        path = self.data_dir
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"DRIFTWARDEN_DATA_DIR: {str(path)!r} is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"DRIFTWARDEN_DATA_DIR: {str(path)!r} cannot be made: "
+                              f"{exc.strerror or exc}") from None
+
     def _check_tls(self) -> None:
         """The TLS files exist, go with a protocol that uses them, and load (a bad file
         named here, not as a traceback at the first connection)."""
@@ -165,8 +177,10 @@ class Settings:
                 raise ConfigError(
                     f"DRIFTWARDEN_{name} is set, but DRIFTWARDEN_SECURITY_PROTOCOL="
                     f"{self.security_protocol} does not use TLS (set SSL or SASL_SSL)")
-            if not path.is_file():
+            if not path.exists():
                 raise ConfigError(f"DRIFTWARDEN_{name}: no such file {str(path)!r}")
+            if not path.is_file():
+                raise ConfigError(f"DRIFTWARDEN_{name}: {str(path)!r} is not a file")
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ConfigError("DRIFTWARDEN_SSL_KEYFILE is set without DRIFTWARDEN_SSL_CERTFILE, "
                               "the certificate it is the key of")

@@ -59,6 +59,11 @@ BAD = [
      "TLS (set SSL or SASL_SSL)"),
     ({"DRIFTWARDEN_SECURITY_PROTOCOL": "SSL", "DRIFTWARDEN_SSL_CAFILE": "/no/ca.pem"},
      "DRIFTWARDEN_SSL_CAFILE: no such file '/no/ca.pem'"),
+    # Fixed: a directory or a device was reported as "no such file".
+    ({"DRIFTWARDEN_SECURITY_PROTOCOL": "SSL", "DRIFTWARDEN_SSL_CAFILE": "/tmp"},
+     "DRIFTWARDEN_SSL_CAFILE: '/tmp' is not a file"),
+    ({"DRIFTWARDEN_SECURITY_PROTOCOL": "SSL", "DRIFTWARDEN_SSL_CAFILE": "/dev/null"},
+     "DRIFTWARDEN_SSL_CAFILE: '/dev/null' is not a file"),
     ({"DRIFTWARDEN_SECURITY_PROTOCOL": "SSL", "DRIFTWARDEN_SSL_KEYFILE": "/etc/hostname"},
      "DRIFTWARDEN_SSL_KEYFILE is set without DRIFTWARDEN_SSL_CERTFILE, the certificate it is "
      "the key of"),
@@ -146,3 +151,21 @@ def test_a_policy_file_that_is_not_utf8_is_named_without_a_traceback(tmp_path: P
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (
         2, f"driftwarden: DRIFTWARDEN_POLICY_FILE ({policy}) is not UTF-8: byte 27 is b'\\xe9'\n")
+
+
+# Fixed (streams/settings.py, Settings.make_data_dir): a data directory that could not be
+# made stopped the worker with a traceback (FileExistsError), after it had created the
+# topics and checked the group.
+@pytest.mark.parametrize("kind", ["file", "under a file"])
+def test_a_data_dir_that_cannot_be_made_stops_the_worker_before_kafka_is_touched(
+        tmp_path: Path, kind: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    data_dir = afile if kind == "file" else afile / "data"
+    env = {"DRIFTWARDEN_BROKER": "kafka://127.0.0.1:1", "PATH": "/usr/bin:/bin",
+           "DRIFTWARDEN_DATA_DIR": str(data_dir)}
+    done = subprocess.run([sys.executable, "-m", "streams", "worker"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    why = "is not a directory" if kind == "file" else "cannot be made: Not a directory"
+    assert (done.returncode, done.stderr) == (
+        2, f"driftwarden: DRIFTWARDEN_DATA_DIR: '{data_dir}' {why}\n")
