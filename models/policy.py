@@ -32,7 +32,7 @@ from models.datadrift import DriftConfig
 from models.errors import ConfigError
 from models.performance import DETECTORS, DriftSignal, try_detector
 
-__all__ = ["SHAPING_KEYS", "PolicyBook", "PolicyConfig", "RetrainingPolicy"]
+__all__ = ["SHAPING_KEYS", "PolicyBook", "PolicyConfig", "RetrainingPolicy", "event_id"]
 
 #: Most outcomes in the rolling window (kept per model version, in memory).
 MAX_WINDOW = 1_000_000
@@ -201,6 +201,25 @@ _TYPES: dict[str, Any] = {
     "drift_statistic": str, "drift_threshold": _NUMBER, "drift_consecutive": int,
     "drift_bins": int, "drift_top_k": int, "drift_max_features": int, "drift_min_labels": int,
 }
+
+
+def event_id(model: str, version: str, seq: int) -> str:
+    """A RetrainingEvent's id: ``model:version:seq`` (seq in six digits or more), with a
+    ``%`` or ``:`` in the model or version written ``%25`` or ``%3A``, so that the ids of
+    two model versions never meet (``a:b`` version ``c``, ``a`` version ``b:c``).
+
+    >>> event_id("fraud", "3", 7)
+    'fraud:3:000007'
+    >>> event_id("a:b", "c", 1), event_id("a", "b:c", 1), event_id("100%", "1", 1)
+    ('a%3Ab:c:000001', 'a:b%3Ac:000001', '100%25:1:000001')
+    """
+    return f"{_id_part(model)}:{_id_part(version)}:{seq:06d}"
+
+
+def _id_part(name: str) -> str:
+    if "%" not in name and ":" not in name:
+        return name
+    return name.replace("%", "%25").replace(":", "%3A")
 
 
 #: Margin of the accuracy comparisons. The threshold is a product of floats, rounded
@@ -377,7 +396,7 @@ class RetrainingPolicy:
             drop = (self.reference - accuracy) / self.reference
         critical = len(reasons) > 1 or drop >= self.config.critical_drop
         event = {
-            "id": f"{self.model}:{self.version}:{self.seq:06d}",
+            "id": event_id(self.model, self.version, self.seq),
             "model": self.model,
             "version": self.version,
             "ts": ts,

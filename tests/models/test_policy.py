@@ -115,6 +115,19 @@ def test_ids_are_deterministic_so_a_replay_republishes_the_same_ids() -> None:
     assert run() == run() == expected
 
 
+# Fixed (models/policy.py, event_id): the id joined model and version with ":" as they
+# were, so model "a:b" version "c" and model "a" version "b:c" shared ids, and a consumer
+# de-duplicating by id, as DESIGN.md says to, dropped one version's real events.
+def test_ids_of_two_model_versions_never_meet_when_names_hold_a_colon() -> None:
+    ids = set()
+    for model, version in [("a:b", "c"), ("a", "b:c"), ("a%3Ab", "c"), ("a", "b%3Ac")]:
+        p = RetrainingPolicy(PolicyConfig(min_outcomes=1), model, version)
+        event = step(p, 1.0, drift=DRIFT)
+        assert event is not None and (event["model"], event["version"]) == (model, version)
+        ids.add(event["id"])
+    assert ids == {"a%3Ab:c:000001", "a:b%3Ac:000001", "a%253Ab:c:000001", "a:b%253Ac:000001"}
+
+
 @pytest.mark.parametrize(("accuracy", "drift", "severity"), [
     (0.79, None, "warning"),     # drop 12.2 %: below threshold 0.81, under critical_drop 20 %
     (0.70, None, "critical"),    # drop 22 %: over critical_drop 20 %
