@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import difflib
 import gc
 import os
@@ -439,6 +440,21 @@ async def _tail(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _publish_while(worker: subprocess.Popen[bytes], a: argparse.Namespace) -> bool:
+    """:func:`_simulate`, cut short if the worker exits meanwhile (a bad policy file, a
+    busy metrics port): True if it published everything."""
+    publish = asyncio.ensure_future(_simulate(a))
+    while not publish.done():
+        await asyncio.wait({publish}, timeout=0.5)
+        if worker.poll() is not None and not publish.done():
+            publish.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publish
+            return False
+    publish.result()
+    return True
+
+
 def _demo(a: argparse.Namespace) -> int:
     """Run a worker, publish drifting traffic, print the retraining events it emits."""
     _scenario(a)  # bad arguments stop it before anything starts
@@ -456,9 +472,19 @@ def _demo(a: argparse.Namespace) -> int:
         asyncio.run(ensure_topics(Settings.from_env()))
         print(f"demo: publishing {a.n} predictions; error {a.error_before:.0%} -> "
               f"{a.error_after:.0%} at outcome {a.change_at}", flush=True)
-        asyncio.run(_simulate(argparse.Namespace(**{**vars(a), "quiet": False})))
-        print("demo: published; waiting for the retraining event", flush=True)
-        return tail.wait(timeout=600)
+        if asyncio.run(_publish_while(worker, argparse.Namespace(**{**vars(a), "quiet": False}))):
+            print("demo: published" + ("" if tail.poll() is not None else
+                                       "; waiting for the retraining event"), flush=True)
+            deadline = time.monotonic() + 600
+            while tail.poll() is None and worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if tail.poll() is not None:
+                return tail.returncode
+        if worker.poll() is not None:
+            print(f"demo: the worker stopped (exit {worker.returncode}); its error is above",
+                  file=sys.stderr, flush=True)
+            return worker.returncode or 1
+        return tail.wait(timeout=30)
     finally:
         for proc in (tail, worker):
             if proc.poll() is None:

@@ -43,6 +43,19 @@ def test_tail_prints_events_and_fails_when_too_few_came(kafka_broker: str, prefi
             in done.stderr)
 
 
+# Fixed (streams/cli.py, _demo): the demo (what `make run` runs) went on publishing to a
+# worker that had stopped at start-up, then waited 10 minutes for an event that could not
+# come, the worker's one-line error far above.
+def test_demo_stops_when_its_worker_does(kafka_broker: str, prefix: str, tmp_path) -> None:
+    done = _streams("demo", "--n", "2000000", DRIFTWARDEN_BROKER=f"kafka://{kafka_broker}",
+                    DRIFTWARDEN_TOPIC_PREFIX=prefix,
+                    DRIFTWARDEN_POLICY_FILE=str(tmp_path / "missing.toml"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "DRIFTWARDEN_POLICY_FILE cannot be read" in done.stderr
+    assert done.stderr.endswith("demo: the worker stopped (exit 2); its error is above\n")
+    assert "demo: published" not in done.stdout  # cut short: 2,000,000 take minutes
+
+
 def test_bad_simulation_arguments_are_named_before_kafka_is_touched() -> None:
     # No broker listens on port 1: an error about it would mean Kafka came first.
     for args, message in (
