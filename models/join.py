@@ -134,7 +134,7 @@ class DeadLetter:
     partition: int
     offset: int
     reason: str
-    raw: bytes
+    raw: bytes | None  # None: the record had no value (a tombstone), and nor does its letter
     key: bytes | None = None
     # True when the reason depends on the join's state rather than on the bytes alone.
     stateful: bool = field(default=False, compare=False)
@@ -404,7 +404,8 @@ def _encode_wal(batch: int, writes: dict[str, bytes | None], records: list[Model
         "s": batch,
         "w": {k: None if v is None else v.decode() for k, v in writes.items()},
         "r": [[r.kind, r.model, r.version, r.source, *r.position, r.item] for r in records],
-        "d": [[d.topic, d.partition, d.offset, d.reason, d.raw.decode("latin-1"),
+        "d": [[d.topic, d.partition, d.offset, d.reason,
+               None if d.raw is None else d.raw.decode("latin-1"),
                _key_text(d.key)] for d in dead],
     })
 
@@ -415,7 +416,8 @@ def _decode_wal(raw: bytes) -> tuple[int, Flush]:
         writes = {k: None if v is None else v.encode() for k, v in doc["w"].items()}
         records = [ModelRecord(kind, model, version, source, (offset, sub), item)
                    for kind, model, version, source, offset, sub, item in doc["r"]]
-        dead = [DeadLetter(topic, partition, offset, reason, raw.encode("latin-1"),
+        dead = [DeadLetter(topic, partition, offset, reason,
+                           None if raw is None else raw.encode("latin-1"),
                            _text_key(key), stateful=True)
                 for topic, partition, offset, reason, raw, key in doc["d"]]
         return int(doc["s"]), Flush(records, dead, writes, None)
@@ -656,7 +658,7 @@ class JoinPartition:
         if offset <= offsets.get(source, -1):
             self.skipped += 1
             return False
-        raw = raw or b""
+        value, raw = raw, raw or b""  # a null value reads as empty, and is dead-lettered null
         self.held += len(raw)
         event: Prediction | Label | None
         try:
@@ -669,7 +671,7 @@ class JoinPartition:
                 event = (schema.label(raw, kafka_ts, self.limits)
                          or parse_label(raw, kafka_ts, self.limits))
         except InvalidEvent as exc:
-            self._dead(topic, offset, exc.reason, raw, key, stateful=False)
+            self._dead(topic, offset, exc.reason, value, key, stateful=False)
             event = None
         if event is not None:
             # The watermark of the event's side; an event dead-lettered below (a
@@ -798,7 +800,7 @@ class JoinPartition:
         self._outcomes += 1
         self._put(event_id, ["D", entry_ts, self.partition], push=not carried)
 
-    def _dead(self, topic: str, offset: int, reason: str, raw: bytes, key: bytes | None,
+    def _dead(self, topic: str, offset: int, reason: str, raw: bytes | None, key: bytes | None,
               stateful: bool = True) -> None:
         self._count("dead", f"{topic}|{reason}")
         self.dead_letters.append(

@@ -553,7 +553,7 @@ class Pipeline:
         raw, key = d.raw, d.key
         # A letter Kafka refuses would stop the worker at this event on every restart:
         # past Kafka's default 1 MiB message size it keeps the start, and says so.
-        if len(raw) > DEAD_LETTER_MAX_BYTES:
+        if raw is not None and len(raw) > DEAD_LETTER_MAX_BYTES:
             headers.append(("dw.truncated", str(len(raw)).encode()))
             raw = raw[:DEAD_LETTER_MAX_BYTES]
         if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
@@ -788,7 +788,7 @@ class Pipeline:
         log.error("records message %s[%d]@%d dead-lettered as invalid_record: %s",
                   tp.topic, tp.partition, msg.offset, why)
         return DeadLetter("model-records", tp.partition, msg.offset, "invalid_record",
-                          msg.value or b"", msg.key)
+                          msg.value, msg.key)
 
     def _records_expected(self, partition: int) -> int | None:
         if partition not in self._records_next:

@@ -945,3 +945,13 @@ def test_regression_model_dead_letters_numbers_whose_error_could_not_be_squared(
         ("labels", 1, "invalid_label"),
     ]
     assert [r.item[1:3] for r in outcomes(part)] == [[-1e153, 1e153]]
+
+
+# Fixed (models/join.py, JoinPartition._absorb): a record with no value (a tombstone) was
+# dead-lettered with an empty value, which a consumer cannot tell from an empty message.
+def test_a_record_without_a_value_is_dead_lettered_without_one() -> None:
+    part = JoinPartition({}, partition=0, ttl=TTL)
+    part.absorb_many("predictions", [InputRecord(0, 1_000, b"k", None),
+                                     InputRecord(1, 1_000, b"e", b"")])
+    assert [(d.offset, d.reason, d.raw, d.key) for d in part.dead_letters] == [
+        (0, "invalid_json", None, b"k"), (1, "invalid_json", b"", b"e")]
