@@ -118,9 +118,18 @@ def chi_square(p: np.ndarray, counts: np.ndarray, floor: float = FLOOR) -> float
 
     >>> chi_square(np.array([0.5, 0.5]), np.array([30, 10]))
     10.0
+
+    A bin empty in both (the "other" bin of a reference that kept every category) says
+    nothing and adds nothing; one empty in the reference only is floored, not infinite:
+
+    >>> chi_square(np.array([0.5, 0.5, 0.0]), np.array([500, 500, 0]))
+    0.0
+    >>> round(chi_square(np.array([0.5, 0.5, 0.0]), np.array([499, 500, 1])), 4)
+    8.102
     """
-    expected = np.maximum(p, floor) * counts.sum()
-    return float(np.sum((counts - expected) ** 2 / expected))
+    used = (p > 0) | (counts > 0)
+    expected = np.maximum(p[used], floor) * counts.sum()
+    return float(np.sum((counts[used] - expected) ** 2 / expected))
 
 
 @dataclass(frozen=True)
