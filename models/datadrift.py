@@ -148,7 +148,8 @@ class DriftConfig:
         Predictions that become the reference when no profile is published.
     bins, top_k, max_features
         Shape of a bootstrapped reference; ``max_features`` also caps the features of a
-        published one that are tracked (the first, in the profile's column order).
+        published one that are tracked (the first by name: a profile's JSON holds them
+        sorted).
     min_labels
         Labels a window needs before label drift is judged.
     """
@@ -459,8 +460,8 @@ class DataDriftMonitor:
     def _apply(self, reference: ReferenceProfile) -> None:
         self.reference = reference
         self._builder = None
-        tracked = list(reference.features.items())[:self.config.max_features]
-        self.features = {name: FeatureWindow(p) for name, p in sorted(tracked)}
+        tracked = sorted(reference.features.items())[:self.config.max_features]
+        self.features = {name: FeatureWindow(p) for name, p in tracked}
         self.prediction = FeatureWindow(reference.prediction) if reference.prediction else None
         self.label = FeatureWindow(reference.label) if reference.label else None
         self.window_n = 0

@@ -126,9 +126,11 @@ class RollingMean:
 
     river's ``utils.Rolling`` keeps a running mean and subtracts each value again as it
     leaves the window, so the rounding of one outlier stays in the mean for good (an error
-    of 1e20 among errors of 0.5 left a mean of 0.05 behind it). Here the window is kept
-    and summed with ``math.fsum`` when read, which is correctly rounded; reads happen per
-    metrics scrape and per detection, not per outcome.
+    of 1e20 among errors of 0.5 left a mean of 0.05 behind it). Here the running sum is
+    kept exactly, as non-overlapping partial sums (Shewchuk's algorithm, which
+    ``math.fsum`` uses; the standard library has no running form of it): adding a value
+    and taking it away again leaves the sum as it was, to the bit. An update costs one
+    pass over the partials, a few floats; a read sums them with ``math.fsum``.
 
     >>> window = RollingMean(3)
     >>> for error in (0.5, 1e20, 0.5, 0.5, 0.5):
@@ -137,12 +139,13 @@ class RollingMean:
     (3, 0.5)
     """
 
-    __slots__ = ("_next", "_ring", "window")
+    __slots__ = ("_next", "_partials", "_ring", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window
         self._ring: list[float] = []
         self._next = 0
+        self._partials: list[float] = []
 
     @property
     def n(self) -> int:
@@ -154,15 +157,31 @@ class RollingMean:
         ring = self._ring
         if len(ring) < self.window:
             ring.append(value)
-            return
-        i = self._next
-        ring[i] = value
-        self._next = i + 1 if i + 1 < self.window else 0
+        else:
+            i = self._next
+            _add_exact(self._partials, -ring[i])
+            ring[i] = value
+            self._next = i + 1 if i + 1 < self.window else 0
+        _add_exact(self._partials, value)
 
     def get(self) -> float:
-        """Mean of the window (0.0 when empty)."""
-        ring = self._ring
-        return math.fsum(ring) / len(ring) if ring else 0.0
+        """Mean of the window (0.0 when empty), correctly rounded."""
+        return math.fsum(self._partials) / len(self._ring) if self._ring else 0.0
+
+
+def _add_exact(partials: list[float], x: float) -> None:
+    """Add ``x`` to the exact sum held as non-overlapping ``partials`` (Shewchuk)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
 
 
 #: Outcomes :func:`try_detector` feeds a detector beyond its largest integer parameter

@@ -155,11 +155,23 @@ class PolicyConfig:
                 raise ConfigError(f"policy '{name}' must be in [0, 1), got {getattr(self, name)!r}")
         if self.accuracy_min is not None and not 0.0 <= self.accuracy_min <= 1.0:
             raise ConfigError(f"policy 'accuracy_min' must be in [0, 1], got {self.accuracy_min!r}")
-        _, binary_only = DETECTORS[self.detector]
+        factory, binary_only = DETECTORS[self.detector]
         if binary_only and self.task == "regression":
             raise ConfigError(f"policy 'detector' {self.detector} needs binary errors; "
                               "a regression model can use ADWIN or PageHinkley")
-        if self.detector_params:  # a bad value fails at start-up, not inside the worker
+        try:  # a typo in detector_params fails at start-up, not inside the worker
+            factory(**self.detector_params)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"policy 'detector_params' do not suit {self.detector}: {exc}"
+                              ) from None
+
+    def check_detector(self) -> None:
+        """Raise ConfigError unless the detector runs with ``detector_params``
+        (:func:`models.performance.try_detector`). Asked of a policy file as it is read,
+        not of every config made: a version keeps the parameters it was built with,
+        which an earlier release may have taken, through later changes of the file
+        (:meth:`running`)."""
+        if self.detector_params:
             why = _detector_trial(self.task, self.detector, self.detector_params)
             if why:
                 raise ConfigError(f"policy 'detector_params' do not suit {self.detector}: {why}")
@@ -174,7 +186,7 @@ def _detector_trial(task: str, detector: str, params: dict[str, Any]) -> str:
         try:
             try_detector(task, detector, params)
             why = ""
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             why = str(exc)
         if len(_TRIED) < 256:
             _TRIED[key] = why
@@ -225,7 +237,8 @@ def _id_part(name: str) -> str:
 #: Margin of the accuracy comparisons. The threshold is a product of floats, rounded
 #: either way (0.53 * 0.9 is 0.47700000000000004), so an accuracy exactly at it could
 #: count as below; accuracies over a window of at most MAX_WINDOW outcomes differ by at
-#: least 1e-6, so a margin of 1e-9 never moves one from below to above.
+#: least 1e-6, so a margin of 1e-9 never moves one from below to above. The same for the
+#: relative drop against ``critical_drop`` ((0.5 - 0.4) / 0.5 is 0.19999999999999996).
 _MARGIN = 1e-9
 
 
@@ -261,7 +274,9 @@ class PolicyBook:
             if unknown:
                 raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in [{where}]")
             try:
-                return PolicyConfig(**{**base, **section})
+                config = PolicyConfig(**{**base, **section})
+                config.check_detector()
+                return config
             except (ConfigError, TypeError) as exc:
                 raise ConfigError(f"{source} [{where}]: {exc}") from None
 
@@ -394,7 +409,7 @@ class RetrainingPolicy:
         drop = 0.0
         if accuracy is not None and self.reference:
             drop = (self.reference - accuracy) / self.reference
-        critical = len(reasons) > 1 or drop >= self.config.critical_drop
+        critical = len(reasons) > 1 or drop >= self.config.critical_drop - _MARGIN
         event = {
             "id": event_id(self.model, self.version, self.seq),
             "model": self.model,

@@ -341,8 +341,9 @@ async def _reference_build(a: argparse.Namespace) -> None:
         most = settings.policies().for_model(a.model).drift_max_features
         if len(profile.features) > most:
             print(f"driftwarden: warning: the profile has {len(profile.features):,} features; "
-                  f"the worker tracks the first {most:,} (policy drift_max_features of "
-                  f"{a.model!r}), in the order of the columns", file=sys.stderr)
+                  f"the worker tracks the first {most:,} by name (policy "
+                  f"drift_max_features of {a.model!r}); choose them with --features",
+                  file=sys.stderr)
         raw = profile.to_json()
         if len(raw) > REFERENCE_MAX_BYTES:
             raise ConfigError(

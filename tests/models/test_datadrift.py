@@ -316,14 +316,15 @@ def test_a_feature_with_no_reference_values_reports_its_missing_rate_and_never_d
 
 # Fixed (models/datadrift.py, DataDriftMonitor._apply): drift_max_features capped only a
 # bootstrapped reference; a published profile of 3,000 columns was tracked whole.
-def test_a_published_profile_is_tracked_up_to_max_features_in_its_column_order() -> None:
+def test_a_published_profile_is_tracked_up_to_max_features_by_name() -> None:
     names = ("zeta", "alpha", "mid", "beta")
-    monitor = DataDriftMonitor(DriftConfig(window=2, max_features=2),
-                               reference=profile_2(names=names))
-    feed(monitor, [dict.fromkeys(names, "a"), dict.fromkeys(names, "b")])
-    assert list(monitor.features) == ["alpha", "zeta"]
-    assert list(monitor.last["features"]) == ["alpha", "zeta"]
-    assert monitor.untracked == 4  # two features of two predictions
+    published = ReferenceProfile.from_json(profile_2(names=names).to_json())
+    for reference in (profile_2(names=names), published):  # as built, as a worker reads it
+        monitor = DataDriftMonitor(DriftConfig(window=2, max_features=2), reference=reference)
+        feed(monitor, [dict.fromkeys(names, "a"), dict.fromkeys(names, "b")])
+        assert list(monitor.features) == ["alpha", "beta"]
+        assert list(monitor.last["features"]) == ["alpha", "beta"]
+        assert monitor.untracked == 4  # two features of two predictions
 
 
 # -- prediction and label ----------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_invalid_event_is_dead_lettered_with_its_key_and_offset_and_the_rest_flo
     part.absorb("labels", label("a", 101.0), 1, 101.0)
     assert part.dead_letters == [
         DeadLetter("predictions", 0, 0, "invalid_json", b"{not json", b"k0"),
-        DeadLetter("labels", 0, 0, "invalid_json", b"", None),
+        DeadLetter("labels", 0, 0, "invalid_json", None, None),  # no value, as it came
     ]
     assert len(outcomes(part)) == 1
     assert part.counts["dead"] == {"predictions|invalid_json": 1, "labels|invalid_json": 1}

@@ -264,6 +264,22 @@ def test_a_version_whose_outcomes_were_all_rejected_keeps_its_task() -> None:
     assert state.versions["1"].performance.task == "regression"
 
 
+def test_a_version_built_with_detector_params_a_file_may_no_longer_hold_runs_on() -> None:
+    """An earlier release took ADWIN's delta 0 (a detector that never fires); a policy file
+    is now refused for it, but a version stored with it keeps it through later changes of
+    the file: the change applies, and the model stage does not stop at the version."""
+    state = ModelState("m", PolicyBook(PolicyConfig(detector_params={"delta": 0.0})))
+    state.absorb(o_rec(0))
+    state = codec.loads(codec.dumps(state))
+    state.reconfigure(PolicyBook(PolicyConfig(cooldown_seconds=5.0)), at=3)
+    state.reach(3)
+    v = state.versions["1"]
+    assert (v.policy.config.cooldown_seconds, v.policy.config.detector_params) == (
+        5.0, {"delta": 0.0})
+    state.absorb(o_rec(4))
+    assert v.outcomes_seen == 2
+
+
 def test_a_regression_outcome_whose_error_could_not_be_squared_is_rejected_alone() -> None:
     """One from before the policy made the model a regression (the join dead-letters them
     since): skipped and counted, the outcomes beside it scored."""

@@ -173,6 +173,14 @@ def test_an_accuracy_exactly_at_the_threshold_does_not_fire_and_one_outcome_belo
     assert step(q, 1.0, accuracy=476_999 / 1_000_000) is not None
 
 
+def test_a_drop_exactly_at_critical_drop_is_critical() -> None:
+    # (0.5 - 0.4) / 0.5 is 0.19999999999999996: it was a warning.
+    p = policy(cooldown_seconds=0.0, accuracy_drop=0.10, critical_drop=0.20)
+    step(p, 0.0, accuracy=0.5)
+    event = step(p, 1.0, accuracy=0.4)
+    assert event is not None and event["severity"] == "critical"
+
+
 def test_absolute_floor_fires_before_any_reference() -> None:
     p = policy(accuracy_min=0.95)
     event = step(p, 0.0, accuracy=0.90)  # becomes the reference and is below the floor

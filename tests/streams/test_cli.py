@@ -145,7 +145,7 @@ def test_reference_build_warns_of_an_empty_column_and_of_more_features_than_trac
         f"driftwarden: warning: feature 'a' has no values in {data}: its drift is not "
         "judged, only its missing rate is exported",
         "driftwarden: warning: the profile has 3 features; the worker tracks the first 2 "
-        "(policy drift_max_features of 'm'), in the order of the columns",
+        "by name (policy drift_max_features of 'm'); choose them with --features",
     ], done.stderr
     assert orjson.loads(output.read_bytes())["features"]["a"]["counts"] == [0]
 
