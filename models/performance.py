@@ -39,7 +39,7 @@ from river import drift, metrics, stats, utils
 _P_MIN, _P_MAX = 1e-15, 1 - 1e-15
 
 __all__ = ["DETECTORS", "DriftSignal", "PerformanceMonitor", "RollingCount", "RollingMean",
-           "try_detector"]
+           "recoverable", "try_detector"]
 
 
 class _PageHinkley(drift.PageHinkley):
@@ -233,9 +233,16 @@ def try_detector(task: str, detector: str, params: dict[str, Any]) -> None:
             else:
                 monitor.update(float(wrong) * (1 + state % 7), 0.0)
     except BaseException as exc:
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            raise  # KeyboardInterrupt and the like; pyo3's panics are BaseExceptions
+        if not recoverable(exc):
+            raise
         raise ValueError(f"running it failed: {exc} ({type(exc).__name__})") from None
+
+
+def recoverable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the monitoring code rather than an interrupt: any
+    Exception, and the panics of river's Rust detectors (pyo3's PanicException is a
+    BaseException, like KeyboardInterrupt and SystemExit, which are not)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 #: (detector, parameter) that are probabilities: confidence levels of the tests.

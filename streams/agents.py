@@ -49,6 +49,7 @@ from models.join import (
     wal_key,
 )
 from models.monitor import ModelState
+from models.performance import recoverable
 from models.policy import SHAPING_KEYS, PolicyBook
 from models.reference import ReferenceProfile
 from streams.app import App, BatchConsumer
@@ -74,13 +75,6 @@ _FLUSH_BYTES = 1 << 20
 # message.max.bytes (1,048,588), which the dead-letters topic may well have.
 DEAD_LETTER_MAX_BYTES = 1_000_000
 DEAD_LETTER_MAX_KEY_BYTES = 16_384
-
-
-def _recoverable(exc: BaseException) -> bool:
-    """An error a records message is dead-lettered for: any Exception, and the panics of
-    river's Rust detectors (pyo3's PanicException is a BaseException), which would
-    otherwise stop the worker at that message on every restart."""
-    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 def _groups(messages: Sequence[Message]) -> list[tuple[TP, list[InputRecord]]]:
@@ -872,8 +866,8 @@ class Pipeline:
                 state.reach(msg.offset)
                 try:
                     retraining += state.absorb_many(records)
-                except BaseException as exc:
-                    if not _recoverable(exc):
+                except BaseException as exc:  # a detector's panic too: it would stop the
+                    if not recoverable(exc):   # worker at this message on every restart
                         raise
                     dead.append(self._unreadable(tp, msg, exc))
                     entry = self._unabsorb(model, tp.partition, absorbed.get(model, []))

@@ -1613,14 +1613,15 @@ def test_records_format_records_sends_one_record_per_prediction(kafka_broker, pr
     assert sent("records") == ["e"] * 40
 
 
-# Fixed (streams/agents.py, _recoverable): the model stage dead-letters a records message
-# it cannot absorb, but caught only Exception; river's Rust detectors panic with pyo3's
-# PanicException, a BaseException, which went past it and stopped the worker at that
-# message on every restart. (The policy file now refuses the parameters that panicked.)
+# Fixed (streams/agents.py, models.performance.recoverable): the model stage dead-letters
+# a records message it cannot absorb, but caught only Exception; river's Rust detectors
+# panic with pyo3's PanicException, a BaseException, which went past it and stopped the
+# worker at that message on every restart. (The policy file now refuses the parameters
+# that panicked.)
 def test_a_detector_panic_is_dead_lettered_and_an_interrupt_is_not():
     from river.drift import ADWIN
 
-    from streams.agents import _recoverable
+    from models.performance import recoverable as _recoverable
 
     detector = ADWIN(clock=0)
     with pytest.raises(BaseException) as caught:
